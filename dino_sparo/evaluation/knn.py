@@ -1,0 +1,375 @@
+"""Weighted k-NN classification of frozen features (DINO's protocol), with bounded memory.
+
+The vote is DINO's: the k most similar train features by inner product of L2-normalised
+features (cosine similarity), each weighted by exp(sim / T), summed per class.
+
+The search streams both sets in blocks and keeps a running top-k, so neither the train
+features nor the full test × train similarity matrix is ever held at once: train features
+can live in a memory-mapped ``.npy`` file larger than memory (dino#161 ran out of memory
+holding them all on one GPU). Every backend runs the same exact search:
+
+- ``"torch"``: blocked matmul on ``device`` (CUDA when available) with a running top-k merge;
+- ``"faiss-cpu"``: ``faiss.knn`` (exact, ``IndexFlatIP`` semantics) per block, same merge;
+- ``"faiss-gpu"``: ``faiss.knn_gpu`` per block, same merge;
+- ``"auto"``: faiss-gpu, then faiss-cpu, then torch, whichever is available first.
+
+Peak memory of one search (fp32, D = feature dim, k = neighbours)::
+
+    chunk_size × D × (4 + source bytes per value)      one train block, read + normalised
+  + 2 × query_chunk_size × D × 4                       one test block
+  + query_chunk_size × chunk_size × 4                  its similarity block
+  + num_test × k × 12 (+ query_chunk_size × 2k × 12)   running top-k (values + indices)
+
+With the defaults (8192 × 1024 blocks) and D = 4096 that is about 250 MB plus the result,
+whatever the number of train features. Raise the chunk sizes on a GPU for speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "faiss-gpu", "faiss-cpu", "torch")
+
+# Anything with ``.shape`` (2-D) and row slicing: torch tensors, numpy arrays and memmaps,
+# or lazy views such as ``slots.SelectedSlots``.
+FeatureArray = Any
+
+_FAISS_GPU_RESOURCES: Any = None
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _import_faiss() -> Any | None:
+    try:
+        import faiss  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        return None
+    return faiss
+
+
+def faiss_gpu_available() -> bool:
+    """True when both torch and faiss see a GPU (faiss-gpu build installed)."""
+    faiss = _import_faiss()
+    if faiss is None or not hasattr(faiss, "StandardGpuResources"):
+        return False
+    return torch.cuda.is_available() and faiss.get_num_gpus() > 0
+
+
+def faiss_cpu_available() -> bool:
+    return _import_faiss() is not None
+
+
+def available_backends() -> list[str]:
+    """Concrete backends usable on this machine, in ``"auto"`` preference order."""
+    found = []
+    if faiss_gpu_available():
+        found.append("faiss-gpu")
+    if faiss_cpu_available():
+        found.append("faiss-cpu")
+    found.append("torch")
+    return found
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """Turn ``"auto"`` into the first available backend; refuse unknown or missing ones."""
+    if backend not in BACKENDS:
+        raise ValueError(f"k-NN backend must be one of {BACKENDS}, got {backend!r}")
+    available = available_backends()
+    if backend == "auto":
+        return available[0]
+    if backend not in available:
+        raise RuntimeError(
+            f"k-NN backend {backend!r} is not available here (available: {available}); "
+            "install faiss-cpu / faiss-gpu or use backend='torch'"
+        )
+    return backend
+
+
+def _faiss_gpu_resources() -> Any:
+    global _FAISS_GPU_RESOURCES
+    if _FAISS_GPU_RESOURCES is None:
+        _FAISS_GPU_RESOURCES = _import_faiss().StandardGpuResources()
+    return _FAISS_GPU_RESOURCES
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _shape(x: FeatureArray, name: str) -> tuple[int, int]:
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be 2-D (num_samples × dim), got shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def read_rows(x: FeatureArray, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a tensor / array / memmap as a float32 tensor (same device)."""
+    block = x[start:stop]
+    if not isinstance(block, torch.Tensor):
+        block = torch.from_numpy(np.ascontiguousarray(block))
+    return block.detach().float()
+
+
+def as_label_tensor(labels: Any, num: int, name: str = "labels") -> torch.Tensor:
+    """Labels as a CPU int64 tensor, checked for length."""
+    if isinstance(labels, torch.Tensor):
+        out = labels.detach().to("cpu", torch.int64)
+    else:
+        out = torch.from_numpy(np.asarray(labels).astype(np.int64, copy=False))
+    out = out.reshape(-1)
+    if out.numel() != num:
+        raise ValueError(f"{name} has {out.numel()} entries but the features have {num} rows")
+    return out
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, name: str) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"{name} must lie in [0, num_classes={num_classes}), "
+            f"got range [{int(labels.min())}, {int(labels.max())}]"
+        )
+
+
+def _normalise(block: torch.Tensor, groups: int) -> torch.Tensor:
+    """L2-normalise each row (groups == 1) or each of its ``groups`` equal parts → G × n × d."""
+    n, dim = block.shape
+    return F.normalize(block.view(n, groups, dim // groups), dim=-1).transpose(0, 1)
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _block_search_torch(q: torch.Tensor, t: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    sims = torch.bmm(q, t.transpose(1, 2))  # G × tq × tc
+    return sims.topk(kk, dim=-1)
+
+
+def _block_search_faiss(gpu: bool) -> Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
+    faiss = _import_faiss()
+
+    def search(q: torch.Tensor, t: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xq = np.ascontiguousarray(q[0].numpy())  # tq × D
+        xb = np.ascontiguousarray(t[0].numpy())  # tc × D
+        if gpu:
+            sims, idx = faiss.knn_gpu(_faiss_gpu_resources(), xq, xb, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            sims, idx = faiss.knn(xq, xb, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        return torch.from_numpy(sims)[None], torch.from_numpy(idx)[None]
+
+    return search
+
+
+def _stream_topk(
+    train: FeatureArray,
+    test: FeatureArray,
+    k: int,
+    groups: int,
+    block_search: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    chunk_size: int,
+    query_chunk_size: int,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over train for every test row (per group), streaming both in blocks.
+
+    Train is the outer loop so a memmap is read from disk once, sequentially.
+    """
+    n_train, _ = _shape(train, "train_features")
+    n_test, _ = _shape(test, "test_features")
+    best_vals = torch.full((groups, n_test, k), -math.inf, device=device)  # G × n_test × k
+    best_idx = torch.full((groups, n_test, k), -1, dtype=torch.int64, device=device)
+    starts = range(0, n_train, chunk_size)
+    if progress:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        starts = tqdm(starts, desc="k-NN search", unit="chunk", leave=False)
+    for t0 in starts:
+        t1 = min(t0 + chunk_size, n_train)
+        tb = _normalise(read_rows(train, t0, t1).to(device), groups)  # G × tc × d
+        kk = min(k, t1 - t0)
+        for q0 in range(0, n_test, query_chunk_size):
+            q1 = min(q0 + query_chunk_size, n_test)
+            qb = _normalise(read_rows(test, q0, q1).to(device), groups)  # G × tq × d
+            vals, idx = block_search(qb, tb, kk)  # G × tq × kk, local indices
+            vals = torch.cat([best_vals[:, q0:q1], vals.to(device)], dim=-1)
+            idx = torch.cat([best_idx[:, q0:q1], idx.to(device) + t0], dim=-1)
+            top, pos = vals.topk(k, dim=-1)
+            best_vals[:, q0:q1] = top
+            best_idx[:, q0:q1] = idx.gather(-1, pos)
+    return best_vals.cpu(), best_idx.cpu()
+
+
+def _validate_search(train: FeatureArray, test: FeatureArray, k: int, groups: int = 1) -> None:
+    n_train, d_train = _shape(train, "train_features")
+    _, d_test = _shape(test, "test_features")
+    if d_train != d_test:
+        raise ValueError(f"train_features have dim {d_train} but test_features have dim {d_test}")
+    if d_train % groups:
+        raise ValueError(f"feature dim {d_train} is not divisible into {groups} slots")
+    if not 1 <= k <= n_train:
+        raise ValueError(f"k must be in [1, num_train={n_train}], got k={k}")
+
+
+def knn_search(
+    train_features: FeatureArray,
+    test_features: FeatureArray,
+    k: int,
+    backend: str = "auto",
+    chunk_size: int = 8192,
+    query_chunk_size: int = 1024,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most similar train rows (cosine) of every test row, sorted by decreasing similarity.
+
+    Returns ``(similarities, indices)``, both ``num_test × k`` CPU tensors (float32, int64).
+    ``device`` is used by the torch backend only (default: CUDA when available).
+    See the module docstring for the backends and the memory bound.
+    """
+    _validate_search(train_features, test_features, k)
+    if chunk_size < 1 or query_chunk_size < 1:
+        raise ValueError(f"chunk sizes must be >= 1, got chunk_size={chunk_size}, query_chunk_size={query_chunk_size}")
+    name = resolve_backend(backend)
+    logger.info("k-NN backend: %s (requested %s)", name, backend)
+    if name == "torch":
+        dev, block_search = _default_device(device), _block_search_torch
+    else:
+        dev, block_search = torch.device("cpu"), _block_search_faiss(gpu=name == "faiss-gpu")
+    vals, idx = _stream_topk(
+        train_features, test_features, k, 1, block_search, dev, chunk_size, query_chunk_size, progress
+    )
+    return vals[0], idx[0]
+
+
+def grouped_knn_search(
+    train_features: FeatureArray,
+    test_features: FeatureArray,
+    k: int,
+    groups: int,
+    chunk_size: int = 8192,
+    query_chunk_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``knn_search`` run independently on ``groups`` equal column blocks (e.g. SPARO slots) in one pass.
+
+    Each block is L2-normalised on its own (per-slot cosine). Returns ``G × num_test × k``
+    similarities and indices. Torch only; peak memory is the module's bound with the
+    similarity block multiplied by G and the result by G.
+    """
+    _validate_search(train_features, test_features, k, groups)
+    dev = _default_device(device)
+    return _stream_topk(
+        train_features, test_features, k, groups, _block_search_torch, dev, chunk_size, query_chunk_size, progress
+    )
+
+
+# --------------------------------------------------------------------------- vote
+
+
+def knn_vote(
+    similarities: torch.Tensor, neighbor_labels: torch.Tensor, num_classes: int, temperature: float = 0.07
+) -> torch.Tensor:
+    """DINO's weighted vote: class scores = Σ over neighbours of exp(sim / T) · onehot(label).
+
+    ``similarities`` and ``neighbor_labels`` are ``... × k``; returns ``... × num_classes``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    weights = (similarities.float() / temperature).exp()  # ... × k
+    scores = torch.zeros(*similarities.shape[:-1], num_classes, dtype=weights.dtype, device=weights.device)
+    return scores.scatter_add_(-1, neighbor_labels.long(), weights)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Iterable[int] = (1, 5)) -> dict[str, float]:
+    """Fraction of rows whose label is among the ``t`` highest scores, for each t (capped at C)."""
+    labels = labels.reshape(-1, 1).to(scores.device)
+    out = {}
+    for t in topk:
+        pred = scores.topk(min(t, scores.shape[-1]), dim=-1).indices  # N × t
+        out[f"top{t}"] = (pred == labels).any(dim=-1).float().mean().item() if labels.numel() else float("nan")
+    return out
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+def knn_classify(
+    train_features: FeatureArray,
+    train_labels: Any,
+    test_features: FeatureArray,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    backend: str = "auto",
+    chunk_size: int = 8192,
+    query_chunk_size: int = 1024,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Class scores (``num_test × num_classes``, CPU float32) of DINO's weighted k-NN vote.
+
+    Features may be torch tensors, numpy arrays or memmaps (fp32 or fp16); they are
+    L2-normalised block by block, so unnormalised inputs are fine.
+    """
+    n_train, _ = _shape(train_features, "train_features")
+    labels = as_label_tensor(train_labels, n_train, "train_labels")
+    _check_labels(labels, num_classes, "train_labels")
+    sims, idx = knn_search(
+        train_features, test_features, k, backend, chunk_size, query_chunk_size, device, progress
+    )
+    return knn_vote(sims, labels[idx], num_classes, temperature)
+
+
+def knn_evaluate(
+    train_features: FeatureArray,
+    train_labels: Any,
+    test_features: FeatureArray,
+    test_labels: Any,
+    num_classes: int,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    backend: str = "auto",
+    chunk_size: int = 8192,
+    query_chunk_size: int = 1024,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict[int, dict[str, float]]:
+    """Top-1 / top-5 accuracy (fractions in [0, 1]) of the k-NN vote for every k in ``ks``.
+
+    One search with max(ks); the sorted neighbours are reused for the smaller k.
+    Returns ``{k: {"top1": ..., "top5": ...}}``.
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks:
+        raise ValueError("ks must name at least one k")
+    n_train, _ = _shape(train_features, "train_features")
+    n_test, _ = _shape(test_features, "test_features")
+    y_train = as_label_tensor(train_labels, n_train, "train_labels")
+    y_test = as_label_tensor(test_labels, n_test, "test_labels")
+    _check_labels(y_train, num_classes, "train_labels")
+    _check_labels(y_test, num_classes, "test_labels")
+    sims, idx = knn_search(
+        train_features, test_features, ks[-1], backend, chunk_size, query_chunk_size, device, progress
+    )
+    neighbor_labels = y_train[idx]  # num_test × max_k
+    results = {}
+    for k in ks:
+        scores = knn_vote(sims[:, :k], neighbor_labels[:, :k], num_classes, temperature)
+        results[k] = topk_accuracy(scores, y_test, (1, 5))
+    return results
