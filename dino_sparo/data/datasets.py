@@ -218,7 +218,9 @@ class FashionMNIST(Dataset):
         indices: Sequence[int] | None = None,
     ) -> None:
         if split not in FASHION_MNIST_FILES:
-            raise ValueError(f"Fashion-MNIST split must be one of {sorted(FASHION_MNIST_FILES)}, got {split!r}")
+            raise ValueError(
+                f"Fashion-MNIST split must be one of {sorted(FASHION_MNIST_FILES)}, got {split!r}"
+            )
         self.root = Path(os.path.expanduser(root if root is not None else DEFAULT_FASHION_MNIST_ROOT))
         self.split = split
         self.transform = transform
@@ -377,7 +379,9 @@ class ImageFolder(Dataset):
             )
         if empty:
             # Kept in `classes` so that class indices agree between a train and a val folder.
-            logger.warning("image folder %s: %d class folder(s) without images: %s", self.root, len(empty), empty[:10])
+            logger.warning(
+                "image folder %s: %d class folder(s) without images: %s", self.root, len(empty), empty[:10]
+            )
 
         target_array = np.asarray(targets, dtype=np.int64)
         selected = _resolve_indices(target_array, len(self.classes), limit, indices, str(self.root))
@@ -420,7 +424,9 @@ class ImageFolder(Dataset):
             except CorruptImageError as e:
                 self._bad.add(i)
                 logger.warning("skipping %s (corrupt_images=skip)", e)
-        raise CorruptImageError(f"no readable image in {self.root}: every one of {len(self)} files is corrupt")
+        raise CorruptImageError(
+            f"no readable image in {self.root}: every one of {len(self)} files is corrupt"
+        )
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         if not -len(self) <= index < len(self):
@@ -505,7 +511,8 @@ def build_dataset(data_cfg: Any, split: str, transform: Callable | None = None) 
     path = getattr(data_cfg, "path", None)
     limit = getattr(data_cfg, "limit", None)
     corrupt_images = getattr(data_cfg, "corrupt_images", "error")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0):
+    is_count = isinstance(limit, (int, np.integer)) and not isinstance(limit, bool)
+    if limit is not None and (not is_count or limit < 0):
         raise ValueError(f"config key 'data.limit' must be a non-negative integer or null, got {limit!r}")
 
     if name == "fashion_mnist":
