@@ -1,0 +1,280 @@
+"""Configuration: dataclasses with defaults in code, YAML files holding what an experiment changes,
+dotted ``key.sub=value`` overrides on the command line. Unknown keys and wrong types are refused
+with a message naming the key.
+
+A YAML file may start from another with ``_base_: other.yaml`` (a path relative to the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+@dataclass
+class SparoConfig:
+    num_slots: int = 64  # L
+    slot_dim: int = 64  # V
+    attn_dim: Optional[int] = None  # d_a; None = the backbone's head width
+    value_dim: Optional[int] = None  # d_v; None = d_a
+    num_heads: Optional[int] = None  # key/value projections; None = one per slot
+    share_kv: bool = True
+    norm: str = "cont:const"
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"  # vit_pico | vit_tiny | vit_small | vit_base | vit_large
+    patch_size: int = 16
+    img_size: int = 224  # the size position embeddings are stored for
+    in_chans: int = 3
+    embed_dim: Optional[int] = None  # None = the arch's width
+    depth: Optional[int] = None  # None = the arch's depth
+    num_heads: Optional[int] = None  # None = the arch's heads
+    drop_path_rate: float = 0.1
+    readout: Literal["sparo", "cls"] = "sparo"
+    reduce_depth: Optional[int] = None  # blocks removed at the end; None = 1 for sparo, 0 for cls
+    attn_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
+    sparo: SparoConfig = field(default_factory=SparoConfig)
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["imagefolder", "fashion_mnist"] = "imagefolder"
+    path: Optional[str] = None  # image-folder root, or a folder with the four Fashion-MNIST files
+    corrupt_images: Literal["error", "skip"] = "error"
+    limit: Optional[int] = None  # use only this many training images (class-balanced)
+    batch_size_per_gpu: int = 64  # per process; the global batch is this × world size
+    num_workers: int = 8
+
+
+@dataclass
+class CropsConfig:
+    global_crops_number: int = 2
+    global_crops_size: int = 224
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_number: int = 8
+    local_crops_size: int = 96
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+
+
+@dataclass
+class DinoConfig:
+    out_dim: int = 65536  # prototypes of the DINO head
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    momentum_teacher: float = 0.996  # cosine schedule to 1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    lr: float = 0.0005  # at a global batch of 256; scaled linearly with the global batch
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # 0 disables clipping
+    clip_mode: Literal["per_param", "global"] = "per_param"  # DINO v1 clips each tensor apart
+    freeze_last_layer: int = 1  # epochs during which the head's last layer is not trained
+    fused: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass
+class TrainConfig:
+    mode: Literal["dino", "clip"] = "dino"
+    output_dir: str = "output"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile the backbone
+    grad_checkpointing: bool = False
+    log_every: int = 20  # steps between log.jsonl lines
+    save_every_epochs: int = 0  # also keep checkpoint_epochNNNN.pth every N epochs (0 = never)
+    max_steps: Optional[int] = None  # stop after this many steps in total (for tests and smoke runs)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message names the key."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert the harmless cases (int→float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{key}' must have {len(args)} items, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        return origin(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a float, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of its sub-keys, got {value!r}")
+        return _build(tp, value, key + ".")
+    raise ConfigError(f"config key '{key}' has an unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict, prefix: str = "", base: Any = None) -> Any:
+    """Instantiate dataclass ``cls`` from ``values`` over ``base`` (or the defaults)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    result = base if base is not None else cls()
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(repr(prefix + c) for c in sorted(close))}?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{prefix}{key}' must be a mapping of its sub-keys, got {value!r}")
+            setattr(result, key, _build(tp, value, f"{prefix}{key}.", getattr(result, key)))
+        else:
+            setattr(result, key, _coerce(value, tp, prefix + key))
+    return result
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config, following ``_base_`` includes (deep-merged, the file's keys win)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config file {path} includes itself through _base_")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    return deep_merge(_read_yaml(path.parent / base, seen + (path,)), data)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["optim.lr=1e-3", "model.readout=cls"]`` -> nested dict; values are parsed as YAML."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of '{part}'")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                cls: type = TrainConfig) -> Any:
+    """Defaults, then the YAML file (with its ``_base_``), then the overrides: validated."""
+    values = _read_yaml(Path(path)) if path is not None else {}
+    values = deep_merge(values, parse_overrides(overrides or []))
+    return _build(cls, values)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) for YAML and checkpoints."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(values: dict, cls: type = TrainConfig) -> Any:
+    return _build(cls, values)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

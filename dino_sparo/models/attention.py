@@ -1,0 +1,192 @@
+"""The one attention function of the project, with three interchangeable backends.
+
+* ``xformers``: ``memory_efficient_attention`` (GPU only). Its real value is packing crops of
+  different sizes into one sequence with a ``BlockDiagonalMask`` bias (DINOv2's approach).
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (any device).
+* ``math``: explicit ``softmax(q kᵀ / sqrt(d)) v``; the only one that can return the weights.
+
+``auto`` picks xformers on CUDA when it imports and runs, SDPA otherwise, and logs the choice.
+Tensors are laid out ``B × H × N × D`` here (xformers wants ``B × N × H × D``; the conversion
+happens in one place, :func:`attention`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "xformers", "sdpa", "math")
+
+
+@functools.lru_cache(maxsize=None)
+def xformers_available() -> bool:
+    """True when xformers imports and its memory-efficient kernel runs on the current GPU."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from xformers.ops import memory_efficient_attention
+
+        q = torch.zeros(1, 4, 1, 8, device="cuda", dtype=torch.float16)
+        memory_efficient_attention(q, q, q)
+        return True
+    except Exception as exc:  # import error, missing kernel, wrong CUDA build
+        logger.info("xformers not usable (%s): using PyTorch SDPA", exc)
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(requested: str, chosen: str, device_type: str) -> None:
+    logger.info("attention backend: %s (requested %s, device %s)", chosen, requested, device_type)
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Turn ``auto`` into a concrete backend for ``device``; refuse impossible requests clearly."""
+    device_type = torch.device(device).type
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        chosen = "xformers" if device_type == "cuda" and xformers_available() else "sdpa"
+    elif backend == "xformers":
+        if device_type != "cuda":
+            raise ValueError(
+                f"attention backend 'xformers' needs CUDA tensors (got device '{device_type}'): "
+                "xformers has no CPU kernels; use 'sdpa' or 'auto'"
+            )
+        if not xformers_available():
+            raise ValueError("attention backend 'xformers' requested but xformers is not installed "
+                             "or does not run on this GPU; install the 'gpu' extra or use 'sdpa'")
+        chosen = "xformers"
+    else:
+        chosen = backend
+    _log_choice(backend, chosen, device_type)
+    return chosen
+
+
+def _bool_keep_mask(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    # B × N (True = ignore)  ->  B × 1 × 1 × N (True = attend), broadcast over heads and queries
+    return ~key_padding_mask[:, None, None, :]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: str = "auto",
+    key_padding_mask: Optional[torch.Tensor] = None,
+    attn_bias: Any = None,
+    is_causal: bool = False,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Scaled dot-product attention over ``q, k, v`` of shape ``B × H × N × D``.
+
+    ``key_padding_mask`` (``B × Nk``, True = ignore) masks keys; ``attn_bias`` is an additive
+    float tensor broadcastable to ``B × H × Nq × Nk`` or, on the xformers backend, an xformers
+    bias object (e.g. ``BlockDiagonalMask`` for packed crops). ``return_weights`` forces the math
+    path (fused kernels never materialise the attention matrix). Returns ``(out, weights)``.
+    """
+    backend = resolve_backend(backend, q.device)
+    if return_weights:
+        backend = "math"
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    if backend == "xformers":
+        from xformers.ops import LowerTriangularMask, memory_efficient_attention
+
+        bias = attn_bias
+        if key_padding_mask is not None:
+            if bias is not None:
+                raise ValueError("xformers backend: pass either key_padding_mask or attn_bias, not both")
+            b, h, nq, _ = q.shape
+            # xformers needs the bias' last dim aligned to 8 elements: slice a padded tensor.
+            nk = k.shape[-2]
+            padded = q.new_zeros(b, h, nq, (nk + 7) // 8 * 8)
+            padded[..., :nk].masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
+            bias = padded[..., :nk]
+        if is_causal:
+            if bias is not None:
+                raise ValueError("xformers backend: is_causal cannot be combined with a bias here")
+            bias = LowerTriangularMask()
+        out = memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale
+        )  # B × N × H × D
+        return out.transpose(1, 2), None
+
+    if attn_bias is not None and not isinstance(attn_bias, torch.Tensor):
+        raise ValueError(f"backend '{backend}' takes tensor biases only, got {type(attn_bias).__name__}; "
+                         "packed multi-crop sequences need the xformers backend")
+    mask = attn_bias
+    if key_padding_mask is not None:
+        keep = _bool_keep_mask(key_padding_mask)
+        if mask is None:
+            mask = keep
+        else:
+            mask = mask.masked_fill(~keep, float("-inf"))
+
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+        return out, None
+
+    # math: softmax in fp32 for stability under autocast
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # B × H × Nq × Nk
+    if is_causal:
+        nq, nk = scores.shape[-2:]
+        causal = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    weights = scores.softmax(dim=-1)
+    out = weights.to(v.dtype) @ v
+    return out, weights
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameter names (``qkv``, ``proj``) so timm and DINO
+    weights load unchanged, running on the project's one :func:`attention` function."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_bias: Any = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B × H × N × D
+        out, weights = attention(
+            q, k, v, backend=self.backend, key_padding_mask=key_padding_mask,
+            attn_bias=attn_bias, is_causal=is_causal, return_weights=return_weights,
+        )
+        out = out.transpose(1, 2).reshape(b, n, c)
+        return self.proj_drop(self.proj(out)), weights

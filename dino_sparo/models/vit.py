@@ -1,0 +1,179 @@
+"""Vision Transformer backbone built from timm's layers around the project's one attention module.
+
+Parameter names follow timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``) so timm and DINO weights
+load strictly. Our own :class:`Block` (not timm's) lets later code pass xformers biases for packed
+multi-crop sequences. The read-out sits on top: SPARO (``readout="sparo"``) or the class token
+(``readout="cls"``, the plain DINO baseline).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from torch import nn
+
+from dino_sparo.models.attention import Attention
+from dino_sparo.sparo import SPARO
+
+# width, depth, heads of the standard sizes; patch size and image size are free
+ARCHS: dict[str, tuple[int, int, int]] = {
+    "vit_pico": (96, 6, 3),  # for 28–32 px images on a laptop CPU
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+READOUTS = ("sparo", "cls")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm names), forwarding an optional attention bias or mask."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, attn_backend: str = "auto") -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, backend=attn_backend)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_bias: Any = None,
+                key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        y, _ = self.attn(self.norm1(x), attn_bias=attn_bias, key_padding_mask=key_padding_mask,
+                         is_causal=is_causal)
+        x = x + self.drop_path1(y)
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """ViT returning an embedding per image: SPARO's ``L·V`` or the class token's ``D``.
+
+    ``depth`` is the architecture's depth; ``reduce_depth`` blocks are removed from its end so the
+    read-out takes the place of their parameters (SPARO's setting, default 1 for SPARO, 0 for cls).
+    Crops of any size go through the same network: position embeddings are resampled to the grid.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        readout: str = "sparo",
+        reduce_depth: Optional[int] = None,
+        sparo: Optional[dict] = None,
+        attn_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"model.readout must be one of {READOUTS}, got {readout!r}")
+        if reduce_depth is None:
+            reduce_depth = 1 if readout == "sparo" else 0
+        if not 0 <= reduce_depth < depth:
+            raise ValueError(f"model.reduce_depth must lie in [0, {depth - 1}], got {reduce_depth}")
+        self.readout_type = readout
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.arch_depth = depth
+        self.reduce_depth = reduce_depth
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim, strict_img_size=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        kept = depth - reduce_depth
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # the schedule of the full depth
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], attn_backend) for i in range(kept)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        if readout == "sparo":
+            options = dict(sparo or {})
+            options.setdefault("attn_dim", embed_dim // num_heads)
+            self.sparo: Optional[SPARO] = SPARO(embed_dim, **options)
+            self.out_dim = self.sparo.embed_dim
+        else:
+            self.sparo = None
+            self.out_dim = embed_dim
+        self.attn_backend = attn_backend
+        self.grad_checkpointing = False
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        for name, module in self.named_modules():
+            if name.startswith("sparo"):
+                continue  # SPARO initialises itself as its reference does
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def set_attn_backend(self, backend: str) -> None:
+        self.attn_backend = backend
+        for block in self.blocks:
+            block.attn.backend = backend
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens plus class token, with position embeddings resampled to this grid."""
+        b, _, h, w = x.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}×{w} is not a multiple of the patch size {self.patch_size}")
+        tokens = self.patch_embed(x)  # B × P × D
+        grid = (h // self.patch_size, w // self.patch_size)
+        pos = self.pos_embed
+        if pos.shape[1] - 1 != grid[0] * grid[1]:
+            pos = resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=1)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        return tokens + pos.to(tokens.dtype)
+
+    def run_blocks(self, x: torch.Tensor, attn_bias: Any = None) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_bias, use_reentrant=False)
+            else:
+                x = block(x, attn_bias=attn_bias)
+        return x
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-normed tokens ``B × (1 + P) × D`` (class token first)."""
+        return self.norm(self.run_blocks(self.prepare_tokens(x)))
+
+    def readout(self, tokens: torch.Tensor, return_attn: bool = False):
+        """Embedding from normed tokens; with ``return_attn`` also SPARO's ``B × L × N`` weights."""
+        if self.sparo is None:
+            return tokens[:, 0], None
+        out = self.sparo(tokens, return_attn=return_attn, backend=self.attn_backend)
+        return out.embedding, out.attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        embedding, _ = self.readout(self.forward_tokens(x))
+        return embedding
+
+
+def vit(arch: str = "vit_small", *, embed_dim: Optional[int] = None, depth: Optional[int] = None,
+        num_heads: Optional[int] = None, **kwargs: Any) -> VisionTransformer:
+    """Build a ViT by size name (see ``ARCHS``); ``embed_dim/depth/num_heads`` override the size."""
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    width, layers, heads = ARCHS[arch]
+    return VisionTransformer(embed_dim=embed_dim or width, depth=depth or layers,
+                             num_heads=num_heads or heads, **kwargs)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

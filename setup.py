@@ -1,0 +1,37 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dino_sparo",
+    version="0.1.0",
+    description="Self-supervised Vision Transformers (DINO, CLIP) with SPARO read-outs",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dino_sparo", "dino_sparo.*"]),
+    # Ranges, not pins: the package must install beside an existing (GPU) build of torch.
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "timm>=1.0.23",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "pillow>=9.0",
+        "tqdm>=4.60",
+        "submitit>=1.5",
+        "faiss-cpu>=1.8",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "gpu": ["xformers>=0.0.35", "faiss-gpu>=1.8"],
+        "clip": ["open_clip_torch>=2.24", "webdataset>=0.2"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dino-sparo-train=dino_sparo.train:main",
+        ],
+    },
+)
