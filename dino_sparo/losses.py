@@ -1,0 +1,232 @@
+"""The DINO self-distillation loss, its teacher centre, and a cheap collapse watch.
+
+Semantics follow facebookresearch/dino (v1): the teacher's global-crop outputs are centred and
+sharpened (softmax at a scheduled temperature), and every student crop is trained by cross-entropy
+against every teacher global crop except its own view, averaged over those pairs.
+Two deliberate differences: the centre's all-reduce runs only when a process group exists (v1 calls
+it unconditionally and so cannot run single-process), and the arithmetic is forced to fp32 under
+autocast (fp16 softmax/centring is the commonest source of NaN reports).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dino_sparo.schedules import linear_warmup_then_constant
+
+__all__ = ["DINOLoss", "collapse_warnings", "UNIFORM_COLLAPSE_FRACTION", "ONE_PROTOTYPE_COLLAPSE_FRACTION"]
+
+# Collapse thresholds, as fractions of ln(out_dim) (the entropy of the uniform distribution).
+# Uniform collapse: the per-sample teacher distribution is almost flat (loss stuck near ln K).
+UNIFORM_COLLAPSE_FRACTION = 0.95
+# One-prototype collapse: the batch-mean teacher distribution uses about K**0.1 prototypes or fewer
+# (3 of 65536, 2.3 of 4096), i.e. every image is sent to the same few outputs.
+ONE_PROTOTYPE_COLLAPSE_FRACTION = 0.1
+
+
+def _process_group_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the centred, sharpened teacher and the student, over crop pairs.
+
+    Inputs are crop-major concatenations: `student_output` is `(n_crops·B) × K` (all images of crop
+    0, then crop 1, ...; the first `n_global_crops` crops are the global ones) and `teacher_output`
+    is `(n_global_crops·B) × K`. The teacher temperature follows DINO's per-epoch schedule (linear
+    warm-up, then constant); the centre is a `1 × K` buffer, so it is saved in `state_dict()`.
+    """
+
+    center: torch.Tensor
+
+    def __init__(
+        self,
+        out_dim: int,
+        *,
+        n_global_crops: int = 2,
+        n_local_crops: int,
+        warmup_teacher_temp: float,
+        teacher_temp: float,
+        warmup_teacher_temp_epochs: int,
+        epochs: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if n_global_crops < 1:
+            raise ValueError(f"DINOLoss 'n_global_crops' must be >= 1, got {n_global_crops}")
+        if n_local_crops < 0:
+            raise ValueError(f"DINOLoss 'n_local_crops' must be >= 0, got {n_local_crops}")
+        if n_global_crops + n_local_crops < 2:
+            raise ValueError(
+                "DINOLoss needs at least two crops to form a pair, got "
+                f"n_global_crops={n_global_crops}, n_local_crops={n_local_crops}"
+            )
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"DINOLoss 'center_momentum' must be in [0, 1], got {center_momentum}")
+        if student_temp <= 0 or teacher_temp <= 0 or warmup_teacher_temp <= 0:
+            raise ValueError(
+                "DINOLoss temperatures must be > 0, got "
+                f"student_temp={student_temp}, warmup_teacher_temp={warmup_teacher_temp}, teacher_temp={teacher_temp}"
+            )
+        self.out_dim = out_dim
+        self.n_global_crops = n_global_crops
+        self.n_local_crops = n_local_crops
+        self.n_crops = n_global_crops + n_local_crops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        # A too hot teacher early on makes training unstable, hence the warm-up (per epoch).
+        self.teacher_temp_schedule: np.ndarray = linear_warmup_then_constant(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs
+        )
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def teacher_temperature(self, epoch: int) -> float:
+        """The teacher temperature used at `epoch` (0-based)."""
+        if not 0 <= epoch < len(self.teacher_temp_schedule):
+            raise ValueError(
+                f"DINOLoss epoch {epoch} is outside the teacher-temperature schedule "
+                f"of {len(self.teacher_temp_schedule)} epochs"
+            )
+        return float(self.teacher_temp_schedule[epoch])
+
+    def _check_shapes(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> int:
+        if student_output.dim() != 2 or student_output.shape[1] != self.out_dim:
+            raise ValueError(
+                f"DINOLoss student_output must be (n_crops·B) × {self.out_dim}, got {tuple(student_output.shape)}"
+            )
+        if teacher_output.dim() != 2 or teacher_output.shape[1] != self.out_dim:
+            raise ValueError(
+                f"DINOLoss teacher_output must be (n_global_crops·B) × {self.out_dim}, "
+                f"got {tuple(teacher_output.shape)}"
+            )
+        batch, rest = divmod(teacher_output.shape[0], self.n_global_crops)
+        if rest or student_output.shape[0] != self.n_crops * batch:
+            raise ValueError(
+                f"DINOLoss expects teacher_output with {self.n_global_crops}·B rows and student_output with "
+                f"{self.n_crops}·B rows (crop-major), got {teacher_output.shape[0]} and {student_output.shape[0]}"
+            )
+        return batch
+
+    def forward(
+        self,
+        student_output: torch.Tensor,
+        teacher_output: torch.Tensor,
+        epoch: int,
+        return_stats: bool = False,
+        update_center: bool = True,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss (0-dim fp32 tensor); with `return_stats`, also the collapse-watch statistics.
+
+        The loss uses the centre from before this batch; the centre is then updated from
+        `teacher_output` (as DINO does) unless `update_center=False`. Statistics are detached
+        0-dim tensors (no host sync), also kept in `self.last_stats`:
+        `teacher_entropy` (mean per-sample entropy of the centred, sharpened teacher, nats),
+        `teacher_mean_entropy` (entropy of the batch-mean teacher distribution),
+        `kl_teacher_student` (KL(teacher || student) averaged over the same pairs as the loss).
+        """
+        batch = self._check_shapes(student_output, teacher_output)
+        temp = self.teacher_temperature(epoch)
+        n_global, n_crops = self.n_global_crops, self.n_crops
+        with torch.autocast(device_type=student_output.device.type, enabled=False):
+            student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+            student_log_probs = student_log_probs.view(n_crops, batch, self.out_dim)  # C × B × K
+            with torch.no_grad():
+                teacher_log_probs = F.log_softmax((teacher_output.detach().float() - self.center) / temp, dim=-1)
+                teacher_log_probs = teacher_log_probs.view(n_global, batch, self.out_dim)  # G × B × K
+                teacher_probs = teacher_log_probs.exp()
+            # cross_entropy[g, c] = mean_b  -sum_k q[g, b, k] · log p[c, b, k]; element-wise products
+            # rather than a matmul, so TF32 settings cannot lower the loss precision.
+            cross_entropy = torch.stack(
+                [-(teacher_probs[g] * student_log_probs).sum(dim=-1).mean(dim=-1) for g in range(n_global)]
+            )  # G × C
+            # Float mask instead of boolean indexing: no host sync.
+            pair_mask = torch.ones(n_global, n_crops, device=cross_entropy.device)
+            pair_mask[:, :n_global] -= torch.eye(n_global, device=cross_entropy.device)  # skip same view
+            n_pairs = n_global * (n_crops - 1)
+            loss = (cross_entropy * pair_mask).sum() / n_pairs
+
+            with torch.no_grad():
+                per_sample_entropy = -(teacher_probs * teacher_log_probs).sum(-1)  # G × B
+                crop_entropy = per_sample_entropy.mean(dim=1)  # G
+                mean_probs = teacher_probs.mean(dim=(0, 1))  # K
+                stats = {
+                    "teacher_entropy": crop_entropy.mean(),
+                    "teacher_mean_entropy": -torch.xlogy(mean_probs, mean_probs).sum(),
+                    # KL(q_g || p_c) = CE(q_g, p_c) - H(q_g), averaged over the loss pairs
+                    "kl_teacher_student": ((cross_entropy.detach() - crop_entropy[:, None]) * pair_mask).sum()
+                    / n_pairs,
+                }
+        self.last_stats = stats
+        if update_center:
+            self.update_center(teacher_output)
+        if return_stats:
+            return loss, stats
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA of the mean teacher output: `c <- m·c + (1 - m)·mean(teacher_output)`.
+
+        The batch mean is over all ranks when a process group is initialised, else local.
+        Runs in place on the buffer, with no host synchronisation.
+        """
+        with torch.autocast(device_type=teacher_output.device.type, enabled=False):
+            batch_center = teacher_output.detach().float().sum(dim=0, keepdim=True)  # 1 × K
+            count = teacher_output.shape[0]
+            if _process_group_ready():
+                dist.all_reduce(batch_center)
+                count *= dist.get_world_size()
+            batch_center = batch_center / count
+            self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+def collapse_warnings(stats: dict[str, torch.Tensor | float], out_dim: int) -> list[str]:
+    """Readable warnings when the teacher statistics look collapsed; empty when healthy.
+
+    Thresholds (fractions of ln K, K = out_dim): uniform collapse when the mean per-sample teacher
+    entropy exceeds `UNIFORM_COLLAPSE_FRACTION` (0.95) · ln K; one-prototype collapse when the
+    entropy of the batch-mean teacher distribution is below `ONE_PROTOTYPE_COLLAPSE_FRACTION`
+    (0.1) · ln K. A freshly initialised teacher is often near uniform: judge the first check after
+    the warm-up, when it persists. Reads the values to the host, so call it at logging intervals.
+    """
+    max_entropy = math.log(out_dim)
+    values = {key: float(stats[key]) for key in ("teacher_entropy", "teacher_mean_entropy") if key in stats}
+    if "kl_teacher_student" in stats:
+        values["kl_teacher_student"] = float(stats["kl_teacher_student"])
+    warnings: list[str] = []
+    bad = [key for key, value in values.items() if not math.isfinite(value)]
+    if bad:
+        warnings.append(
+            f"non-finite DINO statistics ({', '.join(bad)}): the teacher or student outputs contain NaN/Inf; "
+            "usually a too high learning rate, fp16 overflow (prefer bf16), or missing gradient clipping."
+        )
+        return warnings
+    entropy = values.get("teacher_entropy")
+    if entropy is not None and entropy > UNIFORM_COLLAPSE_FRACTION * max_entropy:
+        warnings.append(
+            f"uniform collapse: teacher entropy {entropy:.3f} is {entropy / max_entropy:.0%} of "
+            f"ln(K)={max_entropy:.3f} (K={out_dim}); the teacher output is nearly flat, "
+            "so the loss sits near ln(K) and carries no signal. "
+            "Centring dominates sharpening: lower the teacher temperature (e.g. 0.04) or shorten its warm-up, "
+            "lower the learning rate or lengthen its warm-up, and check the teacher is an EMA copy of the student."
+        )
+    mean_entropy = values.get("teacher_mean_entropy")
+    if mean_entropy is not None:
+        mean_entropy = max(mean_entropy, 0.0)  # rounding can give -0.000
+    if mean_entropy is not None and mean_entropy < ONE_PROTOTYPE_COLLAPSE_FRACTION * max_entropy:
+        warnings.append(
+            f"one-prototype collapse: the batch-mean teacher distribution has entropy {mean_entropy:.3f} "
+            f"(< {ONE_PROTOTYPE_COLLAPSE_FRACTION} · ln(K) = {ONE_PROTOTYPE_COLLAPSE_FRACTION * max_entropy:.3f}), "
+            f"i.e. every image goes to about {math.exp(mean_entropy):.1f} of {out_dim} outputs. "
+            "Sharpening dominates centring: lower the centre momentum so the centre follows the batch faster "
+            "(e.g. 0.9), raise the teacher temperature slightly, or lower the learning rate."
+        )
+    return warnings
