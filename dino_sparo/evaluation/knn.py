@@ -121,7 +121,7 @@ def read_rows(x: FeatureArray, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of a tensor / array / memmap as a float32 tensor (same device)."""
     block = x[start:stop]
     if not isinstance(block, torch.Tensor):
-        block = torch.from_numpy(np.ascontiguousarray(block))
+        block = torch.from_numpy(np.array(block))  # a copy: memmaps are read-only
     return block.detach().float()
 
 
