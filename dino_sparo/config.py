@@ -94,6 +94,57 @@ class OptimConfig:
     fused: Literal["auto", "on", "off"] = "auto"
 
 
+# OpenAI CLIP's image normalisation (the SPARO reference trains with it)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_CAPTION_TEMPLATES = [
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "a black and white photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a product photo of a {}.",
+]
+
+
+@dataclass
+class ClipConfig:
+    """CLIP mode: the text tower, the contrastive loss and the image–caption data. The image tower
+    is ``model``; the text SPARO uses ``model.sparo`` too, so both towers read out the same L slots."""
+    # text tower (CLIP's: width 512, 8 heads, 12 layers, BPE context of 77 tokens)
+    text_width: int = 512
+    text_depth: int = 12
+    text_heads: int = 8
+    text_mlp_ratio: float = 4.0
+    context_length: int = 77
+    text_readout: Optional[Literal["sparo", "eot"]] = None  # None = sparo if model.readout is sparo, else eot
+    text_reduce_depth: Optional[int] = None  # None = 1 for sparo, 0 for eot
+    share_queries: bool = False  # tie the text SPARO's queries to the image SPARO's
+    embed_dim: int = 512  # joint width of the plain-CLIP projections (SPARO embeddings are L·V wide)
+    # contrastive loss
+    init_temperature: float = 0.07  # the logit scale starts at ln(1 / 0.07)
+    max_logit_scale: float = 100.0  # and is clamped at ln(100)
+    local_loss: bool = False  # logits of local rows against all columns only (open_clip's, scales)
+    gather_with_grad: bool = False  # gradients flow through the features gathered from other ranks
+    accum_steps: int = 1  # micro-batches per step; the loss still sees all of their negatives
+    # AdamW settings of CLIP (DINO keeps torch's defaults)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: Optional[int] = None  # overrides optim.warmup_epochs when set (CLIP counts steps)
+    # data
+    dataset: Literal["fashion_mnist", "table", "webdataset"] = "fashion_mnist"
+    train_data: Optional[str] = None  # table (.csv/.tsv), shard pattern, or Fashion-MNIST folder (None = data.path)
+    image_column: str = "path"  # table column with image paths, relative to the table's folder
+    caption_column: str = "caption"
+    train_num_samples: Optional[int] = None  # WebDataset: samples per epoch (shards carry no length)
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_CAPTION_TEMPLATES))  # Fashion-MNIST captions
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop scale of the training images
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    # zero-shot classification during training (every N epochs, 0 = never); fashion_mnist or a folder
+    zeroshot_every_epochs: int = 0
+    zeroshot_data: Optional[str] = None  # "fashion_mnist" or an image folder of class sub-folders
+
+
 @dataclass
 class TrainConfig:
     mode: Literal["dino", "clip"] = "dino"
@@ -111,6 +162,7 @@ class TrainConfig:
     crops: CropsConfig = field(default_factory=CropsConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
 
 
 class ConfigError(ValueError):
