@@ -1,0 +1,245 @@
+"""Multi-crop training views (DINO's augmentations), the evaluation transform, and the collate
+function that turns per-image crop lists into per-crop batches.
+
+The augmentations are those of facebookresearch/dino's `DataAugmentationDINO`, on PIL images, with
+one extension: the Gaussian-blur radius (DINO: 0.1–2.0 px) is scaled by `global_crops_size / 224`,
+so the ImageNet recipe is unchanged and 28-px images are not blurred into blobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import default_collate
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "RandomGaussianBlur",
+    "MultiCropTransform",
+    "eval_transform",
+    "multicrop_collate",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Over all pixels of the 60000 training images, in [0, 1] (0.28604, 0.35302); repeated for the
+# three channels the ViT sees.
+FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
+FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
+
+# The crop size DINO's blur radii were chosen for.
+_BLUR_REFERENCE_SIZE = 224
+
+
+class RandomGaussianBlur:
+    """PIL Gaussian blur with probability `p`, radius drawn uniformly from [radius_min, radius_max].
+
+    DINO's `GaussianBlur`, drawing from torch's generator (seeded per DataLoader worker) so one seed
+    fixes all augmentations.
+    """
+
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0) -> None:
+        self.p = p
+        self.radius_min = radius_min
+        self.radius_max = radius_max
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if torch.rand(()).item() >= self.p:
+            return image
+        radius = self.radius_min + (self.radius_max - self.radius_min) * torch.rand(()).item()
+        return image.filter(ImageFilter.GaussianBlur(radius=radius))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p}, radius=({self.radius_min:.4g}, {self.radius_max:.4g}))"
+
+
+class _ToPIL:
+    """Any image-like input -> PIL image in `mode` ('RGB', or 'L' for grayscale data)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, image: Any) -> Image.Image:
+        if isinstance(image, torch.Tensor):  # uint8, H × W or C × H × W (torch's layout)
+            image = (image.permute(1, 2, 0) if image.dim() == 3 else image).numpy()
+        if isinstance(image, np.ndarray):  # uint8, H × W or H × W × C
+            if image.ndim == 3 and image.shape[-1] == 1:
+                image = image[..., 0]
+            image = Image.fromarray(np.ascontiguousarray(image))
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode!r})"
+
+
+class _ToThreeChannels:
+    """1 × H × W -> 3 × H × W, so grayscale images fit an RGB ViT."""
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.repeat(3, 1, 1) if tensor.shape[0] == 1 else tensor
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _three_values(name: str, values: Sequence[float]) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise ValueError(f"'{name}' must have 1 or 3 values (one per channel), got {values}")
+    return values  # type: ignore[return-value]
+
+
+def _to_tensor_and_normalise(mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
+    mean3, std3 = _three_values("mean", mean), _three_values("std", std)
+    if any(s <= 0 for s in std3):
+        raise ValueError(f"'std' values must be > 0, got {std3}")
+    return transforms.Compose([transforms.ToTensor(), _ToThreeChannels(), transforms.Normalize(mean3, std3)])
+
+
+class MultiCropTransform:
+    """One image -> `[global_1, global_2, local_1, ..., local_n]` normalised 3 × H × W tensors.
+
+    Globals: RandomResizedCrop (bicubic), flip, colour jitter (p 0.8), grayscale (p 0.2), blur
+    (p 1.0 on the first, 0.1 on the second), solarisation (p 0.2, second only). Locals: the same with
+    blur p 0.5. With `grayscale_input` the image is processed as one channel (saturation, hue and
+    grayscale are no-ops there; brightness and contrast still act) and repeated to three channels.
+    """
+
+    def __init__(
+        self,
+        global_crops_size: int = 224,
+        local_crops_size: int = 96,
+        global_crops_scale: tuple[float, float] = (0.4, 1.0),
+        local_crops_scale: tuple[float, float] = (0.05, 0.4),
+        local_crops_number: int = 8,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        grayscale_input: bool = False,
+        global_crops_number: int = 2,
+    ) -> None:
+        if global_crops_number not in (1, 2):
+            raise ValueError(f"'global_crops_number' must be 1 or 2 (DINO's two recipes), got {global_crops_number}")
+        if local_crops_number < 0:
+            raise ValueError(f"'local_crops_number' must be >= 0, got {local_crops_number}")
+        for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
+            if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+                raise ValueError(f"'{name}' must be (low, high) with 0 < low <= high <= 1, got {tuple(scale)}")
+        self.global_crops_number = global_crops_number
+        self.local_crops_number = local_crops_number
+        self.to_pil = _ToPIL("L" if grayscale_input else "RGB")
+        blur_scale = global_crops_size / _BLUR_REFERENCE_SIZE
+        radius = (0.1 * blur_scale, 2.0 * blur_scale)
+
+        flip_and_color_jitter = transforms.Compose(
+            [
+                transforms.RandomHorizontalFlip(p=0.5),
+                transforms.RandomApply(
+                    [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
+                ),
+                transforms.RandomGrayscale(p=0.2),
+            ]
+        )
+        normalise = _to_tensor_and_normalise(mean, std)
+
+        def crop(size: int, scale: tuple[float, float]) -> transforms.RandomResizedCrop:
+            return transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC)
+
+        self.global_transforms = [
+            transforms.Compose(
+                [
+                    crop(global_crops_size, global_crops_scale),
+                    flip_and_color_jitter,
+                    RandomGaussianBlur(1.0, *radius),
+                    normalise,
+                ]
+            ),
+            transforms.Compose(
+                [
+                    crop(global_crops_size, global_crops_scale),
+                    flip_and_color_jitter,
+                    RandomGaussianBlur(0.1, *radius),
+                    transforms.RandomSolarize(threshold=128, p=0.2),
+                    normalise,
+                ]
+            ),
+        ][:global_crops_number]
+        self.local_transform = transforms.Compose(
+            [
+                crop(local_crops_size, local_crops_scale),
+                flip_and_color_jitter,
+                RandomGaussianBlur(0.5, *radius),
+                normalise,
+            ]
+        )
+
+    def __call__(self, image: Any) -> list[torch.Tensor]:
+        image = self.to_pil(image)
+        crops = [t(image) for t in self.global_transforms]
+        crops.extend(self.local_transform(image) for _ in range(self.local_crops_number))
+        return crops
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}(input={self.to_pil!r}, local_crops_number={self.local_crops_number},"]
+        lines += [f"  global_{i + 1}={t!r}," for i, t in enumerate(self.global_transforms)]
+        lines.append(f"  local={self.local_transform!r})")
+        return "\n".join(lines)
+
+
+def eval_transform(
+    size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    resize_ratio: float = 256 / 224,
+    grayscale_input: bool = False,
+) -> transforms.Compose:
+    """Resize the short side to `round(size · resize_ratio)` (bicubic), centre-crop `size`, normalise.
+
+    DINO's k-NN / linear evaluation view (256 -> 224); use `resize_ratio=1.0` for small images.
+    """
+    if resize_ratio < 1.0:
+        raise ValueError(f"'resize_ratio' must be >= 1 (resize, then crop), got {resize_ratio}")
+    return transforms.Compose(
+        [
+            _ToPIL("L" if grayscale_input else "RGB"),
+            transforms.Resize(int(round(size * resize_ratio)), interpolation=InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+            _to_tensor_and_normalise(mean, std),
+        ]
+    )
+
+
+def multicrop_collate(batch: Sequence[tuple[Sequence[torch.Tensor], Any]]) -> tuple[list[torch.Tensor], Any]:
+    """`[(crops, label), ...]` -> `([crop_0 B × 3 × H × W, crop_1, ...], labels)`.
+
+    Per-crop batches (crops differ in size between global and local); `torch.cat(crops)` gives
+    the crop-major order the DINO loss expects.
+    """
+    if len(batch) == 0:
+        raise ValueError("multicrop_collate got an empty batch")
+    n_crops = len(batch[0][0])
+    for index, (crops, _) in enumerate(batch):
+        if len(crops) != n_crops:
+            raise ValueError(f"multicrop_collate: item {index} has {len(crops)} crops, item 0 has {n_crops}")
+    crops_by_index = [torch.stack([crops[i] for crops, _ in batch]) for i in range(n_crops)]
+    labels = default_collate([label for _, label in batch])
+    return crops_by_index, labels
+
+
+def normalization_for(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
+    """Mean, std and whether images are grayscale, for a ``data.dataset`` name."""
+    if dataset == "fashion_mnist":
+        return FASHION_MNIST_MEAN, FASHION_MNIST_STD, True
+    return IMAGENET_MEAN, IMAGENET_STD, False
