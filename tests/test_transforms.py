@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.data.transforms import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -21,9 +22,10 @@ from dino_sparo.data.transforms import (
     RandomGaussianBlur,
     eval_transform,
     multicrop_collate,
+    normalization_for,
 )
 
-FASHION_MNIST_TRAIN = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+FASHION_MNIST_TRAIN = Path(DEFAULT_FASHION_MNIST_ROOT) / "train-images-idx3-ubyte.gz"
 
 
 def _rgb_image(h=180, w=240, seed=0):
@@ -196,7 +198,7 @@ def test_bad_arguments_name_the_key():
         MultiCropTransform(28, 12)([1, 2, 3])
 
 
-@pytest.mark.skipif(not FASHION_MNIST_TRAIN.exists(), reason="Fashion-MNIST files not installed")
+@pytest.mark.skipif(not FASHION_MNIST_TRAIN.exists(), reason="Fashion-MNIST not installed (tools/get_fashion_mnist.sh)")
 def test_fashion_mnist_constants_match_the_training_set():
     with gzip.open(FASHION_MNIST_TRAIN) as f:
         pixels = np.frombuffer(f.read(), dtype=np.uint8, offset=16)
@@ -206,3 +208,8 @@ def test_fashion_mnist_constants_match_the_training_set():
     std = np.sqrt((counts * (values - mean) ** 2).sum() / counts.sum())
     assert FASHION_MNIST_MEAN == (pytest.approx(mean, abs=1e-4),) * 3
     assert FASHION_MNIST_STD == (pytest.approx(std, abs=1e-4),) * 3
+
+
+def test_normalization_for_dataset_names():
+    assert normalization_for("fashion_mnist") == (FASHION_MNIST_MEAN, FASHION_MNIST_STD, True)
+    assert normalization_for("imagefolder") == (IMAGENET_MEAN, IMAGENET_STD, False)
