@@ -302,7 +302,7 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Iterable[int
     out = {}
     for t in topk:
         pred = scores.topk(min(t, scores.shape[-1]), dim=-1).indices  # N × t
-        out[f"top{t}"] = (pred == labels).any(dim=-1).float().mean().item() if labels.numel() else float("nan")
+        out[f"top{t}"] = (pred == labels).any(dim=-1).double().mean().item() if labels.numel() else float("nan")
     return out
 
 
