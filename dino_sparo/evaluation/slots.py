@@ -289,7 +289,6 @@ def greedy_slot_selection(
     memory_budget: int = 1 << 30,
     query_chunk_size: int = 512,
     device: str | torch.device | None = None,
-    progress: bool = False,
 ) -> SlotSelection:
     """Choose slots by greedy forward selection on a held-out part of the TRAIN set.
 
@@ -348,8 +347,11 @@ def greedy_slot_selection(
         selected.append(remaining[i])
         curve.append(accs[i])
         best = accs[i]
-        if progress:
-            logger.info("greedy step %d: + slot %d -> held-out top-1 %.4f", len(selected), remaining[i], best)
+        logger.info("greedy step %d: + slot %d -> held-out top-1 %.4f", len(selected), remaining[i], best)
+    logger.info(
+        "greedy selection kept %d of %d slots %s: held-out top-1 %.4f (all slots %.4f)",
+        len(selected), num_slots, selected, best, all_slots,
+    )
     return SlotSelection(selected, curve, all_slots, per_slot, fit_idx, heldout_idx, scorer.method)
 
 
