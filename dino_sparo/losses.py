@@ -1,4 +1,4 @@
-"""The DINO self-distillation loss, its teacher centre, and a cheap collapse watch.
+"""Training losses: DINO self-distillation (teacher centre, collapse watch) and CLIP's InfoNCE.
 
 Semantics follow facebookresearch/dino (v1): the teacher's global-crop outputs are centred and
 sharpened (softmax at a scheduled temperature), and every student crop is trained by cross-entropy
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from dino_sparo.schedules import linear_warmup_then_constant
 
-__all__ = ["DINOLoss", "collapse_warnings", "UNIFORM_COLLAPSE_FRACTION", "ONE_PROTOTYPE_COLLAPSE_FRACTION"]
+__all__ = ["ClipLoss", "DINOLoss", "collapse_warnings", "UNIFORM_COLLAPSE_FRACTION", "ONE_PROTOTYPE_COLLAPSE_FRACTION"]
 
 # Collapse thresholds, as fractions of ln(out_dim) (the entropy of the uniform distribution).
 # Uniform collapse: the per-sample teacher distribution is almost flat (loss stuck near ln K).
@@ -230,3 +230,76 @@ def collapse_warnings(stats: dict[str, torch.Tensor | float], out_dim: int) -> l
             "(e.g. 0.9), raise the teacher temperature slightly, or lower the learning rate."
         )
     return warnings
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP: symmetric InfoNCE over the global batch
+
+
+def gather_features(features: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """All ranks' rows of ``features`` (``B × E``), rank-major, as one ``(W·B) × E`` tensor.
+
+    ``with_grad``: gradients flow back to every rank's features (the backward pass sums them
+    across ranks); otherwise this rank's own rows keep their gradient and the others are constants.
+    The identity without a process group.
+    """
+    if not _process_group_ready() or dist.get_world_size() == 1:
+        return features
+    if with_grad:
+        import torch.distributed.nn.functional as dist_fn  # noqa: PLC0415 (loaded only when needed)
+
+        return torch.cat(dist_fn.all_gather(features), dim=0)
+    gathered = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, features.detach().contiguous())
+    gathered[dist.get_rank()] = features
+    return torch.cat(gathered, dim=0)
+
+
+class ClipLoss(nn.Module):
+    """CLIP's symmetric contrastive loss: cross-entropy of image→text and text→image logits
+    ``exp(s) · cos``, the matching pair being the positive, averaged over both directions.
+
+    Features are gathered from all ranks so every row sees the whole global batch's negatives.
+    ``local_loss``: each rank scores only its own rows against all columns (``B × W·B`` logits
+    instead of ``W·B × W·B``; open_clip's variant that scales) and the loss is this rank's share,
+    whose mean over ranks is the global loss. ``gather_with_grad``: gradients also flow through the
+    gathered features; then the gradients averaged across ranks (as DDP does) equal those of one
+    process on the whole batch, with or without ``local_loss``. Without it, the non-local loss gives
+    that gradient divided by the world size, and the local loss drops the terms where this rank's
+    rows serve as negatives elsewhere (prefer ``local_loss`` together with ``gather_with_grad``).
+    Works in a single process without a process group. Arithmetic in fp32 under autocast.
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False) -> None:
+        super().__init__()
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image→text and text→image logits of this rank's loss, and the target column of each row."""
+        if image_features.shape != text_features.shape or image_features.dim() != 2:
+            raise ValueError(f"ClipLoss needs image and text features of the same shape B × E, got "
+                             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+        with torch.autocast(device_type=image_features.device.type, enabled=False):
+            image, text, scale = image_features.float(), text_features.float(), logit_scale.float()
+            all_image = gather_features(image, self.gather_with_grad)  # (W·B) × E
+            all_text = gather_features(text, self.gather_with_grad)
+            batch = image.shape[0]
+            if self.local_loss:
+                rank = dist.get_rank() if _process_group_ready() else 0
+                per_image = scale * image @ all_text.T  # B × (W·B)
+                per_text = scale * text @ all_image.T
+                targets = torch.arange(batch, device=image.device) + rank * batch
+            else:
+                per_image = scale * all_image @ all_text.T  # (W·B) × (W·B)
+                per_text = per_image.T
+                targets = torch.arange(all_image.shape[0], device=image.device)
+        return per_image, per_text, targets
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+                ) -> torch.Tensor:
+        """``image_features``, ``text_features``: ``B × E``, L2-normalised; ``logit_scale``: exp(s)
+        (0-dim). Returns the 0-dim fp32 loss."""
+        per_image, per_text, targets = self.logits(image_features, text_features, logit_scale)
+        with torch.autocast(device_type=per_image.device.type, enabled=False):
+            return (F.cross_entropy(per_image, targets) + F.cross_entropy(per_text, targets)) / 2
