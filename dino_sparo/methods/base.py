@@ -1,0 +1,74 @@
+"""The interface between the training loop and a method (DINO, CLIP)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norm gains and learned queries/tokens are not decayed (DINO, open_clip, SPARO)."""
+    return param.ndim <= 1 or name.endswith((".bias", "cls_token", "pos_embed", "queries", "logit_scale"))
+
+
+def param_groups(module: nn.Module, **extra: Any) -> list[dict]:
+    """Two optimiser groups: decayed weights and the rest; ``apply_wd`` tells the loop which."""
+    decay, plain = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (plain if no_weight_decay(name, param) else decay).append(param)
+    return [dict(params=decay, apply_wd=True, **extra), dict(params=plain, apply_wd=False, weight_decay=0.0, **extra)]
+
+
+class Method:
+    """What one training step computes. The loop owns the optimiser, schedules, precision,
+    distribution, checkpoints and logs; a method owns its models, data transform and loss.
+
+    ``train_module`` is the module the loop wraps in DistributedDataParallel and optimises; the
+    method's ``loss`` must call it (not the unwrapped module) so gradients are synchronised.
+    """
+
+    train_module: nn.Module
+    collate_fn: Optional[Callable] = None
+
+    def __init__(self, cfg: Any, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+
+    def train_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Everything with state to checkpoint, by name (unwrapped modules)."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        return param_groups(self.modules_to_optimise())
+
+    def modules_to_optimise(self) -> nn.Module:
+        raise NotImplementedError
+
+    def setup_schedules(self, epochs: int, iters_per_epoch: int) -> None:
+        """Called once the data size is known, before the first step."""
+
+    def loss(self, batch: Any, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def before_optimizer_step(self, step: int, epoch: int) -> None:
+        """After backward (gradients unscaled and clipped), before the optimiser step."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """E.g. the teacher's EMA update."""
+
+    def batch_size(self, batch: Any) -> int:
+        raise NotImplementedError
+
+    def warnings(self, metrics: dict[str, float]) -> list[str]:
+        """Human-readable warnings from logged metrics (e.g. DINO collapse)."""
+        return []
+
+    def describe(self) -> list[str]:
+        """Lines for the start-up log (parameter counts and the like)."""
+        return []

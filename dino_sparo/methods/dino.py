@@ -1,0 +1,137 @@
+"""DINO self-distillation with a SPARO (or class-token) read-out on student and teacher."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from dino_sparo.data.datasets import build_dataset
+from dino_sparo.data.transforms import MultiCropTransform, multicrop_collate, normalization_for
+from dino_sparo.losses import DINOLoss, collapse_warnings
+from dino_sparo.methods.base import Method
+from dino_sparo.models.build import build_backbone
+from dino_sparo.models.heads import DINOHead
+from dino_sparo.models.vit import count_parameters
+from dino_sparo.schedules import cosine_schedule
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone + head over a list of crops: one backbone forward per crop size (never per crop),
+    then one head forward over all embeddings. Outputs are crop-major (all images of crop 0 first)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        embeddings, start = [], 0
+        while start < len(crops):  # consecutive crops of one size form one batch
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            embeddings.append(self.backbone(torch.cat(list(crops[start:end]))))
+            start = end
+        return self.head(torch.cat(embeddings))
+
+
+def build_student_teacher(cfg: Any) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Student and teacher as two separate networks (a teacher sharing the student's modules
+    collapses); the teacher starts from the student's weights, without drop path."""
+    def network(drop_path: float, norm_last_layer: bool) -> MultiCropWrapper:
+        model_cfg = cfg.model
+        backbone = build_backbone(type(model_cfg)(**{**model_cfg.__dict__, "drop_path_rate": drop_path}))
+        head = DINOHead(backbone.out_dim, cfg.dino.out_dim, use_bn=cfg.dino.use_bn_in_head,
+                        norm_last_layer=norm_last_layer, hidden_dim=cfg.dino.head_hidden_dim,
+                        bottleneck_dim=cfg.dino.head_bottleneck_dim)
+        return MultiCropWrapper(backbone, head)
+
+    student = network(cfg.model.drop_path_rate, cfg.dino.norm_last_layer)
+    teacher = network(0.0, cfg.dino.norm_last_layer)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
+
+
+class DinoMethod(Method):
+    def __init__(self, cfg: Any, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.student, self.teacher = (m.to(device) for m in build_student_teacher(cfg))
+        self.train_module: nn.Module = self.student
+        crops = cfg.crops
+        self.loss_fn = DINOLoss(
+            cfg.dino.out_dim, n_global_crops=crops.global_crops_number, n_local_crops=crops.local_crops_number,
+            warmup_teacher_temp=cfg.dino.warmup_teacher_temp, teacher_temp=cfg.dino.teacher_temp,
+            warmup_teacher_temp_epochs=cfg.dino.warmup_teacher_temp_epochs, epochs=cfg.optim.epochs,
+            student_temp=cfg.dino.student_temp, center_momentum=cfg.dino.center_momentum,
+        ).to(device)
+        self.collate_fn = multicrop_collate
+        self.momentum_schedule = None
+
+    def train_dataset(self) -> Dataset:
+        crops = self.cfg.crops
+        mean, std, grayscale = normalization_for(self.cfg.data.dataset)
+        if crops.global_crops_number != 2:
+            raise ValueError(f"config key 'crops.global_crops_number' must be 2 for DINO, got {crops.global_crops_number}")
+        transform = MultiCropTransform(
+            global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size,
+            global_crops_scale=crops.global_crops_scale, local_crops_scale=crops.local_crops_scale,
+            local_crops_number=crops.local_crops_number, mean=mean, std=std, grayscale_input=grayscale,
+        )
+        return build_dataset(self.cfg.data, "train", transform)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher, "loss": self.loss_fn}
+
+    def modules_to_optimise(self) -> nn.Module:
+        return self.student
+
+    def setup_schedules(self, epochs: int, iters_per_epoch: int) -> None:
+        # teacher momentum: cosine from momentum_teacher to 1 over the whole run
+        self.momentum_schedule = cosine_schedule(self.cfg.dino.momentum_teacher, 1.0, epochs, iters_per_epoch)
+
+    def batch_size(self, batch: Any) -> int:
+        return batch[0][0].shape[0]
+
+    def loss(self, batch: Any, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        crops = [c.to(self.device, non_blocking=True) for c in batch[0]]
+        n_global = self.cfg.crops.global_crops_number
+        with torch.no_grad():
+            teacher_out = self.teacher(crops[:n_global])  # only the global crops reach the teacher
+        student_out = self.train_module(crops)
+        loss, stats = self.loss_fn(student_out, teacher_out, epoch, return_stats=True)
+        stats = dict(stats, teacher_temp=torch.tensor(self.loss_fn.teacher_temperature(epoch)))
+        return loss, stats
+
+    def before_optimizer_step(self, step: int, epoch: int) -> None:
+        if epoch < self.cfg.optim.freeze_last_layer:  # as DINO v1: no update of the prototypes yet
+            for p in self.student.head.last_layer_parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        m = float(self.momentum_schedule[step])
+        student = [p.detach() for p in self.student.parameters()]
+        teacher = [p for p in self.teacher.parameters()]
+        torch._foreach_mul_(teacher, m)
+        torch._foreach_add_(teacher, student, alpha=1.0 - m)
+
+    def warnings(self, metrics: dict[str, float]) -> list[str]:
+        return collapse_warnings(metrics, self.cfg.dino.out_dim)
+
+    def describe(self) -> list[str]:
+        backbone = self.student.backbone
+        lines = [f"student backbone: {count_parameters(backbone):,} parameters "
+                 f"({len(backbone.blocks)} blocks + {backbone.readout_type} read-out, embedding {backbone.out_dim})",
+                 f"DINO head: {count_parameters(self.student.head):,} parameters, {self.cfg.dino.out_dim} prototypes"]
+        if backbone.readout_type == "sparo":
+            baseline_cfg = type(self.cfg.model)(**{**self.cfg.model.__dict__, "readout": "cls", "reduce_depth": 0})
+            baseline = build_backbone(baseline_cfg)
+            lines.append(f"class-token baseline backbone: {count_parameters(baseline):,} parameters "
+                         f"(SPARO model is {count_parameters(backbone) / count_parameters(baseline):.3f}× its size)")
+        lines.append(f"loss at uniform output: ln({self.cfg.dino.out_dim}) = {math.log(self.cfg.dino.out_dim):.3f}")
+        return lines

@@ -1,0 +1,438 @@
+"""The training program (both modes): ``dino-sparo-train --config FILE [key.sub=value ...]``.
+
+Reads top to bottom: configuration, device and precision, process group, method (DINO or CLIP),
+data, optimiser and schedules, resume, then the loop. Re-running the same command resumes from
+``output_dir/checkpoint.pth``, exactly: the sampler position, every RNG, the schedules' index and
+the method's state (teacher, DINO centre) are restored, and each sample's augmentation is seeded by
+(seed, epoch, index), so it does not depend on which loader worker draws it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from dino_sparo import distributed
+from dino_sparo.checkpoint import load_checkpoint, save_checkpoint
+from dino_sparo.config import TrainConfig, load_config, save_config, to_dict
+from dino_sparo.methods import build_method
+from dino_sparo.schedules import cosine_schedule
+
+logger = logging.getLogger("dino_sparo")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------------
+# Device, precision, seeding: the one place that decides them
+# --------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config key 'device' is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for fp32. ``auto``: bf16 on GPU, fp32 on CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("config key 'precision': fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Data: a resumable sampler and per-sample seeded augmentations
+# --------------------------------------------------------------------------------------------
+
+class ResumableSampler(Sampler):
+    """Distributed, shuffled, drop-last sampler that can start mid-epoch.
+
+    Yields ``(epoch, index)`` pairs so the dataset wrapper can seed each sample's augmentation;
+    the permutation depends only on (seed, epoch), so every rank agrees and a resumed run sees
+    the same order as an uninterrupted one.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True) -> None:
+        self.dataset_len, self.batch_size = dataset_len, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.batches_per_epoch = dataset_len // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the dataset has {dataset_len} images, fewer than one global batch "
+                             f"({batch_size} × {world_size} processes): lower data.batch_size_per_gpu")
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.dataset_len, generator=g)
+        else:
+            order = torch.arange(self.dataset_len)
+        used = self.batches_per_epoch * self.batch_size * self.world_size
+        mine = order[:used][self.rank::self.world_size][self.start_batch * self.batch_size:]
+        return ((self.epoch, int(i)) for i in mine)
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class SeededSamples(Dataset):
+    """Runs the wrapped dataset's random augmentation under a seed made of (seed, epoch, index),
+    restoring the process' RNG states afterwards, so results do not depend on worker scheduling."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % 2**32)
+            torch.manual_seed(sample_seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation helpers
+# --------------------------------------------------------------------------------------------
+
+def clip_gradients(parameters: list[nn.Parameter], max_norm: float, mode: str) -> None:
+    """DINO v1 clips each parameter tensor apart (``per_param``); DINOv2 one global norm. No host sync."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads or max_norm <= 0:
+        return
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
+        return
+    norms = torch._foreach_norm(grads)
+    scales = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, scales)
+
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    fused = cfg.optim.fused == "on" or (cfg.optim.fused == "auto" and device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=0.0, fused=fused or None)
+
+
+# --------------------------------------------------------------------------------------------
+# The program
+# --------------------------------------------------------------------------------------------
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. an in-process launcher)
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+        logger.warning("received %s: saving a checkpoint after this step, then stopping",
+                       signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def setup_logging(output_dir: Path, is_main: bool) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    root = logging.getLogger()
+    if not any(getattr(h, "_dino_sparo", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler._dino_sparo = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        if is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            file_handler = logging.FileHandler(output_dir / "train.log")
+            file_handler.setFormatter(handler.formatter)
+            file_handler._dino_sparo = True  # type: ignore[attr-defined]
+            root.addHandler(file_handler)
+    root.setLevel(level)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) as ``cfg`` says; returns the last logged metrics."""
+    output_dir = Path(cfg.output_dir)
+    device = resolve_device(cfg.device)
+    info = distributed.init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    setup_logging(output_dir, info.is_main)
+    autocast_dtype = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed + info.rank)
+
+    method = build_method(cfg, device)
+    dataset = method.train_dataset()
+    batch = cfg.data.batch_size_per_gpu
+    global_batch = batch * info.world_size
+    sampler = ResumableSampler(len(dataset), batch, info.rank, info.world_size, seed=cfg.seed)
+    loader = DataLoader(
+        SeededSamples(dataset, cfg.seed), batch_size=batch, sampler=sampler, num_workers=cfg.data.num_workers,
+        collate_fn=method.collate_fn, pin_memory=device.type == "cuda", drop_last=True,
+        persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    iters_per_epoch = sampler.batches_per_epoch
+    total_steps = cfg.optim.epochs * iters_per_epoch
+    if cfg.optim.warmup_epochs > cfg.optim.epochs:
+        raise ValueError(f"config key 'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds "
+                         f"'optim.epochs' ({cfg.optim.epochs})")
+    lr_schedule = cosine_schedule(cfg.optim.lr * global_batch / 256.0, cfg.optim.min_lr, cfg.optim.epochs,
+                                  iters_per_epoch, warmup_epochs=cfg.optim.warmup_epochs)
+    wd_schedule = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.epochs,
+                                  iters_per_epoch)
+    method.setup_schedules(cfg.optim.epochs, iters_per_epoch)
+
+    if cfg.grad_checkpointing:
+        for module in method.modules().values():
+            for sub in module.modules():
+                if hasattr(sub, "grad_checkpointing"):
+                    sub.grad_checkpointing = True
+    if cfg.compile:
+        method.train_module = torch.compile(method.train_module)
+    if info.world_size > 1:
+        method.train_module = nn.parallel.DistributedDataParallel(
+            method.train_module, device_ids=[device.index] if device.type == "cuda" else None)
+    groups = method.param_groups()
+    optimizer = build_optimizer(groups, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    params = [p for g in groups for p in g["params"]]
+
+    checkpoint_path = output_dir / "checkpoint.pth"
+    start_step = 0
+    if checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path, map_location=device)
+        for name, module in method.modules().items():
+            module.load_state_dict(state[name])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        start_step = state["step"]
+        set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
+        logger.info("resumed from %s at step %d (epoch %d)", checkpoint_path, start_step, state["epoch"])
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+        logger.info("output: %s | device %s | precision %s | %d process(es)", output_dir, device,
+                    autocast_dtype or "fp32", info.world_size)
+        logger.info("batch %d per process, global batch %d, %d steps per epoch, %d epochs, lr %.3g (at 256: %.3g)",
+                    batch, global_batch, iters_per_epoch, cfg.optim.epochs, lr_schedule.max(), cfg.optim.lr)
+        for line in method.describe():
+            logger.info(line)
+
+    def save(step: int) -> None:
+        if not info.is_main:
+            return
+        state = {name: module.state_dict() for name, module in method.modules().items()}
+        state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                     step=step, epoch=step // iters_per_epoch, config=to_dict(cfg), rng=rngs)
+        save_checkpoint(state, checkpoint_path)
+        epoch_done = step // iters_per_epoch
+        if cfg.save_every_epochs and step % iters_per_epoch == 0 and epoch_done % cfg.save_every_epochs == 0:
+            save_checkpoint(state, output_dir / f"checkpoint_epoch{epoch_done:04d}.pth")
+
+    def gather_rng() -> list:
+        states = [None] * info.world_size
+        if info.world_size > 1:
+            torch.distributed.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        return states
+
+    end_step = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # device-side NaN watch
+    metrics: dict[str, float] = {}
+    log_file = output_dir / "log.jsonl"
+    progress = tqdm(total=end_step, initial=start_step, disable=not info.is_main, dynamic_ncols=True,
+                    desc=f"{cfg.mode} train", unit="step")
+    method.train_module.train()
+    step = start_step
+    window_start, window_images = time.perf_counter(), 0
+    rngs: list = []
+
+    def check_finite(at_step: int) -> None:
+        bad = int(first_bad_step)
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad} (epoch {bad // iters_per_epoch}); stopping without saving. "
+                f"The last good checkpoint ({checkpoint_path}) is kept. Usual causes: too high a learning rate, "
+                "fp16 overflow (use bf16), no gradient clipping.")
+
+    with _StopRequest() as stop:
+        while step < end_step:
+            epoch = step // iters_per_epoch
+            sampler.set_epoch(epoch, start_batch=step % iters_per_epoch)
+            for batch_data in loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_schedule[step]
+                    if group["apply_wd"]:
+                        group["weight_decay"] = wd_schedule[step]
+                with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
+                    loss, step_metrics = method.loss(batch_data, step, epoch)
+                first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                             torch.full_like(first_bad_step, step), first_bad_step)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                clip_gradients(params, cfg.optim.clip_grad, cfg.optim.clip_mode)
+                method.before_optimizer_step(step, epoch)
+                scaler.step(optimizer)
+                scaler.update()
+                method.after_optimizer_step(step)
+                step += 1
+                window_images += method.batch_size(batch_data) * info.world_size
+                progress.update(1)
+
+                last_of_epoch = step % iters_per_epoch == 0
+                if step % cfg.log_every == 0 or last_of_epoch or step == end_step or stop.signum:
+                    check_finite(step)
+                    values = torch.stack([loss.detach().float()] + [v.detach().float().to(device).reshape(())
+                                                                    for v in step_metrics.values()])
+                    distributed.all_reduce_mean(values)
+                    elapsed = time.perf_counter() - window_start
+                    metrics = {"step": step, "epoch": epoch, "loss": float(values[0]),
+                               **{k: float(v) for k, v in zip(step_metrics, values[1:])},
+                               "lr": float(lr_schedule[step - 1]), "weight_decay": float(wd_schedule[step - 1]),
+                               "images_per_s": window_images / max(elapsed, 1e-9)}
+                    window_start, window_images = time.perf_counter(), 0
+                    if info.is_main:
+                        with log_file.open("a") as handle:
+                            handle.write(json.dumps(metrics) + "\n")
+                        progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                             img_s=f"{metrics['images_per_s']:.0f}")
+                        for warning in method.warnings(metrics):
+                            logger.warning("step %d: %s", step, warning)
+                if last_of_epoch or step == end_step or stop.signum:
+                    check_finite(step)
+                    rngs = gather_rng()
+                    save(step)
+                if stop.signum or step >= end_step:
+                    break
+            if stop.signum:
+                break
+    progress.close()
+    if stop.signum:
+        logger.info("stopped at step %d; re-run the same command to resume", step)
+    elif info.is_main:
+        logger.info("finished %d steps; checkpoint: %s", step, checkpoint_path)
+    distributed.barrier()
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dino-sparo-train",
+        description="Train a ViT with a SPARO (or class-token) read-out by DINO self-distillation or CLIP. "
+                    "Re-running the same command resumes from OUTPUT_DIR/checkpoint.pth.",
+        epilog="Examples:\n  dino-sparo-train --config configs/dino/demo_fashion_mnist.yaml\n"
+               "  dino-sparo-train --config configs/dino/vit_small16_vanilla_sparo.yaml data.path=/data/imagenet "
+               "optim.epochs=300\n  torchrun --nproc_per_node 8 -m dino_sparo.train --config FILE\n"
+               "Every config key (see dino_sparo/config.py) can be overridden as key.sub=value.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file (keys not given keep the defaults in dino_sparo/config.py)")
+    parser.add_argument("--mode", choices=["dino", "clip"], help="training method; overrides 'mode' in the config")
+    parser.add_argument("--output-dir", help="where config.yaml, checkpoint.pth and log.jsonl go "
+                                             "(overrides 'output_dir')")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides, e.g. optim.lr=0.001 model.readout=cls")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = list(args.overrides)
+    if args.mode:
+        overrides.append(f"mode={args.mode}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return
+    try:
+        train(cfg)
+    except NonFiniteLossError as exc:
+        logger.error("%s", exc)
+        raise SystemExit(1) from None
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()
