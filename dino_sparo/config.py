@@ -132,10 +132,11 @@ class ClipConfig:
     warmup_steps: Optional[int] = None  # overrides optim.warmup_epochs when set (CLIP counts steps)
     # data
     dataset: Literal["fashion_mnist", "table", "webdataset"] = "fashion_mnist"
-    train_data: Optional[str] = None  # table (.csv/.tsv), shard pattern, or Fashion-MNIST folder (None = data.path)
+    train_data: Optional[str] = None  # table (.csv/.tsv), shards ("x/{00000..00099}.tar"), Fashion-MNIST folder
     image_column: str = "path"  # table column with image paths, relative to the table's folder
     caption_column: str = "caption"
-    train_num_samples: Optional[int] = None  # WebDataset: samples per epoch (shards carry no length)
+    shard_image_keys: str = "jpg;jpeg;png;webp"  # WebDataset: the image member of a sample, first found
+    shard_caption_key: str = "txt"  # WebDataset: the caption member
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_CAPTION_TEMPLATES))  # Fashion-MNIST captions
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop scale of the training images
     image_mean: tuple[float, float, float] = CLIP_MEAN
