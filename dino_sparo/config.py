@@ -129,7 +129,6 @@ class ClipConfig:
     # AdamW settings of CLIP (DINO keeps torch's defaults)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
-    warmup_steps: Optional[int] = None  # overrides optim.warmup_epochs when set (CLIP counts steps)
     # data
     dataset: Literal["fashion_mnist", "table", "webdataset"] = "fashion_mnist"
     train_data: Optional[str] = None  # table (.csv/.tsv), shards ("x/{00000..00099}.tar"), Fashion-MNIST folder
