@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,3 +88,48 @@ def load_pretrained_backbone(model: VisionTransformer, state_dict: dict, source:
     if dropped:
         logger.info("pretrained weights: dropped %d keys not used by this backbone (%s…)", len(dropped), dropped[0])
     return dropped
+
+
+# Where the image backbone sits inside each state dict a training checkpoint holds. DINO stores
+# the whole multi-crop wrapper ("backbone.*", "head.*") as "teacher" and "student"; a CLIP
+# checkpoint's "model" holds the CLIP model, whose image tower is "visual.*". Another method adds
+# its own entry here.
+CHECKPOINT_BACKBONE_PREFIXES: dict[str, str] = {
+    "teacher": "backbone.",
+    "student": "backbone.",
+    "model": "visual.",
+}
+
+
+def load_backbone_from_checkpoint(
+    path: str | Path, key: str = "teacher", device: str | torch.device = "cpu"
+) -> tuple[VisionTransformer, Any]:
+    """The backbone stored under ``key`` of a training checkpoint, frozen in eval mode, and its config.
+
+    The model is rebuilt from the checkpoint's own ``config`` and loaded strictly (every backbone
+    key present, nothing extra), so a mismatch fails here instead of evaluating a half-random
+    network (dino#65). Returns ``(backbone, TrainConfig)``.
+    """
+    from dino_sparo.checkpoint import load_checkpoint, strip_prefix  # noqa: PLC0415 (keeps import cheap)
+    from dino_sparo.config import from_dict  # noqa: PLC0415
+
+    state = load_checkpoint(path, map_location="cpu")
+    if "config" not in state:
+        raise KeyError(f"checkpoint {path} has no 'config' entry; it was not written by dino-sparo-train")
+    if key not in CHECKPOINT_BACKBONE_PREFIXES:
+        raise ValueError(f"checkpoint key must be one of {sorted(CHECKPOINT_BACKBONE_PREFIXES)}, got {key!r}")
+    if key not in state:
+        stored = sorted(k for k in state if k in CHECKPOINT_BACKBONE_PREFIXES)
+        raise KeyError(f"checkpoint {path} has no {key!r} weights (it holds {stored})")
+    cfg = from_dict(state["config"])
+    backbone = build_backbone(cfg.model)
+    weights = strip_prefix(state[key], CHECKPOINT_BACKBONE_PREFIXES[key])
+    missing = sorted(set(backbone.state_dict()) - set(weights))
+    unexpected = sorted(set(weights) - set(backbone.state_dict()))
+    if missing or unexpected:
+        raise KeyError(f"checkpoint {path} ['{key}'] does not match the backbone its config builds: "
+                       f"missing {missing[:8]}{'…' if len(missing) > 8 else ''}, "
+                       f"unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}")
+    backbone.load_state_dict(weights, strict=True)
+    backbone.requires_grad_(False)
+    return backbone.to(device).eval(), cfg
