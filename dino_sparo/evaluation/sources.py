@@ -1,0 +1,461 @@
+"""Where evaluation features come from, shared by ``dino-sparo-knn`` and ``dino-sparo-linear``:
+a checkpoint's backbone (or the same architecture at initialisation, or no network: raw pixels),
+the evaluation datasets of a run, and a workspace that extracts each split once and caches it.
+
+The feature cache is keyed by a fingerprint of the weights (not of the checkpoint file), the
+feature kind, the dataset (its description, size, labels) and the transform; the default cache
+folder sits next to the checkpoint. Under ``torch.distributed`` every rank runs the same code:
+extraction is sharded by ``features.extract_features``, the rest is decided on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from dino_sparo import distributed
+from dino_sparo.config import DataConfig, TrainConfig, load_config
+from dino_sparo.data.datasets import FashionMNIST, build_dataset
+from dino_sparo.data.transforms import eval_transform, normalization_for
+from dino_sparo.evaluation.features import FeatureStore, cached_features, extract_features, feature_cache_path
+from dino_sparo.evaluation.frozen_features import FeatureSpec, feature_fn, module_fingerprint
+from dino_sparo.models.build import build_backbone, load_backbone_from_checkpoint
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("pixels", "init")
+CHECKPOINT_KEYS = ("teacher", "student")
+DEFAULT_CACHE_FOLDER = "eval_features"  # beside the checkpoint
+
+
+# --------------------------------------------------------------------------- the network
+
+
+@dataclass
+class EvalSource:
+    """The network an evaluation reads (None for raw pixels) and the run config it belongs to."""
+
+    name: str  # "teacher", "student", "init" or "pixels"
+    backbone: Optional[nn.Module]
+    cfg: Optional[TrainConfig]
+    checkpoint: Optional[Path] = None
+
+
+def init_backbone(cfg: TrainConfig, seed: Optional[int] = None) -> nn.Module:
+    """The run's architecture at initialisation, seeded (``cfg.seed`` by default) so the baseline
+    number is reproducible; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed if seed is None else seed)
+        backbone = build_backbone(cfg.model)
+    backbone.requires_grad_(False)
+    return backbone.eval()
+
+
+def load_source(
+    checkpoint: Optional[str | os.PathLike] = None,
+    key: str = "teacher",
+    baseline: Optional[str] = None,
+    config: Optional[str | os.PathLike] = None,
+    device: str | torch.device = "cpu",
+) -> EvalSource:
+    """The backbone stored under ``key`` of ``checkpoint``; or, with ``baseline``, the same
+    architecture at initialisation (``"init"``) or no network at all (``"pixels"``). ``config``
+    (a YAML file) stands in for the checkpoint's config when there is no checkpoint."""
+    if baseline is not None and baseline not in BASELINES:
+        raise ValueError(f"--baseline must be one of {BASELINES}, got {baseline!r}")
+    path = Path(checkpoint) if checkpoint is not None else None
+    if baseline is None:
+        if path is None:
+            raise ValueError("--checkpoint is required (or choose --baseline pixels|init)")
+        backbone, cfg = load_backbone_from_checkpoint(path, key, device=device)
+        logger.info("evaluating %s['%s']: %s read-out, embedding %d", path, key, backbone.readout_type, backbone.out_dim)
+        return EvalSource(key, backbone, cfg, path)
+    cfg = None
+    if path is not None:
+        from dino_sparo.checkpoint import load_checkpoint  # noqa: PLC0415
+        from dino_sparo.config import from_dict  # noqa: PLC0415
+
+        state = load_checkpoint(path)
+        if "config" not in state:
+            raise KeyError(f"checkpoint {path} has no 'config' entry; it was not written by dino-sparo-train")
+        cfg = from_dict(state["config"])
+    elif config is not None:
+        cfg = load_config(config)
+    if baseline == "pixels":
+        return EvalSource("pixels", None, cfg, path)
+    if cfg is None:
+        raise ValueError("--baseline init needs the architecture: give --checkpoint or --config")
+    logger.info("evaluating %s at initialisation (seed %d)", cfg.model.arch, cfg.seed)
+    return EvalSource("init", init_backbone(cfg).to(device), cfg, path)
+
+
+# --------------------------------------------------------------------------- the data
+
+
+@dataclass
+class EvalData:
+    """Train and test splits with the evaluation transform, and what they were built from."""
+
+    train: Dataset
+    test: Dataset
+    dataset: str
+    path: Optional[str]
+    num_classes: int
+    grayscale: bool
+    transform: Any
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    info: dict = field(default_factory=dict)
+
+
+def eval_transform_for(dataset: str, image_size: int, resize_ratio: Optional[float] = None) -> Any:
+    """DINO's evaluation view (resize the short side by 256/224, centre-crop) for image folders;
+    the whole image (ratio 1) for Fashion-MNIST, whose 28-px images the model saw whole."""
+    mean, std, grayscale = normalization_for(dataset)
+    if resize_ratio is None:
+        resize_ratio = 1.0 if dataset == "fashion_mnist" else 256 / 224
+    return eval_transform(image_size, mean, std, resize_ratio=resize_ratio, grayscale_input=grayscale)
+
+
+def load_eval_data(
+    dataset: str,
+    data_path: Optional[str] = None,
+    image_size: int = 224,
+    train_limit: Optional[int] = None,
+    test_limit: Optional[int] = None,
+    resize_ratio: Optional[float] = None,
+    corrupt_images: str = "error",
+    transform: Any = None,
+) -> EvalData:
+    """Train split and the ``val`` split (Fashion-MNIST's test set; an image folder's ``val/``, or
+    ``test/``), class-balanced subsets when limits are given."""
+    transform = transform if transform is not None else eval_transform_for(dataset, image_size, resize_ratio)
+    splits = {}
+    for split, limit in (("train", train_limit), ("val", test_limit)):
+        data_cfg = DataConfig(dataset=dataset, path=data_path, limit=limit, corrupt_images=corrupt_images)
+        splits[split] = build_dataset(data_cfg, split, transform)
+    train, test = splits["train"], splits["val"]
+    if train.num_classes != test.num_classes:
+        raise ValueError(f"the train split has {train.num_classes} classes but the evaluation split has "
+                         f"{test.num_classes} ({data_path}); their class folders must match")
+    _, _, grayscale = normalization_for(dataset)
+    info = {"dataset": dataset, "path": data_path, "train_limit": train_limit, "test_limit": test_limit,
+            "image_size": image_size, "num_train": len(train), "num_test": len(test)}
+    return EvalData(train, test, dataset, data_path, train.num_classes, grayscale, transform,
+                    train_limit, test_limit, info)
+
+
+def dataset_targets(dataset: Dataset) -> np.ndarray:
+    """Labels of every sample, without loading images (``targets`` through any ``Subset``)."""
+    if isinstance(dataset, Subset):
+        return dataset_targets(dataset.dataset)[np.asarray(dataset.indices)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise TypeError(f"{type(dataset).__name__} has no 'targets'; evaluation needs the labels up front")
+    return np.asarray(targets, dtype=np.int64)
+
+
+def is_grayscale(dataset: Dataset) -> bool:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, FashionMNIST)
+
+
+def num_classes_of(dataset: Dataset) -> int:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if hasattr(dataset, "num_classes"):
+        return int(dataset.num_classes)
+    return int(dataset_targets(dataset).max()) + 1
+
+
+def dataset_key(dataset: Dataset) -> Optional[dict[str, Any]]:
+    """What the cache needs to know about a dataset (description, size, labels, transform); None
+    when the dataset has no stable description (features are then not cached)."""
+    if isinstance(dataset, Subset):
+        inner = dataset_key(dataset.dataset)
+        if inner is None:
+            return None
+        indices = np.asarray(dataset.indices, dtype=np.int64)
+        return {"subset_of": inner, "indices": hashlib.sha256(indices.tobytes()).hexdigest()[:32]}
+    text = repr(dataset)
+    if " object at 0x" in text:
+        return None
+    targets = dataset_targets(dataset)
+    return {
+        "dataset": text,
+        "num_samples": len(dataset),
+        "targets": hashlib.sha256(targets.tobytes()).hexdigest()[:32],
+        "transform": repr(getattr(dataset, "transform", None)),
+    }
+
+
+# --------------------------------------------------------------------------- feature workspace
+
+
+def _broadcast(value: Any) -> Any:
+    if not distributed.is_dist():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class FeatureWorkspace:
+    """Where the splits' features go: ``cache_dir`` (kept, reused by later runs) or, without one, a
+    scratch folder removed on exit. Datasets without a stable description also go to scratch.
+
+    Use as a context manager; every rank must enter it (the scratch path is decided on rank 0).
+    """
+
+    def __init__(self, cache_dir: Optional[str | os.PathLike] = None) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._scratch: Optional[Path] = None
+
+    def __enter__(self) -> "FeatureWorkspace":
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            base = str(self.cache_dir)
+        else:
+            base = None
+        name = _broadcast(tempfile.mkdtemp(prefix="dino_sparo_features_", dir=base) if distributed.get_rank() == 0
+                          else None)
+        self._scratch = Path(name)
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        distributed.barrier()
+        if distributed.get_rank() == 0 and self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def features(
+        self,
+        model_fn: Any,
+        dataset: Dataset,
+        weights: str,
+        spec: FeatureSpec,
+        name: str,
+        fp16: bool = False,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        device: Optional[torch.device] = None,
+        progress: bool = True,
+    ) -> tuple[FeatureStore, bool]:
+        """The feature store of ``dataset`` (extracted or found in the cache) and whether it was found."""
+        if self._scratch is None:
+            raise RuntimeError("FeatureWorkspace must be entered (with ...) before use")
+        dtype = np.float16 if fp16 else np.float32
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=device is not None and device.type == "cuda")
+        data = dataset_key(dataset)
+        if self.cache_dir is None or data is None:
+            if self.cache_dir is not None:
+                logger.warning("dataset %s has no stable description: its features are not cached", type(dataset).__name__)
+            store = extract_features(model_fn, loader, self._scratch / name, dtype=dtype, normalize=False,
+                                     device=device, progress=progress)
+            return store, False
+        parts = {"weights": weights, "features": spec.to_dict(), "data": data}
+        hit = FeatureStore.exists(feature_cache_path(self.cache_dir, parts, dtype, normalize=False))
+        store = cached_features(self.cache_dir, parts, model_fn, loader, dtype=dtype, normalize=False,
+                                device=device, progress=progress)
+        return store, bool(_broadcast(hit))
+
+
+def weights_key(backbone: Optional[nn.Module]) -> str:
+    return "pixels" if backbone is None else module_fingerprint(backbone)
+
+
+def extract_splits(
+    workspace: FeatureWorkspace,
+    backbone: Optional[nn.Module],
+    spec: FeatureSpec,
+    splits: dict[str, Dataset],
+    fp16: bool = False,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: Optional[torch.device] = None,
+    progress: bool = True,
+) -> tuple[dict[str, FeatureStore], dict[str, bool]]:
+    """Feature stores of named splits (``{"train": ds, "test": ds}``) and which came from the cache."""
+    fn = feature_fn(backbone, spec)
+    weights = weights_key(backbone)
+    stores, hits = {}, {}
+    for name, dataset in splits.items():
+        stores[name], hits[name] = workspace.features(fn, dataset, weights, spec, name, fp16, batch_size,
+                                                      num_workers, device, progress)
+    return stores, hits
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every evaluation program takes: the network, the data, extraction and output."""
+    net = parser.add_argument_group("network")
+    net.add_argument("--checkpoint", help="checkpoint.pth written by dino-sparo-train")
+    net.add_argument("--checkpoint-key", default="teacher", choices=CHECKPOINT_KEYS,
+                     help="which network of the checkpoint; DINO reports the teacher (default)")
+    net.add_argument("--baseline", choices=BASELINES,
+                     help="evaluate a reference instead of the trained weights: 'init' is the same "
+                          "architecture at initialisation (seeded by the config), 'pixels' the raw images")
+    net.add_argument("--config", help="YAML config giving the architecture when there is no --checkpoint "
+                                      "(for --baseline init)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=["fashion_mnist", "imagefolder"],
+                      help="evaluation dataset (default: the one the checkpoint was trained on)")
+    data.add_argument("--data-path", help="image folder with train/ and val/ sub-folders, or the folder of the "
+                                          "four Fashion-MNIST files (default: the checkpoint's data.path)")
+    data.add_argument("--train-limit", type=int, help="use a class-balanced subset of this many train images")
+    data.add_argument("--test-limit", type=int, help="use a class-balanced subset of this many test images")
+    data.add_argument("--image-size", type=int,
+                      help="evaluation crop size (default: the checkpoint's global crop size; 224 without one)")
+    data.add_argument("--resize-ratio", type=float,
+                      help="resize the short side to size × ratio before the centre crop "
+                           "(default 256/224 as DINO; 1 for Fashion-MNIST)")
+    data.add_argument("--corrupt-images", choices=["error", "skip"], default="error",
+                      help="what an unreadable image in an image folder does")
+    ext = parser.add_argument_group("feature extraction")
+    ext.add_argument("--batch-size", type=int, default=256, help="images per forward pass (per process)")
+    ext.add_argument("--num-workers", type=int, default=4, help="data-loading processes per process")
+    ext.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="where the network runs (auto: the GPU of this process when there is one)")
+    ext.add_argument("--fp16-features", action="store_true",
+                     help="store features in float16: half the disk and memory, same neighbours up to rounding")
+    ext.add_argument("--cache-dir", help=f"feature cache (default: {DEFAULT_CACHE_FOLDER}/ beside the checkpoint; "
+                                         "without a checkpoint, no cache)")
+    ext.add_argument("--no-cache", action="store_true", help="extract into a temporary folder, keep nothing")
+    ext.add_argument("--output-json", help="write the results here as JSON")
+    ext.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process' GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is available")
+        return torch.device("cuda", distributed.env_info().local_rank)
+    return torch.device(name)
+
+
+def setup_process(device_name: str) -> torch.device:
+    """Device, process group (when launched with several processes) and logging of an evaluation."""
+    device = resolve_device(device_name)
+    info = distributed.init_distributed(device.type)
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if info.is_main else logging.WARNING)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every library it tries
+    return device
+
+
+def cache_dir_from_args(args: argparse.Namespace) -> Optional[Path]:
+    if args.no_cache:
+        return None
+    if args.cache_dir:
+        return Path(args.cache_dir)
+    if args.checkpoint:
+        return Path(args.checkpoint).resolve().parent / DEFAULT_CACHE_FOLDER
+    return None
+
+
+def data_from_args(args: argparse.Namespace, source: EvalSource, transform: Any = None) -> EvalData:
+    """The datasets the options name, defaulting to the checkpoint's own dataset and crop size."""
+    cfg = source.cfg
+    dataset = args.dataset or (cfg.data.dataset if cfg is not None else None)
+    if dataset is None:
+        raise ValueError("--dataset is required when there is no checkpoint or config to take it from")
+    data_path = args.data_path
+    if data_path is None and cfg is not None and cfg.data.dataset == dataset:
+        data_path = cfg.data.path
+    if args.image_size is not None:
+        size = args.image_size
+    elif cfg is not None:
+        size = cfg.crops.global_crops_size
+    else:
+        size = 28 if dataset == "fashion_mnist" else 224
+    return load_eval_data(dataset, data_path, size, args.train_limit, args.test_limit, args.resize_ratio,
+                          args.corrupt_images, transform)
+
+
+def parse_int_list(text: Optional[str], name: str) -> Optional[list[int]]:
+    """``"10,20,100"`` -> [10, 20, 100]; errors name the option."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{name} must name at least one value, got {text!r}")
+    return values
+
+
+def parse_float_list(text: Optional[str], name: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{name} must name at least one value, got {text!r}")
+    return values
+
+
+def read_slots_file(path: str | os.PathLike) -> list[int]:
+    """Slot ids from a file: a JSON list, a JSON object with ``"selected"`` (what ``--select-slots``
+    writes) or ``"slots"``, or integers separated by commas, spaces or new lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--slots-file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = [v for v in text.replace(",", " ").split()]
+    if isinstance(data, dict):
+        for key in ("selected", "slots"):
+            if key in data:
+                data = data[key]
+                break
+        else:
+            if isinstance(data.get("slot_selection"), dict):
+                data = data["slot_selection"].get("selected")
+    if not isinstance(data, list):
+        raise ValueError(f"--slots-file {path} must hold a list of slot ids (or {{\"selected\": [...]}})")
+    try:
+        return [int(v) for v in data]
+    except (TypeError, ValueError):
+        raise ValueError(f"--slots-file {path} must hold integer slot ids, got {data[:8]}") from None
+
+
+def write_json(path: str | os.PathLike, result: dict) -> Path:
+    """Write ``result`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
