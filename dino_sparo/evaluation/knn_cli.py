@@ -1,0 +1,385 @@
+"""``dino-sparo-knn``: DINO's weighted k-NN accuracy of a checkpoint (or a baseline), with SPARO
+slot subsets, per-slot accuracy and greedy slot selection.
+
+Library entry points: :func:`evaluate_knn` (a backbone and two datasets, in-process) and
+:func:`knn_from_checkpoint` (what the command line does). Both return a JSON-ready dict with
+accuracies as fractions in [0, 1]: ``result["knn"]["20"]["top1"]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from dino_sparo import distributed
+from dino_sparo.evaluation.features import FeatureStore
+from dino_sparo.evaluation.frozen_features import FeatureSpec, resolve_spec, slot_layout
+from dino_sparo.evaluation.knn import BACKENDS, knn_evaluate, resolve_backend
+from dino_sparo.evaluation.slots import (
+    SelectedSlots,
+    greedy_slot_selection,
+    per_slot_knn,
+    plot_per_slot_accuracy,
+)
+from dino_sparo.evaluation.sources import (
+    FeatureWorkspace,
+    _broadcast,
+    add_source_arguments,
+    cache_dir_from_args,
+    data_from_args,
+    extract_splits,
+    is_grayscale,
+    load_eval_data,
+    load_source,
+    num_classes_of,
+    parse_int_list,
+    read_slots_file,
+    setup_process,
+    write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KS = (10, 20, 100, 200)
+DEFAULT_TEMPERATURE = 0.07
+
+
+def _knn_table_dict(results: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {str(k): v for k, v in sorted(results.items())}
+
+
+def _balanced_rows(labels: np.ndarray, limit: Optional[int]) -> Optional[np.ndarray]:
+    from dino_sparo.data.datasets import balanced_subset_indices  # noqa: PLC0415
+
+    if limit is None or limit >= labels.size:
+        return None
+    return balanced_subset_indices(labels, limit)
+
+
+def evaluate_knn(
+    backbone: Optional[nn.Module],
+    train_dataset: Dataset,
+    test_dataset: Dataset,
+    *,
+    features: str | FeatureSpec = "embedding",
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    backend: str = "auto",
+    slots: Optional[Sequence[int]] = None,
+    select_slots: bool = False,
+    select_max_slots: Optional[int] = None,
+    select_val_fraction: float = 0.1,
+    select_samples: Optional[int] = 20000,
+    per_slot: bool = False,
+    slot_k: int = 20,
+    plot_path: Optional[str | Path] = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: Optional[str | torch.device] = None,
+    fp16_features: bool = False,
+    cache_dir: Optional[str | Path] = None,
+    num_classes: Optional[int] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """k-NN accuracy of ``backbone``'s features (``None``: raw pixels) of ``train_dataset`` (the
+    memory) and ``test_dataset`` (the queries); datasets must carry the evaluation transform.
+
+    DINO's protocol: cosine similarity, the k nearest train features vote with exp(sim / T).
+    SPARO models can also be evaluated on a slot subset (``slots``), with slots chosen by greedy
+    selection on a held-out part of the train split (``select_slots``; the test split is never
+    shown to the selector), and slot by slot (``per_slot``, with a bar chart at ``plot_path``).
+    ``slot_k`` is the k of per-slot accuracy and of the selection. Features are cached in
+    ``cache_dir`` when given. Under ``torch.distributed`` every rank calls this; extraction is
+    sharded, the search runs on rank 0, and every rank returns rank 0's result.
+    """
+    ks = sorted({int(k) for k in ks})
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    spec = features if isinstance(features, FeatureSpec) else resolve_spec(
+        "embedding" if features == "auto" else features, backbone, grayscale=is_grayscale(train_dataset))
+    layout = slot_layout(backbone, spec)
+    if (slots is not None or select_slots or per_slot) and layout is None:
+        raise ValueError("--slots, --select-slots and --per-slot need a SPARO model's embedding features")
+    if backbone is not None:
+        backbone = backbone.to(dev).eval()
+    if num_classes is None:
+        num_classes = num_classes_of(train_dataset)
+
+    t0 = time.perf_counter()
+    with FeatureWorkspace(cache_dir) as workspace:
+        stores, hits = extract_splits(workspace, backbone, spec, {"train": train_dataset, "test": test_dataset},
+                                      fp16_features, batch_size, num_workers, dev, progress)
+        t_features = time.perf_counter() - t0
+        result = None
+        if distributed.get_rank() == 0:
+            result = _knn_on_features(
+                stores["train"], stores["test"], num_classes, ks, temperature, backend, layout, slots,
+                select_slots, select_max_slots, select_val_fraction, select_samples, per_slot, slot_k,
+                plot_path, dev, progress,
+            )
+            result.update(
+                features=spec.describe(), feature_spec=spec.to_dict(), feature_dim=stores["train"].dim,
+                feature_dtype=str(stores["train"].features.dtype), cache_hit=hits,
+                cache_dir=str(cache_dir) if cache_dir is not None else None,
+            )
+            result["seconds"] = {"features": round(t_features, 3), "knn": round(time.perf_counter() - t0 - t_features, 3)}
+        result = _broadcast(result)
+    return result
+
+
+def _knn_on_features(
+    train: FeatureStore,
+    test: FeatureStore,
+    num_classes: int,
+    ks: list[int],
+    temperature: float,
+    backend: str,
+    layout: Optional[tuple[int, int, str]],
+    slots: Optional[Sequence[int]],
+    select_slots: bool,
+    select_max_slots: Optional[int],
+    select_val_fraction: float,
+    select_samples: Optional[int],
+    per_slot: bool,
+    slot_k: int,
+    plot_path: Optional[str | Path],
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Any]:
+    """Everything after extraction; rank 0 only."""
+    if ks[-1] > len(train):
+        raise ValueError(f"k={ks[-1]} exceeds the {len(train)} train images: lower --ks or raise --train-limit")
+    name = resolve_backend(backend)
+    knn_device = device if name == "torch" else None
+
+    def evaluate(train_x: Any, test_x: Any) -> dict[str, dict[str, float]]:
+        return _knn_table_dict(knn_evaluate(train_x, train.labels, test_x, test.labels, num_classes, ks,
+                                            temperature, backend=name, device=knn_device, progress=progress))
+
+    result: dict[str, Any] = {
+        "num_train": len(train), "num_test": len(test), "num_classes": num_classes,
+        "ks": ks, "temperature": temperature, "backend": name,
+        "knn": evaluate(train.features, test.features),
+    }
+    if layout is None:
+        return result
+    num_slots, slot_dim, norm = layout
+    result["slot_layout"] = {"num_slots": num_slots, "slot_dim": slot_dim, "norm": norm}
+    if slots is not None:
+        chosen = [int(s) for s in slots]
+        result["slots"] = {
+            "slots": chosen,
+            "knn": evaluate(SelectedSlots(train.features, num_slots, slot_dim, chosen, norm),
+                            SelectedSlots(test.features, num_slots, slot_dim, chosen, norm)),
+        }
+    selected: list[int] = []
+    if select_slots:
+        # only train rows reach the selector; a class-balanced subsample bounds its memory
+        rows = _balanced_rows(train.labels, select_samples)
+        feats = train.features if rows is None else np.asarray(train.features[rows], dtype=np.float32)
+        labels = train.labels if rows is None else train.labels[rows]
+        selection = greedy_slot_selection(
+            feats, labels, num_slots, slot_dim, val_fraction=select_val_fraction, max_slots=select_max_slots,
+            k=slot_k, temperature=temperature, num_classes=num_classes, device=device,
+        )
+        selected = selection.selected
+        result["slot_selection"] = {
+            **selection.to_dict(), "k": slot_k, "num_train_used": int(labels.size),
+            "knn": evaluate(SelectedSlots(train.features, num_slots, slot_dim, selected, norm),
+                            SelectedSlots(test.features, num_slots, slot_dim, selected, norm)),
+        }
+    if per_slot:
+        accuracy = per_slot_knn(train.features, train.labels, test.features, test.labels, num_slots, slot_dim,
+                                k=min(slot_k, len(train)), temperature=temperature, num_classes=num_classes,
+                                device=device, progress=progress)
+        entry: dict[str, Any] = {"k": slot_k, "top1": [float(a) for a in accuracy]}
+        if plot_path is not None:
+            reference = result["knn"].get(str(slot_k), {}).get("top1")
+            entry["plot"] = str(plot_per_slot_accuracy(
+                accuracy, plot_path, title=f"k-NN top-1 per slot (k={slot_k})", highlight=selected or (slots or ()),
+                reference=reference))
+        result["per_slot"] = entry
+    return result
+
+
+# --------------------------------------------------------------------------- from a checkpoint
+
+
+def knn_from_checkpoint(
+    checkpoint: Optional[str | Path] = None,
+    *,
+    checkpoint_key: str = "teacher",
+    baseline: Optional[str] = None,
+    config: Optional[str | Path] = None,
+    dataset: Optional[str] = None,
+    data_path: Optional[str] = None,
+    train_limit: Optional[int] = None,
+    test_limit: Optional[int] = None,
+    image_size: Optional[int] = None,
+    resize_ratio: Optional[float] = None,
+    cache_dir: Optional[str | Path] = "auto",
+    device: Optional[str | torch.device] = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """:func:`evaluate_knn` on a checkpoint's network (or ``baseline``: ``"init"`` / ``"pixels"``)
+    and its dataset; ``cache_dir="auto"`` caches beside the checkpoint. ``options`` go to
+    :func:`evaluate_knn` (``ks``, ``temperature``, ``slots``...)."""
+    args = argparse.Namespace(
+        checkpoint=str(checkpoint) if checkpoint is not None else None, dataset=dataset, data_path=data_path,
+        train_limit=train_limit, test_limit=test_limit, image_size=image_size, resize_ratio=resize_ratio,
+        corrupt_images="error", no_cache=cache_dir is None,
+        cache_dir=None if cache_dir in (None, "auto") else str(cache_dir),
+    )
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    source = load_source(checkpoint, checkpoint_key, baseline, config, dev)
+    data = data_from_args(args, source)
+    result = evaluate_knn(source.backbone, data.train, data.test, cache_dir=cache_dir_from_args(args),
+                          device=dev, **options)
+    return {"source": source.name, "checkpoint": args.checkpoint,
+            "checkpoint_key": checkpoint_key if baseline is None else None, "data": data.info, **result}
+
+
+def format_knn_table(result: dict[str, Any]) -> str:
+    """The accuracies of a result as an aligned text table (percent)."""
+    columns = [("all slots" if "slot_layout" in result else "top-1 / top-5", result["knn"])]
+    if "slots" in result:
+        columns.append((f"slots {_short(result['slots']['slots'])}", result["slots"]["knn"]))
+    if "slot_selection" in result:
+        columns.append((f"selected {_short(result['slot_selection']['selected'])}", result["slot_selection"]["knn"]))
+    width = max(15, *(len(c[0]) for c in columns))
+    head = f"{'k':>5}  " + "  ".join(f"{c[0]:>{width}}" for c in columns)
+    lines = [f"k-NN on {result['features']} ({result['source'] if 'source' in result else 'model'}), "
+             f"{result['num_train']} train / {result['num_test']} test, T={result['temperature']}, "
+             f"backend {result['backend']}", head]
+    for k in result["ks"]:
+        cells = [f"{100 * c[1][str(k)]['top1']:6.2f} / {100 * c[1][str(k)]['top5']:6.2f}" for c in columns]
+        lines.append(f"{k:>5}  " + "  ".join(f"{cell:>{width}}" for cell in cells))
+    if "per_slot" in result:
+        acc = result["per_slot"]["top1"]
+        lines.append(f"per-slot top-1 (k={result['per_slot']['k']}):")
+        lines.append("  slot " + " ".join(f"{i:>5}" for i in range(len(acc))))
+        lines.append("  top1 " + " ".join(f"{100 * a:5.1f}" for a in acc))
+        if "plot" in result["per_slot"]:
+            lines.append(f"  bar chart: {result['per_slot']['plot']}")
+    if "slot_selection" in result:
+        sel = result["slot_selection"]
+        lines.append(f"greedy selection on held-out train ({sel['num_heldout']} rows, k={sel['k']}): "
+                     f"{len(sel['selected'])} slots {sel['selected']}, held-out top-1 "
+                     f"{100 * sel['curve'][-1]:.2f} vs {100 * sel['all_slots_accuracy']:.2f} with all slots")
+    return "\n".join(lines)
+
+
+def _short(slots: Sequence[int], most: int = 8) -> str:
+    text = ",".join(str(s) for s in slots[:most])
+    return f"[{text}{',…' if len(slots) > most else ''}]"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dino-sparo-knn",
+        description="Weighted k-NN accuracy (DINO's protocol) of a checkpoint's frozen features, "
+                    "with SPARO slot subsets and slot selection. Prints a table, writes JSON.",
+        epilog="Examples:\n"
+               "  dino-sparo-knn --checkpoint output/demo_fashion_mnist/checkpoint.pth\n"
+               "  dino-sparo-knn --checkpoint CKPT --baseline init --ks 20\n"
+               "  dino-sparo-knn --baseline pixels --dataset fashion_mnist\n"
+               "  dino-sparo-knn --checkpoint CKPT --dataset imagefolder --data-path /data/imagenet --fp16-features\n"
+               "  dino-sparo-knn --checkpoint CKPT --select-slots --per-slot --output-json knn.json\n"
+               "  dino-sparo-knn --checkpoint CKPT --slots-file knn.json   # the slots selected above\n"
+               "  torchrun --nproc_per_node 8 -m dino_sparo.evaluation.knn_cli --checkpoint CKPT ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_source_arguments(parser)
+    knn = parser.add_argument_group("k-NN")
+    knn.add_argument("--ks", default="10,20,100,200", help="numbers of neighbours (DINO reports 20; lightly 200)")
+    knn.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote weights exp(sim / T)")
+    knn.add_argument("--backend", default="auto", choices=BACKENDS,
+                     help="exact search: faiss on GPU, faiss on CPU, or blocked torch matmul (all give the same "
+                          "neighbours); auto takes the first available")
+    knn.add_argument("--features", default="embedding", choices=["embedding", "last_blocks", "pixels"],
+                     help="what to read: the model's embedding (SPARO or class token; DINO's k-NN), the class "
+                          "tokens of the last blocks, or raw pixels")
+    knn.add_argument("--n-last-blocks", type=int, help="with --features last_blocks (default 4)")
+    slots = parser.add_argument_group("SPARO slots")
+    slots.add_argument("--slots", help="evaluate also with only these slots, e.g. 0,5,17 (renormalised)")
+    slots.add_argument("--slots-file", help="slot ids from a file: a list, or the JSON this program writes")
+    slots.add_argument("--select-slots", action="store_true",
+                       help="greedy forward selection of slots by k-NN accuracy on a held-out part of TRAIN, "
+                            "then evaluated on test")
+    slots.add_argument("--select-max-slots", type=int, help="stop the selection at this many slots")
+    slots.add_argument("--select-val-fraction", type=float, default=0.1, help="held-out fraction of train")
+    slots.add_argument("--select-samples", type=int, default=20000,
+                       help="class-balanced train rows the selector uses (it holds them in memory)")
+    slots.add_argument("--per-slot", action="store_true", help="k-NN accuracy of each slot alone: table and PNG")
+    slots.add_argument("--slot-k", type=int, default=20, help="k for --per-slot and --select-slots")
+    slots.add_argument("--plot", help="per-slot bar chart PNG (default: beside --output-json, else beside the "
+                                      "checkpoint)")
+    return parser
+
+
+def _plot_path(args: argparse.Namespace) -> Optional[Path]:
+    if not args.per_slot:
+        return None
+    if args.plot:
+        return Path(args.plot)
+    if args.output_json:
+        out = Path(args.output_json)
+        return out.with_name(out.stem + "_per_slot.png")
+    if args.checkpoint:
+        return Path(args.checkpoint).resolve().parent / f"knn_per_slot_{args.checkpoint_key}.png"
+    return Path("knn_per_slot.png")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``main`` does with parsed options; returns the result (on every rank)."""
+    device = setup_process(args.device)
+    ks = parse_int_list(args.ks, "--ks")
+    slots = parse_int_list(args.slots, "--slots")
+    if args.slots_file:
+        if slots is not None:
+            raise ValueError("give --slots or --slots-file, not both")
+        slots = read_slots_file(args.slots_file)
+    source = load_source(args.checkpoint, args.checkpoint_key, args.baseline, args.config, device)
+    data = data_from_args(args, source)
+    spec = resolve_spec(args.features, source.backbone, grayscale=data.grayscale, n_last_blocks=args.n_last_blocks,
+                        avgpool=False)
+    result = evaluate_knn(
+        source.backbone, data.train, data.test, features=spec, ks=ks, temperature=args.temperature,
+        backend=args.backend, slots=slots, select_slots=args.select_slots, select_max_slots=args.select_max_slots,
+        select_val_fraction=args.select_val_fraction, select_samples=args.select_samples, per_slot=args.per_slot,
+        slot_k=args.slot_k, plot_path=_plot_path(args), batch_size=args.batch_size, num_workers=args.num_workers,
+        device=device, fp16_features=args.fp16_features, cache_dir=cache_dir_from_args(args),
+        num_classes=data.num_classes, progress=not args.quiet,
+    )
+    result = {"source": source.name, "checkpoint": args.checkpoint,
+              "checkpoint_key": args.checkpoint_key if args.baseline is None else None, "data": data.info, **result}
+    if distributed.is_main_process():
+        print(format_knn_table(result), flush=True)
+        if args.output_json:
+            logger.info("results written to %s", write_json(args.output_json, result))
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise SystemExit(f"dino-sparo-knn: error: {exc}") from None
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()
