@@ -223,12 +223,12 @@ def train(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.device)
     info = distributed.init_distributed(device.type)
     if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+        device = torch.device("cuda", distributed.local_device_index(info.local_rank))
     setup_logging(output_dir, info.is_main)
     autocast_dtype = resolve_precision(cfg.precision, device)
-    seed_everything(cfg.seed + info.rank)
-
+    seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts the student only)
     method = build_method(cfg, device)
+    seed_everything(cfg.seed + info.rank)  # rank-specific randomness from here on (drop path)
     dataset = method.train_dataset()
     batch = cfg.data.batch_size_per_gpu
     global_batch = batch * info.world_size
