@@ -32,6 +32,8 @@ setup(
     entry_points={
         "console_scripts": [
             "dino-sparo-train=dino_sparo.train:main",
+            "dino-sparo-knn=dino_sparo.evaluation.knn_cli:main",
+            "dino-sparo-linear=dino_sparo.evaluation.linear_cli:main",
         ],
     },
 )
