@@ -201,19 +201,26 @@ class _StopRequest:
 
 
 def setup_logging(output_dir: Path, is_main: bool) -> None:
+    """One console handler, and (rank 0) one ``train.log`` in the current output folder."""
     level = logging.INFO if is_main else logging.WARNING
     root = logging.getLogger()
-    if not any(getattr(h, "_dino_sparo", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        handler._dino_sparo = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-        if is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            file_handler = logging.FileHandler(output_dir / "train.log")
-            file_handler.setFormatter(handler.formatter)
-            file_handler._dino_sparo = True  # type: ignore[attr-defined]
-            root.addHandler(file_handler)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    ours = [h for h in root.handlers if getattr(h, "_dino_sparo", False)]
+    if not any(isinstance(h, logging.FileHandler) is False for h in ours):
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(formatter)
+        console._dino_sparo = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+    for handler in ours:
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(output_dir / "train.log")
+        file_handler.setFormatter(formatter)
+        file_handler._dino_sparo = True  # type: ignore[attr-defined]
+        root.addHandler(file_handler)
     root.setLevel(level)
 
 

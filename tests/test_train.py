@@ -1,0 +1,130 @@
+"""The training program end to end on a tiny config: learning, exact resume, clean failures."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dino_sparo.checkpoint import load_checkpoint
+from dino_sparo.config import ConfigError, load_config
+from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
+from dino_sparo.train import NonFiniteLossError, ResumableSampler, main, train
+
+pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
+                                reason="Fashion-MNIST not installed (make data)")
+
+TINY = [
+    "model.arch=vit_pico", "model.depth=2", "model.embed_dim=48", "model.patch_size=4", "model.img_size=28",
+    "model.drop_path_rate=0.1", "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
+    "data.dataset=fashion_mnist", "data.limit=128", "data.batch_size_per_gpu=16", "data.num_workers=0",
+    "crops.global_crops_size=28", "crops.local_crops_number=2", "crops.local_crops_size=12",
+    "dino.out_dim=128", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
+    "optim.epochs=3", "optim.warmup_epochs=1", "optim.lr=0.005", "optim.freeze_last_layer=1",
+    "log_every=1", "device=cpu",
+]
+
+
+def tiny(tmp_path, *extra):
+    return load_config(None, TINY + [f"output_dir={tmp_path}"] + list(extra))
+
+
+def read_log(path):
+    return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    # A frozen teacher and centre (momentum 1) make the target fixed: the student must approach it.
+    # (With the usual moving teacher, DINO's loss may rise early on while the centre flattens it.)
+    train(tiny(tmp_path, "optim.epochs=4", "dino.momentum_teacher=1.0",
+               "dino.center_momentum=1.0"))
+    losses = [row["loss"] for row in read_log(tmp_path)]
+    assert len(losses) == 4 * 8
+    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
+    assert last < first - 0.1, (first, last)
+
+
+def test_outputs_and_checkpoint_contents(tmp_path):
+    train(tiny(tmp_path, "max_steps=3"))
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.yaml", "checkpoint.pth", "log.jsonl", "train.log"}
+    state = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert state["step"] == 3 and state["epoch"] == 0
+    for key in ("student", "teacher", "optimizer", "loss", "rng", "config"):
+        assert key in state
+    assert state["loss"]["center"].abs().sum() > 0  # the DINO centre is saved
+    assert load_config(tmp_path / "config.yaml") == tiny(tmp_path, "max_steps=3")
+    row = read_log(tmp_path)[-1]
+    for key in ("loss", "lr", "teacher_entropy", "teacher_mean_entropy", "kl_teacher_student", "images_per_s"):
+        assert key in row
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stop_and_resume_is_bit_identical(tmp_path, workers):
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(tiny(full, "max_steps=13", f"data.num_workers={workers}"))
+    train(tiny(split, "max_steps=5", f"data.num_workers={workers}"))  # stops mid-epoch (8 steps/epoch)
+    train(tiny(split, "max_steps=13", f"data.num_workers={workers}"))  # the same command resumes
+    a, b = load_checkpoint(full / "checkpoint.pth"), load_checkpoint(split / "checkpoint.pth")
+    assert a["step"] == b["step"] == 13
+    for name in ("student", "teacher", "loss"):
+        for key, value in a[name].items():
+            assert torch.equal(value, b[name][key]), f"{name}.{key} differs after resume"
+    losses_full = [r["loss"] for r in read_log(full)]
+    losses_split = [r["loss"] for r in read_log(split)]
+    assert losses_full == losses_split
+
+
+def test_every_crop_reaches_the_loss_and_last_layer_is_frozen_first_epoch(tmp_path):
+    cfg = tiny(tmp_path, "max_steps=2")
+    from dino_sparo.methods.dino import DinoMethod
+    from dino_sparo.train import seed_everything
+    seed_everything(cfg.seed)  # as train() does: the same initial weights
+    method = DinoMethod(cfg, torch.device("cpu"))
+    before = [p.clone() for p in method.student.head.last_layer_parameters()]
+    train(cfg)
+    state = load_checkpoint(tmp_path / "checkpoint.pth")["student"]
+    after = [v for k, v in state.items() if "last_layer" in k]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    # a local crop's pixels change the student output: it is not dropped on the way
+    crops = [torch.randn(2, 3, s, s, requires_grad=True) for s in (28, 28, 12, 12)]
+    method.loss_fn(method.student(crops), method.teacher(crops[:2]).detach(), 0).backward()
+    assert all(c.grad.abs().sum() > 0 for c in crops)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path, monkeypatch):
+    from dino_sparo.methods.dino import DinoMethod
+    original = DinoMethod.loss
+
+    def poisoned(self, batch, step, epoch):
+        loss, stats = original(self, batch, step, epoch)
+        return (loss * float("nan") if step == 10 else loss), stats
+
+    monkeypatch.setattr(DinoMethod, "loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step 10"):
+        train(tiny(tmp_path))
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 8  # the end of epoch 0, untouched
+
+
+def test_sampler_shards_and_resumes():
+    whole = list(ResumableSampler(100, 8, seed=3))
+    assert len(whole) == 96 and len(set(whole)) == 96
+    ranks = [list(ResumableSampler(100, 4, rank=r, world_size=2, seed=3)) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(whole)
+    resumed = ResumableSampler(100, 8, seed=3)
+    resumed.set_epoch(0, start_batch=5)
+    assert list(resumed) == whole[40:]
+
+
+def test_cli_refuses_bad_keys_and_missing_data(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="unknown config key 'optim.learning_rate'"):
+        main(TINY + [f"output_dir={tmp_path}", "optim.learning_rate=0.1"])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        main(TINY + [f"output_dir={tmp_path}", f"data.path={tmp_path / 'nowhere'}"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "key.sub=value" in capsys.readouterr().out
+
+
+def test_config_types_are_checked_at_load(tmp_path):
+    with pytest.raises(ConfigError, match="data.batch_size_per_gpu"):
+        tiny(tmp_path, "data.batch_size_per_gpu=many")
