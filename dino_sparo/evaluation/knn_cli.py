@@ -37,7 +37,6 @@ from dino_sparo.evaluation.sources import (
     data_from_args,
     extract_splits,
     is_grayscale,
-    load_eval_data,
     load_source,
     num_classes_of,
     parse_int_list,
