@@ -435,14 +435,12 @@ def read_slots_file(path: str | os.PathLike) -> list[int]:
         data = json.loads(text)
     except json.JSONDecodeError:
         data = [v for v in text.replace(",", " ").split()]
-    if isinstance(data, dict):
-        for key in ("selected", "slots"):
-            if key in data:
-                data = data[key]
-                break
-        else:
-            if isinstance(data.get("slot_selection"), dict):
-                data = data["slot_selection"].get("selected")
+    if isinstance(data, dict):  # a k-NN result: its selection first, else its --slots
+        if isinstance(data.get("slot_selection"), dict):
+            data = data["slot_selection"]
+        data = data.get("selected", data.get("slots"))
+        if isinstance(data, dict):
+            data = data.get("slots")
     if not isinstance(data, list):
         raise ValueError(f"--slots-file {path} must hold a list of slot ids (or {{\"selected\": [...]}})")
     try:
