@@ -175,14 +175,21 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) 
 # --------------------------------------------------------------------------------------------
 
 class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+    """SIGINT, SIGTERM and SIGUSR2 (the warning SLURM sends before a time limit or on preemption,
+    as submitit asks for it) set a flag; the loop saves a checkpoint at the end of the step and
+    exits. Ranks vote on the flags, so all of them stop after the same step even when only one
+    process received the signal; ``agreed`` holds the signals that stopped the run."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
+        self.received: set[str] = set()
+        self.agreed: set[str] = set()
         self._previous: dict[int, Any] = {}
+        self._votes = distributed.AnyRankFlags([sig.name for sig in self.SIGNALS])
 
     def __enter__(self) -> "_StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. an in-process launcher)
@@ -190,15 +197,29 @@ class _StopRequest:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and "SIGINT" in self.received:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signum = signum
-        logger.warning("received %s: saving a checkpoint after this step, then stopping",
-                       signal.Signals(signum).name)
+        self.received.add(name)
+        logger.warning("received %s: saving a checkpoint after this step, then stopping", name)
 
-    def __exit__(self, *exc: Any) -> None:
+    def poll(self) -> bool:
+        """Once per step, on every rank: True when the ranks agree that a stop was asked for."""
+        self.agreed |= self._votes.vote(self.received)
+        return bool(self.agreed)
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self._votes.close()  # the vote in flight; a finished run ignores it
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _leave_signals_to_main_process(worker_id: int) -> None:
+    """Loader workers ignore the stop signals: the main process finishes its step and shuts them
+    down; a signal sent to the whole process group (Ctrl-C, SLURM) would otherwise kill them."""
+    for sig in _StopRequest.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def setup_logging(output_dir: Path, is_main: bool) -> None:
@@ -245,6 +266,7 @@ def train(cfg: TrainConfig) -> dict:
         SeededSamples(dataset, cfg.seed), batch_size=batch, sampler=sampler, num_workers=cfg.data.num_workers,
         collate_fn=method.collate_fn, pin_memory=device.type == "cuda", drop_last=True,
         persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=_leave_signals_to_main_process,
     )
     iters_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.optim.epochs * iters_per_epoch
@@ -332,6 +354,7 @@ def train(cfg: TrainConfig) -> dict:
                 f"The last good checkpoint ({checkpoint_path}) is kept. Usual causes: too high a learning rate, "
                 "fp16 overflow (use bf16), no gradient clipping.")
 
+    stopping = False
     with _StopRequest() as stop:
         while step < end_step:
             epoch = step // iters_per_epoch
@@ -357,8 +380,9 @@ def train(cfg: TrainConfig) -> dict:
                 window_images += method.batch_size(batch_data) * info.world_size
                 progress.update(1)
 
+                stopping = stop.poll()
                 last_of_epoch = step % iters_per_epoch == 0
-                if step % cfg.log_every == 0 or last_of_epoch or step == end_step or stop.signum:
+                if step % cfg.log_every == 0 or last_of_epoch or step == end_step or stopping:
                     check_finite(step)
                     values = torch.stack([loss.detach().float()] + [v.detach().float().to(device).reshape(())
                                                                     for v in step_metrics.values()])
@@ -376,17 +400,19 @@ def train(cfg: TrainConfig) -> dict:
                                              img_s=f"{metrics['images_per_s']:.0f}")
                         for warning in method.warnings(metrics):
                             logger.warning("step %d: %s", step, warning)
-                if last_of_epoch or step == end_step or stop.signum:
+                if last_of_epoch or step == end_step or stopping:
                     check_finite(step)
                     rngs = gather_rng()
                     save(step)
-                if stop.signum or step >= end_step:
+                if stopping or step >= end_step:
                     break
-            if stop.signum:
+            if stopping:
                 break
     progress.close()
-    if stop.signum:
-        logger.info("stopped at step %d; re-run the same command to resume", step)
+    if stopping and step < end_step:
+        metrics["stopped_by"] = sorted(stop.agreed)  # a launcher may requeue on SIGUSR2
+        logger.info("stopped at step %d by %s; re-run the same command to resume", step,
+                    " and ".join(sorted(stop.agreed)))
     elif info.is_main:
         logger.info("finished %d steps; checkpoint: %s", step, checkpoint_path)
     distributed.barrier()
