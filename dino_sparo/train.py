@@ -306,6 +306,12 @@ def train(cfg: TrainConfig) -> dict:
         start_step = state["step"]
         set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
         logger.info("resumed from %s at step %d (epoch %d)", checkpoint_path, start_step, state["epoch"])
+    if info.world_size > 1:  # every rank must have read the same checkpoint
+        steps = torch.tensor([start_step, -start_step], device=distributed.collective_device())
+        distributed.all_reduce_max(steps)
+        if int(steps[0]) != -int(steps[1]):
+            raise RuntimeError(f"ranks resume from different steps ({-int(steps[1])} to {int(steps[0])}): "
+                               f"output_dir ({output_dir}) must be on a file system that every node sees")
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
@@ -347,7 +353,7 @@ def train(cfg: TrainConfig) -> dict:
     rngs: list = []
 
     def check_finite(at_step: int) -> None:
-        bad = int(first_bad_step)
+        bad = int(distributed.all_reduce_max(first_bad_step.clone()))  # every rank stops together
         if bad >= 0:
             raise NonFiniteLossError(
                 f"non-finite loss at step {bad} (epoch {bad // iters_per_epoch}); stopping without saving. "
