@@ -315,6 +315,9 @@ def train(cfg: TrainConfig) -> dict:
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
+        with (output_dir / "config.yaml").open("a") as handle:  # derived values, as a comment
+            handle.write(f"# {info.world_size} process(es) x batch_size_per_gpu {batch} = global batch {global_batch}; "
+                         f"peak lr {lr_schedule.max():.6g} = optim.lr x {global_batch}/256\n")
         logger.info("output: %s | device %s | precision %s | %d process(es)", output_dir, device,
                     autocast_dtype or "fp32", info.world_size)
         logger.info("batch %d per process, global batch %d, %d steps per epoch, %d epochs, lr %.3g (at 256: %.3g)",
@@ -397,7 +400,7 @@ def train(cfg: TrainConfig) -> dict:
                     metrics = {"step": step, "epoch": epoch, "loss": float(values[0]),
                                **{k: float(v) for k, v in zip(step_metrics, values[1:])},
                                "lr": float(lr_schedule[step - 1]), "weight_decay": float(wd_schedule[step - 1]),
-                               "images_per_s": window_images / max(elapsed, 1e-9)}
+                               "images_per_s": window_images / max(elapsed, 1e-9), "global_batch_size": global_batch}
                     window_start, window_images = time.perf_counter(), 0
                     if info.is_main:
                         with log_file.open("a") as handle:
