@@ -1,0 +1,381 @@
+"""Zero-shot evaluation of CLIP-mode models: classification from class names and prompt templates,
+image↔text retrieval recall@k, per-slot image–text alignment, and zero-shot with a slot subset.
+
+A class embedding is the mean of the class' normalised text embeddings over the templates,
+renormalised (CLIP's prompt ensembling). With SPARO embeddings (``cont:const``) the cosine of two
+embeddings is the mean of their L per-slot cosines, so a slot subset S scores
+``(1/|S|) Σ_{l∈S} cos(x_l, y_l)`` (``slots.select_slot_features``). The subset is chosen greedily
+on data held out from the test set (a part of the train split); the test set only measures it.
+
+Command line: ``dino-sparo-zeroshot --checkpoint output/clip_demo/checkpoint.pth`` (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from dino_sparo.evaluation.slots import select_slot_features
+
+logger = logging.getLogger(__name__)
+
+SIMPLE_TEMPLATES = ["a photo of a {}."]
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@torch.no_grad()
+def encode_images(model: Any, loader: Any, device: torch.device | str = "cpu", progress: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm image embeddings ``N × E`` (float32, CPU) and the second item of each batch
+    (labels, or caption tokens) in dataset order."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    features, seconds = [], []
+    model.eval()
+    for images, second in tqdm(loader, disable=not progress, desc="images", unit="batch"):
+        features.append(model.encode_image(images.to(device)).float().cpu())
+        seconds.append(second if isinstance(second, torch.Tensor) else torch.as_tensor(second))
+    return torch.cat(features), torch.cat(seconds)
+
+
+@torch.no_grad()
+def encode_texts(model: Any, tokenizer: Callable, texts: Sequence[str], device: torch.device | str = "cpu",
+                 batch_size: int = 256) -> torch.Tensor:
+    """Unit-norm text embeddings ``N × E`` (float32, CPU)."""
+    model.eval()
+    out = [model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device)).float().cpu()
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_tokens(model: Any, tokens: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 256
+                  ) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model.encode_text(tokens[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(tokens), batch_size)])
+
+
+def class_embeddings(model: Any, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str],
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """``C × E``: per class, the mean of its normalised template embeddings, renormalised."""
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(f"prompt templates must each hold '{{}}' for the class name, got {list(templates)[:3]}")
+    texts = [t.format(name) for name in classnames for t in templates]
+    embeddings = encode_texts(model, tokenizer, texts, device).view(len(classnames), len(templates), -1)
+    return F.normalize(embeddings.mean(dim=1), dim=-1)  # C × E
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def zeroshot_accuracy(image_features: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor,
+                      topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy (fractions) of classifying each image by its most similar class embedding."""
+    scores = image_features.float() @ class_features.float().T  # N × C
+    result = {}
+    for k in topk:
+        k_eff = min(k, scores.shape[1])
+        hit = (scores.topk(k_eff, dim=-1).indices == labels[:, None]).any(dim=-1)
+        result[f"top{k}"] = int(hit.sum()) / len(hit)
+    return result
+
+
+def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+                     chunk_size: int = 4096) -> dict[str, float]:
+    """Recall@k for image→text and text→image retrieval over N matching pairs (row i ↔ row i).
+
+    A query counts at k when its own partner ranks among the k most similar candidates (ties
+    counted against it), in chunks of ``chunk_size`` queries."""
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"retrieval needs paired features of one shape, got {tuple(image_features.shape)} "
+                         f"and {tuple(text_features.shape)}")
+    result: dict[str, float] = {}
+    for name, queries, candidates in (("image_to_text", image_features, text_features),
+                                      ("text_to_image", text_features, image_features)):
+        ranks = []
+        for start in range(0, len(queries), chunk_size):
+            sims = queries[start:start + chunk_size].float() @ candidates.float().T  # q × N
+            rows = torch.arange(start, start + sims.shape[0])
+            positive = sims[torch.arange(sims.shape[0]), rows]
+            ranks.append((sims >= positive[:, None]).sum(dim=-1) - 1)  # others scoring at least as high
+        rank = torch.cat(ranks)
+        for k in ks:
+            result[f"{name}_R@{k}"] = int((rank < k).sum()) / len(rank)
+    return result
+
+
+def per_slot_cosine(a: torch.Tensor, b: torch.Tensor, num_slots: int, slot_dim: int) -> torch.Tensor:
+    """``N × L``: cosine of each slot of ``a`` with the same slot of ``b`` (row by row)."""
+    a = F.normalize(a.float().view(a.shape[0], num_slots, slot_dim), dim=-1)
+    b = F.normalize(b.float().view(b.shape[0], num_slots, slot_dim), dim=-1)
+    return (a * b).sum(dim=-1)
+
+
+def slot_alignment(image_features: torch.Tensor, text_features: torch.Tensor, num_slots: int, slot_dim: int,
+                   seed: int = 0) -> dict[str, list[float]]:
+    """Per-slot image–text alignment: the mean per-slot cosine of matching pairs, and of mismatched
+    pairs (texts shuffled) as the chance level each slot should beat."""
+    matched = per_slot_cosine(image_features, text_features, num_slots, slot_dim).mean(dim=0)
+    g = torch.Generator().manual_seed(seed)
+    shuffled = text_features[torch.randperm(len(text_features), generator=g)]
+    mismatched = per_slot_cosine(image_features, shuffled, num_slots, slot_dim).mean(dim=0)
+    return {"matched": matched.tolist(), "mismatched": mismatched.tolist()}
+
+
+def per_slot_scores(image_features: torch.Tensor, class_features: torch.Tensor, num_slots: int, slot_dim: int
+                    ) -> torch.Tensor:
+    """``L × N × C``: per-slot cosine of every image with every class embedding."""
+    x = F.normalize(image_features.float().view(-1, num_slots, slot_dim), dim=-1).transpose(0, 1)  # L × N × V
+    c = F.normalize(class_features.float().view(-1, num_slots, slot_dim), dim=-1).transpose(0, 1)  # L × C × V
+    return torch.bmm(x, c.transpose(1, 2))
+
+
+def zeroshot_subset_accuracy(image_features: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor,
+                             num_slots: int, slot_dim: int, slots: Sequence[int]) -> float:
+    """Zero-shot top-1 with only ``slots`` (each side renormalised: the mean of their per-slot cosines)."""
+    x = select_slot_features(image_features, num_slots, slot_dim, slots)
+    c = select_slot_features(class_features, num_slots, slot_dim, slots)
+    return zeroshot_accuracy(x, c, labels, topk=(1,))["top1"]
+
+
+def greedy_zeroshot_slots(image_features: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor,
+                          num_slots: int, slot_dim: int, max_slots: Optional[int] = None) -> dict[str, Any]:
+    """Greedy forward selection of the slots that most raise zero-shot top-1 on THESE (held-out)
+    images: start empty, add the best slot (ties: lowest id) while accuracy rises, up to ``max_slots``.
+    Pass selection data only, never the test set."""
+    scores = per_slot_scores(image_features, class_features, num_slots, slot_dim)  # L × N × C
+    limit = num_slots if max_slots is None else max_slots
+    summed = torch.zeros_like(scores[0])
+    selected: list[int] = []
+    curve: list[float] = []
+    per_slot: list[float] = []
+    best = -math.inf
+    while len(selected) < limit:
+        remaining = [s for s in range(num_slots) if s not in selected]
+        # the argmax of a mean of per-slot cosines is the argmax of their sum
+        accs = torch.stack([((summed + scores[s]).argmax(dim=-1) == labels).float().mean() for s in remaining])
+        if not per_slot:
+            per_slot = accs.tolist()
+        i = int(accs.argmax())  # the first maximum: ties go to the lowest slot id
+        if float(accs[i]) <= best:
+            break
+        selected.append(remaining[i])
+        summed += scores[remaining[i]]
+        best = float(accs[i])
+        curve.append(best)
+    return {"selected": selected, "curve": curve, "per_slot_accuracy": per_slot}
+
+
+# --------------------------------------------------------------------------- data for the CLI
+
+
+def load_templates(spec: str, config_templates: Sequence[str]) -> list[str]:
+    """``config`` (the training captions' templates), ``simple``, ``openai`` (CLIP's 80 ImageNet
+    prompts, from open_clip), or a text file with one template per line."""
+    if spec == "config":
+        return list(config_templates)
+    if spec == "simple":
+        return list(SIMPLE_TEMPLATES)
+    if spec == "openai":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES  # noqa: PLC0415
+
+        return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--templates: not config/simple/openai and no such file: {spec}")
+    templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ValueError(f"--templates file {spec}: every line must hold '{{}}' for the class name"
+                         + (f", e.g. not {bad[0]!r}" if bad else " (the file is empty)"))
+    return templates
+
+
+def load_classnames(spec: Optional[str], dataset_classes: Sequence[str]) -> list[str]:
+    """Class names for prompts: the dataset's (lower-cased), ``imagenet`` (open_clip's 1000 names, for
+    an ImageNet folder of wnids), or a text file with one name per line in class-index order."""
+    if spec is None:
+        return [name.lower() for name in dataset_classes]
+    if spec == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # noqa: PLC0415
+
+        names = list(IMAGENET_CLASSNAMES)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"--classnames: no such file: {spec}")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(names) != len(dataset_classes):
+        raise ValueError(f"--classnames {spec} gives {len(names)} names for a dataset of {len(dataset_classes)} classes")
+    return names
+
+
+def _loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def evaluate(model: Any, tokenizer: Callable, *, test_set: Optional[Dataset] = None,
+             classnames: Optional[Sequence[str]] = None, templates: Sequence[str] = SIMPLE_TEMPLATES,
+             selection_set: Optional[Dataset] = None, retrieval_set: Optional[Dataset] = None,
+             max_slots: Optional[int] = None, batch_size: int = 256, num_workers: int = 0,
+             device: torch.device | str = "cpu", progress: bool = False) -> dict[str, Any]:
+    """Every evaluation that its inputs allow, as one JSON-ready dict.
+
+    ``test_set``/``selection_set`` yield ``(image, label)``; ``retrieval_set`` yields
+    ``(image, tokens)`` pairs. Slot results need a SPARO model (``model.slot_layout()``).
+    """
+    result: dict[str, Any] = {}
+    layout = model.slot_layout() if hasattr(model, "slot_layout") else None
+    class_features = None
+    if test_set is not None:
+        if classnames is None:
+            raise ValueError("zero-shot classification needs class names")
+        class_features = class_embeddings(model, tokenizer, classnames, templates, device)
+        images, labels = encode_images(model, _loader(test_set, batch_size, num_workers), device, progress)
+        result["zeroshot"] = {**zeroshot_accuracy(images, class_features, labels), "num_images": len(labels),
+                              "num_classes": len(classnames), "num_templates": len(templates)}
+        if layout is not None:
+            num_slots, slot_dim = layout
+            result["slot_alignment_classes"] = slot_alignment(images, class_features[labels], num_slots, slot_dim)
+            if selection_set is not None:
+                sel_images, sel_labels = encode_images(model, _loader(selection_set, batch_size, num_workers),
+                                                       device, progress)
+                selection = greedy_zeroshot_slots(sel_images, class_features, sel_labels, num_slots, slot_dim,
+                                                  max_slots)
+                selection["num_selection_images"] = len(sel_labels)
+                selection["test_top1_selected"] = zeroshot_subset_accuracy(
+                    images, class_features, labels, num_slots, slot_dim, selection["selected"])
+                selection["test_top1_all"] = result["zeroshot"]["top1"]
+                result["slot_selection"] = selection
+    if retrieval_set is not None:
+        images, tokens = encode_images(model, _loader(retrieval_set, batch_size, num_workers), device, progress)
+        texts = encode_tokens(model, tokens, device, batch_size)
+        result["retrieval"] = {**retrieval_recall(images, texts), "num_pairs": len(images)}
+        if layout is not None:
+            result["slot_alignment_pairs"] = slot_alignment(images, texts, *layout)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain-text summary of ``evaluate``'s result."""
+    rows: list[tuple[str, str]] = []
+    if "zeroshot" in result:
+        z = result["zeroshot"]
+        rows += [("zero-shot top-1", f"{100 * z['top1']:.2f}%"), ("zero-shot top-5", f"{100 * z['top5']:.2f}%"),
+                 ("  images / classes / templates", f"{z['num_images']} / {z['num_classes']} / {z['num_templates']}")]
+    if "retrieval" in result:
+        r = result["retrieval"]
+        for direction in ("image_to_text", "text_to_image"):
+            rows.append((direction.replace("_", " ") + " R@1/5/10",
+                         " / ".join(f"{100 * r[f'{direction}_R@{k}']:.2f}" for k in (1, 5, 10))))
+        rows.append(("  pairs", str(r["num_pairs"])))
+    for key, label in (("slot_alignment_classes", "slot alignment (image · class)"),
+                       ("slot_alignment_pairs", "slot alignment (image · caption)")):
+        if key in result:
+            matched, mismatched = np.array(result[key]["matched"]), np.array(result[key]["mismatched"])
+            rows.append((label, f"mean {matched.mean():.3f} (mismatched {mismatched.mean():.3f}); "
+                                f"best slot {int(matched.argmax())} {matched.max():.3f}, worst {matched.min():.3f}"))
+    if "slot_selection" in result:
+        s = result["slot_selection"]
+        rows += [("selected slots (held-out greedy)", f"{len(s['selected'])}: {s['selected'][:12]}"
+                  + ("…" if len(s["selected"]) > 12 else "")),
+                 ("test top-1, selected slots", f"{100 * s['test_top1_selected']:.2f}%"),
+                 ("test top-1, all slots", f"{100 * s['test_top1_all']:.2f}%")]
+    width = max((len(name) for name, _ in rows), default=0)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dino-sparo-zeroshot",
+        description="Zero-shot classification, image↔text retrieval and slot analyses of a CLIP-mode checkpoint.",
+        epilog="Example: dino-sparo-zeroshot --checkpoint output/clip_demo/checkpoint.pth --slot-selection",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pth written by dino-sparo-train --mode clip")
+    parser.add_argument("--dataset", choices=["fashion_mnist", "imagefolder", "none"], default=None,
+                        help="zero-shot classification data (default: fashion_mnist when the model was trained "
+                             "on it, else none)")
+    parser.add_argument("--data-path", help="Fashion-MNIST folder, or the image folder (with train/ and val/ "
+                                            "sub-folders, or the class folders themselves)")
+    parser.add_argument("--split", default="test", choices=["test", "val"], help="the split that is measured")
+    parser.add_argument("--classnames", help="'imagenet' (open_clip's names for an ImageNet wnid folder) or a file "
+                                             "with one name per line; default: the dataset's class names")
+    parser.add_argument("--templates", default="config",
+                        help="prompt templates: 'config' (those the training captions used), 'simple', 'openai' "
+                             "(CLIP's 80 ImageNet prompts), or a file with one template per line")
+    parser.add_argument("--limit", type=int, help="evaluate only this many test images (class-balanced)")
+    parser.add_argument("--retrieval", metavar="TABLE", help="CSV/TSV caption table for recall@1/5/10")
+    parser.add_argument("--slot-selection", action="store_true",
+                        help="choose slots greedily for zero-shot on held-out train-split images, then measure "
+                             "the subset on the test split (SPARO models)")
+    parser.add_argument("--selection-size", type=int, default=5000,
+                        help="train-split images (class-balanced) the slot selection scores on")
+    parser.add_argument("--max-slots", type=int, help="stop the selection at this many slots")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--output", help="JSON result file (default: zeroshot.json beside the checkpoint)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    from dino_sparo.data.captions import CaptionTable, clip_eval_transform  # noqa: PLC0415
+    from dino_sparo.data.datasets import build_dataset  # noqa: PLC0415
+    from dino_sparo.models.clip import load_clip_model  # noqa: PLC0415
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    try:
+        model, cfg, tokenizer = load_clip_model(args.checkpoint, device)
+    except (FileNotFoundError, KeyError, RuntimeError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    transform = clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)
+    dataset_name = args.dataset or ("fashion_mnist" if cfg.clip.dataset == "fashion_mnist" else "none")
+    kwargs: dict[str, Any] = {}
+    if dataset_name != "none":
+        path = args.data_path or (cfg.clip.train_data or cfg.data.path if dataset_name == "fashion_mnist" else None)
+        data_cfg = argparse.Namespace(dataset=dataset_name, path=path, limit=args.limit, corrupt_images="error")
+        test_set = build_dataset(data_cfg, "val" if args.split == "val" else "test", transform)
+        kwargs.update(test_set=test_set, classnames=load_classnames(args.classnames, test_set.classes),
+                      templates=load_templates(args.templates, cfg.clip.templates))
+        if args.slot_selection:
+            if model.slot_layout() is None:
+                raise SystemExit("error: --slot-selection needs a model with SPARO read-outs on both towers")
+            sel_cfg = argparse.Namespace(dataset=dataset_name, path=path, limit=args.selection_size,
+                                         corrupt_images="error")
+            kwargs["selection_set"] = build_dataset(sel_cfg, "train", transform)
+    if args.retrieval:
+        kwargs["retrieval_set"] = CaptionTable(args.retrieval, transform, tokenizer, cfg.clip.image_column,
+                                               cfg.clip.caption_column)
+    if not kwargs:
+        raise SystemExit("error: nothing to evaluate: give --dataset and/or --retrieval")
+    result = evaluate(model, tokenizer, max_slots=args.max_slots, batch_size=args.batch_size,
+                      num_workers=args.num_workers, device=device, progress=True, **kwargs)
+    result["checkpoint"] = str(args.checkpoint)
+    print(format_table(result))
+    output = Path(args.output) if args.output else Path(args.checkpoint).with_name("zeroshot.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    logger.info("wrote %s", output)
+    return result
+
+
+if __name__ == "__main__":
+    main()
