@@ -1,0 +1,160 @@
+"""CLIP: contrastive image–text training with SPARO (or class/end-of-text token) read-outs on both towers.
+
+Gradient accumulation (``clip.accum_steps``) splits each batch into micro-batches without
+shrinking the contrastive problem (open_clip's ``accum_freq``): the embeddings of every micro-batch
+are first computed without gradient; then each micro-batch is recomputed with gradient and scored
+against all the others' cached embeddings. The gradients of all but the last micro-batch are
+collected inside :meth:`ClipMethod.loss` and handed to the loop's backward pass through a term of
+value zero, so the loop sees one loss and one backward pass, as in any other method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from dino_sparo import distributed
+from dino_sparo.data.captions import build_caption_dataset, clip_eval_transform, clip_train_transform
+from dino_sparo.losses import ClipLoss
+from dino_sparo.methods.base import Method, param_groups
+from dino_sparo.models.clip import baseline_config, build_clip_model, describe_parameters
+from dino_sparo.models.text import Tokenizer
+from dino_sparo.models.vit import count_parameters
+
+logger = logging.getLogger(__name__)
+
+
+class ClipMethod(Method):
+    def __init__(self, cfg: Any, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        clip = cfg.clip
+        if clip.accum_steps < 1 or cfg.data.batch_size_per_gpu % clip.accum_steps:
+            raise ValueError(f"config key 'clip.accum_steps' ({clip.accum_steps}) must be >= 1 and divide "
+                             f"'data.batch_size_per_gpu' ({cfg.data.batch_size_per_gpu})")
+        if clip.accum_steps > 1 and cfg.precision == "fp16":
+            raise ValueError("config key 'clip.accum_steps' > 1 needs precision bf16 or fp32: the micro-batch "
+                             "gradients collected inside the step are not loss-scaled")
+        self.tokenizer = Tokenizer(clip.context_length)
+        self.model = build_clip_model(cfg).to(device)
+        self.train_module: nn.Module = self.model
+        self.loss_fn = ClipLoss(local_loss=clip.local_loss, gather_with_grad=clip.gather_with_grad)
+        self.iters_per_epoch = 0
+
+    def train_dataset(self) -> Dataset:
+        clip = self.cfg.clip
+        transform = clip_train_transform(self.cfg.model.img_size, clip.crop_scale, clip.image_mean, clip.image_std)
+        return build_caption_dataset(self.cfg, transform, self.tokenizer)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def modules_to_optimise(self) -> nn.Module:
+        return self.model
+
+    def param_groups(self) -> list[dict]:
+        # CLIP's AdamW betas (0.9, 0.98) and eps 1e-6, carried by the groups themselves
+        return param_groups(self.model, betas=tuple(self.cfg.clip.betas), eps=self.cfg.clip.eps)
+
+    def setup_schedules(self, epochs: int, iters_per_epoch: int) -> None:
+        self.iters_per_epoch = iters_per_epoch
+
+    def batch_size(self, batch: Any) -> int:
+        return batch[0].shape[0]
+
+    def loss(self, batch: Any, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch[0].to(self.device, non_blocking=True)  # B × 3 × H × W
+        tokens = batch[1].to(self.device, non_blocking=True)  # B × context_length
+        if self.cfg.clip.accum_steps == 1:
+            image_features, text_features, scale = self.train_module(images, tokens)
+            loss = self.loss_fn(image_features, text_features, scale)
+        else:
+            loss, image_features, text_features, scale = self._accumulated_loss(images, tokens)
+        positive = (image_features.detach().float() * text_features.detach().float()).sum(-1).mean()
+        return loss, {"logit_scale": scale.detach(), "positive_cosine": positive}
+
+    def _accumulated_loss(self, images: torch.Tensor, tokens: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss of the whole batch, computed one micro-batch at a time (see the module's doc)."""
+        steps = self.cfg.clip.accum_steps
+        image_chunks, token_chunks = images.chunk(steps), tokens.chunk(steps)
+        with torch.no_grad():
+            cached = [self.model(i, t) for i, t in zip(image_chunks, token_chunks)]
+        cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        collected: list[torch.Tensor | None] = [None] * len(params)
+        no_sync = getattr(self.train_module, "no_sync", nullcontext)  # DDP: reduce once, in the loop
+        for j in range(steps):
+            last = j == steps - 1
+            with nullcontext() if last else no_sync():
+                image_j, text_j, scale = self.train_module(image_chunks[j], token_chunks[j])
+                all_images = torch.cat(cached_images[:j] + [image_j] + cached_images[j + 1:])
+                all_texts = torch.cat(cached_texts[:j] + [text_j] + cached_texts[j + 1:])
+                # the logit scale's gradient is taken once, in the last micro-batch
+                loss = self.loss_fn(all_images, all_texts, scale if last else scale.detach())
+                if not last:
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    collected = [c if g is None else (g if c is None else c + g) for c, g in zip(collected, grads)]
+        # Zero-valued term whose gradient is the collected one: the loop's backward adds it.
+        carried = [(p, g) for p, g in zip(params, collected) if g is not None]
+        if carried:
+            loss = loss + sum((p * g).sum() - (p.detach() * g).sum() for p, g in carried)
+        return loss, all_images, all_texts, scale
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        self.model.clamp_logit_scale()
+        every = self.cfg.clip.zeroshot_every_epochs
+        if every and self.iters_per_epoch and (step + 1) % self.iters_per_epoch == 0:
+            epoch = (step + 1) // self.iters_per_epoch
+            if epoch % every == 0:
+                self.zeroshot(epoch)
+
+    def zeroshot(self, epoch: int) -> None:
+        """Zero-shot top-1 on the configured data, logged and appended to ``output_dir/zeroshot.jsonl``
+        (main process; the others wait)."""
+        if distributed.is_main_process():
+            from dino_sparo.data.datasets import build_dataset  # noqa: PLC0415
+            from dino_sparo.evaluation.zeroshot import evaluate  # noqa: PLC0415
+
+            clip = self.cfg.clip
+            name = clip.zeroshot_data or "fashion_mnist"
+            if name == "fashion_mnist":
+                path = clip.train_data if clip.dataset == "fashion_mnist" and clip.train_data else self.cfg.data.path
+                data_cfg, split = SimpleNamespace(dataset="fashion_mnist", path=path), "test"
+            else:
+                data_cfg, split = SimpleNamespace(dataset="imagefolder", path=name), "val"
+            data_cfg.limit, data_cfg.corrupt_images = None, "error"
+            transform = clip_eval_transform(self.cfg.model.img_size, clip.image_mean, clip.image_std)
+            test_set = build_dataset(data_cfg, split, transform)
+            was_training = self.model.training
+            result = evaluate(self.model, self.tokenizer, test_set=test_set,
+                              classnames=[c.lower() for c in test_set.classes], templates=clip.templates,
+                              batch_size=self.cfg.data.batch_size_per_gpu, num_workers=0, device=self.device)
+            self.model.train(was_training)
+            top1 = result["zeroshot"]["top1"]
+            logger.info("epoch %d: zero-shot top-1 %.2f%% on %s (%d images)", epoch, 100 * top1, name,
+                        result["zeroshot"]["num_images"])
+            output = Path(self.cfg.output_dir) / "zeroshot.jsonl"
+            with output.open("a") as handle:
+                handle.write(json.dumps({"epoch": epoch, "data": name, **result["zeroshot"]}) + "\n")
+        distributed.barrier()
+
+    def describe(self) -> list[str]:
+        lines = describe_parameters(self.model)
+        if self.model.is_sparo:
+            baseline = build_clip_model(baseline_config(self.cfg))
+            ours, theirs = count_parameters(self.model), count_parameters(baseline)
+            lines.append(f"plain-CLIP baseline (class / end-of-text token + projection, all blocks): {theirs:,} "
+                         f"parameters (the SPARO model is {ours / theirs:.3f}× its size)")
+        if self.cfg.clip.accum_steps > 1:
+            lines.append(f"gradient accumulation: {self.cfg.clip.accum_steps} micro-batches of "
+                         f"{self.cfg.data.batch_size_per_gpu // self.cfg.clip.accum_steps} per process")
+        return lines
