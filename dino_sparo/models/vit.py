@@ -2,14 +2,14 @@
 
 Parameter names follow timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``) so timm and DINO weights
-load strictly. Our own :class:`Block` (not timm's) lets later code pass xformers biases for packed
-multi-crop sequences. The read-out sits on top: SPARO (``readout="sparo"``) or the class token
-(``readout="cls"``, the plain DINO baseline).
+load strictly. Our own :class:`Block` (not timm's) passes xformers biases for packed multi-crop
+sequences (:meth:`VisionTransformer.forward_packed`). The read-out sits on top: SPARO
+(``readout="sparo"``) or the class token (``readout="cls"``, the plain DINO baseline).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
@@ -29,6 +29,33 @@ ARCHS: dict[str, tuple[int, int, int]] = {
 READOUTS = ("sparo", "cls")
 
 
+def is_packed(attn_bias: Any) -> bool:
+    """True for an xformers block-diagonal bias: the batch dim then holds one sequence of many images."""
+    return attn_bias is not None and not isinstance(attn_bias, torch.Tensor) and hasattr(attn_bias, "q_seqinfo")
+
+
+def drop_path_per_image(y: torch.Tensor, drop_path: nn.Module, seqstarts: Sequence[int]) -> torch.Tensor:
+    """Stochastic depth on a packed ``1 × T × D`` sequence: one keep/drop draw per image (as timm's
+    ``DropPath`` does per batch row), not one for the whole pack. ``seqstarts`` are the images' token
+    offsets; images of one size sit next to each other, so each run of equal lengths is one expand."""
+    if not isinstance(drop_path, DropPath) or not drop_path.training or drop_path.drop_prob == 0.0:
+        return drop_path(y)
+    keep_prob = 1.0 - drop_path.drop_prob
+    lengths = [end - start for start, end in zip(seqstarts[:-1], seqstarts[1:])]
+    keep = y.new_empty(len(lengths)).bernoulli_(keep_prob)  # one draw per image
+    if drop_path.scale_by_keep:
+        keep.div_(keep_prob)
+    scales, first = [], 0
+    while first < len(lengths):  # runs of images with the same number of tokens
+        last = first
+        while last + 1 < len(lengths) and lengths[last + 1] == lengths[first]:
+            last += 1
+        count = last - first + 1
+        scales.append(keep[first:last + 1, None].expand(count, lengths[first]).reshape(-1))  # count·N
+        first = last + 1
+    return y * torch.cat(scales)[None, :, None]  # 1 × T × D
+
+
 class Block(nn.Module):
     """Pre-norm transformer block (timm names), forwarding an optional attention bias or mask."""
 
@@ -46,6 +73,10 @@ class Block(nn.Module):
                 key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         y, _ = self.attn(self.norm1(x), attn_bias=attn_bias, key_padding_mask=key_padding_mask,
                          is_causal=is_causal)
+        if is_packed(attn_bias):  # many images in one sequence: drop paths per image
+            starts = attn_bias.q_seqinfo.seqstart_py
+            x = x + drop_path_per_image(y, self.drop_path1, starts)
+            return x + drop_path_per_image(self.mlp(self.norm2(x)), self.drop_path2, starts)
         x = x + self.drop_path1(y)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
@@ -143,7 +174,7 @@ class VisionTransformer(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, attn_bias: Any = None) -> torch.Tensor:
         for block in self.blocks:
-            if self.grad_checkpointing and self.training:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, attn_bias, use_reentrant=False)
             else:
                 x = block(x, attn_bias=attn_bias)
@@ -163,6 +194,21 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         embedding, _ = self.readout(self.forward_tokens(x))
         return embedding
+
+    def forward_packed(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Embeddings of image batches of different sizes from one pass through the blocks.
+
+        The tokens of all images are packed into one sequence with an xformers block-diagonal bias,
+        so each image attends only to its own tokens (DINOv2's multi-crop packing); the final-normed
+        sequence is split back per batch and each batch is read out on its own tokens. Needs the
+        xformers attention backend. Returns one ``B_i × E`` embedding per input batch.
+        """
+        from xformers.ops.fmha import BlockDiagonalMask
+
+        tokens = [self.prepare_tokens(x) for x in batches]  # each B_i × N_i × D
+        bias, packed = BlockDiagonalMask.from_tensor_list(tokens)  # packed: 1 × Σ B_i·N_i × D
+        packed = self.norm(self.run_blocks(packed, attn_bias=bias))
+        return [self.readout(part)[0] for part in bias.split(packed)]  # part: B_i × N_i × D
 
 
 def vit(arch: str = "vit_small", *, embed_dim: Optional[int] = None, depth: Optional[int] = None,
