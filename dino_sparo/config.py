@@ -42,6 +42,7 @@ class ModelConfig:
     readout: Literal["sparo", "cls"] = "sparo"
     reduce_depth: Optional[int] = None  # blocks removed at the end; None = 1 for sparo, 0 for cls
     attn_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
+    pack_crops: bool = False  # all crop sizes in one forward (xformers block-diagonal attention, GPU)
     sparo: SparoConfig = field(default_factory=SparoConfig)
 
 
@@ -192,6 +193,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                           f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
         if value not in choices:
             raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
         return value

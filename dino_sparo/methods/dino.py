@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -13,28 +14,50 @@ from dino_sparo.data.datasets import build_dataset
 from dino_sparo.data.transforms import MultiCropTransform, multicrop_collate, normalization_for
 from dino_sparo.losses import DINOLoss, collapse_warnings
 from dino_sparo.methods.base import Method
+from dino_sparo.models.attention import resolve_backend
 from dino_sparo.models.build import build_backbone
 from dino_sparo.models.heads import DINOHead
 from dino_sparo.models.vit import count_parameters
 from dino_sparo.schedules import cosine_schedule
 
+logger = logging.getLogger(__name__)
+
 
 class MultiCropWrapper(nn.Module):
     """Backbone + head over a list of crops: one backbone forward per crop size (never per crop),
-    then one head forward over all embeddings. Outputs are crop-major (all images of crop 0 first)."""
+    then one head forward over all embeddings. Outputs are crop-major (all images of crop 0 first).
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    With ``pack_crops`` and the xformers attention backend, all crop sizes go through the blocks in
+    one pass (packed into one sequence with a block-diagonal bias); other backends cannot mask a
+    packed sequence cheaply, so they keep one forward per crop size (logged once).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, pack_crops: bool = False) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.pack_crops = pack_crops
+        self._told_no_packing = False
+
+    def _can_pack(self, device: torch.device) -> bool:
+        backend = resolve_backend(self.backbone.attn_backend, device)
+        if backend != "xformers" and not self._told_no_packing:
+            logger.warning("model.pack_crops needs the xformers attention backend (have %r on %s): "
+                           "running one forward per crop size instead", backend, device.type)
+            self._told_no_packing = True
+        return backend == "xformers"
 
     def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
-        embeddings, start = [], 0
+        batches, start = [], 0
         while start < len(crops):  # consecutive crops of one size form one batch
             end = start + 1
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
-            embeddings.append(self.backbone(torch.cat(list(crops[start:end]))))
+            batches.append(crops[start] if end - start == 1 else torch.cat(list(crops[start:end])))
             start = end
+        if self.pack_crops and len(batches) > 1 and self._can_pack(batches[0].device):
+            embeddings = self.backbone.forward_packed(batches)
+        else:
+            embeddings = [self.backbone(x) for x in batches]
         return self.head(torch.cat(embeddings))
 
 
@@ -47,7 +70,7 @@ def build_student_teacher(cfg: Any) -> tuple[MultiCropWrapper, MultiCropWrapper]
         head = DINOHead(backbone.out_dim, cfg.dino.out_dim, use_bn=cfg.dino.use_bn_in_head,
                         norm_last_layer=norm_last_layer, hidden_dim=cfg.dino.head_hidden_dim,
                         bottleneck_dim=cfg.dino.head_bottleneck_dim)
-        return MultiCropWrapper(backbone, head)
+        return MultiCropWrapper(backbone, head, pack_crops=cfg.model.pack_crops)
 
     student = network(cfg.model.drop_path_rate, cfg.dino.norm_last_layer)
     teacher = network(0.0, cfg.dino.norm_last_layer)
