@@ -32,6 +32,7 @@ from dino_sparo import distributed
 from dino_sparo.checkpoint import load_checkpoint, save_checkpoint
 from dino_sparo.config import TrainConfig, load_config, save_config, to_dict
 from dino_sparo.methods import build_method
+from dino_sparo.methods.base import Method
 from dino_sparo.schedules import cosine_schedule
 
 logger = logging.getLogger("dino_sparo")
@@ -170,6 +171,38 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) 
     return torch.optim.AdamW(groups, lr=0.0, fused=fused or None)
 
 
+def apply_speed_options(method: Method, cfg: TrainConfig) -> None:
+    """Activation checkpointing (blocks recomputed in backward: memory for time) and
+    ``torch.compile`` of the trained module, as the config asks; before any DDP wrapping."""
+    if cfg.grad_checkpointing:
+        for module in method.modules().values():
+            for sub in module.modules():
+                if hasattr(sub, "grad_checkpointing"):
+                    sub.grad_checkpointing = True
+    if cfg.compile:
+        method.train_module = torch.compile(method.train_module)
+
+
+def train_step(method: Method, batch: Any, step: int, epoch: int, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, params: list[nn.Parameter], optim_cfg: Any,
+               autocast_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step: forward under autocast, backward, unscale, clip, optimiser, the
+    method's after-step update (DINO: teacher EMA). Returns the loss and metrics as device tensors;
+    nothing here reads a value back to the host (only fp16's GradScaler does, to skip bad steps)."""
+    autocast = torch.autocast(method.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    with autocast:
+        loss, metrics = method.loss(batch, step, epoch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    clip_gradients(params, optim_cfg.clip_grad, optim_cfg.clip_mode)
+    method.before_optimizer_step(step, epoch)
+    scaler.step(optimizer)
+    scaler.update()
+    method.after_optimizer_step(step)
+    return loss, metrics
+
+
 # --------------------------------------------------------------------------------------------
 # The program
 # --------------------------------------------------------------------------------------------
@@ -279,13 +312,7 @@ def train(cfg: TrainConfig) -> dict:
                                   iters_per_epoch)
     method.setup_schedules(cfg.optim.epochs, iters_per_epoch)
 
-    if cfg.grad_checkpointing:
-        for module in method.modules().values():
-            for sub in module.modules():
-                if hasattr(sub, "grad_checkpointing"):
-                    sub.grad_checkpointing = True
-    if cfg.compile:
-        method.train_module = torch.compile(method.train_module)
+    apply_speed_options(method, cfg)
     if info.world_size > 1:
         method.train_module = nn.parallel.DistributedDataParallel(
             method.train_module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -373,18 +400,10 @@ def train(cfg: TrainConfig) -> dict:
                     group["lr"] = lr_schedule[step]
                     if group["apply_wd"]:
                         group["weight_decay"] = wd_schedule[step]
-                with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
-                    loss, step_metrics = method.loss(batch_data, step, epoch)
+                loss, step_metrics = train_step(method, batch_data, step, epoch, optimizer, scaler, params,
+                                                cfg.optim, autocast_dtype)
                 first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()),
                                              torch.full_like(first_bad_step, step), first_bad_step)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                clip_gradients(params, cfg.optim.clip_grad, cfg.optim.clip_mode)
-                method.before_optimizer_step(step, epoch)
-                scaler.step(optimizer)
-                scaler.update()
-                method.after_optimizer_step(step)
                 step += 1
                 window_images += method.batch_size(batch_data) * info.world_size
                 progress.update(1)
