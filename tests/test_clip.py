@@ -22,7 +22,7 @@ from dino_sparo import SPARO
 from dino_sparo.config import load_config
 from dino_sparo.data.captions import CaptionTable, FashionMNISTCaptions, TarShardCaptions
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
-from dino_sparo.evaluation import zeroshot
+from dino_sparo.evaluation import zeroshot, zeroshot_cli
 from dino_sparo.losses import ClipLoss
 from dino_sparo.methods.clip import ClipMethod
 from dino_sparo.models.clip import baseline_config, build_clip_model
@@ -411,7 +411,7 @@ def test_clip_mode_trains_resumes_and_evaluates(tmp_path):
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows[16:]] == list(range(17, 25))
 
-    result = zeroshot.main(["--checkpoint", str(out / "checkpoint.pth"), "--limit", "200", "--slot-selection",
+    result = zeroshot_cli.main(["--checkpoint", str(out / "checkpoint.pth"), "--limit", "200", "--slot-selection",
                             "--selection-size", "100", "--num-workers", "0", "--output", str(tmp_path / "z.json")])
     saved = json.loads((tmp_path / "z.json").read_text())
     assert saved["zeroshot"]["num_images"] == 200 and saved["zeroshot"]["top1"] == result["zeroshot"]["top1"]
