@@ -143,7 +143,9 @@ class ClipConfig:
     image_std: tuple[float, float, float] = CLIP_STD
     # zero-shot classification during training (every N epochs, 0 = never); fashion_mnist or a folder
     zeroshot_every_epochs: int = 0
-    zeroshot_data: Optional[str] = None  # "fashion_mnist" or an image folder of class sub-folders
+    zeroshot_data: Optional[str] = None  # "fashion_mnist" (default) or an image folder (with val/ or the classes)
+    zeroshot_classnames: Optional[str] = None  # "imagenet" (open_clip's names for wnid folders), a file, or folder names
+    zeroshot_templates: str = "config"  # "config" (clip.templates), "simple", "openai" (CLIP's 80), or a file
 
 
 @dataclass
