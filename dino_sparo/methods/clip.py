@@ -122,7 +122,7 @@ class ClipMethod(Method):
         (main process; the others wait)."""
         if distributed.is_main_process():
             from dino_sparo.data.datasets import build_dataset  # noqa: PLC0415
-            from dino_sparo.evaluation.zeroshot import evaluate  # noqa: PLC0415
+            from dino_sparo.evaluation.zeroshot import evaluate, load_classnames, load_templates  # noqa: PLC0415
 
             clip = self.cfg.clip
             name = clip.zeroshot_data or "fashion_mnist"
@@ -136,8 +136,10 @@ class ClipMethod(Method):
             test_set = build_dataset(data_cfg, split, transform)
             was_training = self.model.training
             result = evaluate(self.model, self.tokenizer, test_set=test_set,
-                              classnames=[c.lower() for c in test_set.classes], templates=clip.templates,
-                              batch_size=self.cfg.data.batch_size_per_gpu, num_workers=0, device=self.device)
+                              classnames=load_classnames(clip.zeroshot_classnames, test_set.classes),
+                              templates=load_templates(clip.zeroshot_templates, clip.templates),
+                              batch_size=self.cfg.data.batch_size_per_gpu, num_workers=self.cfg.data.num_workers,
+                              device=self.device)
             self.model.train(was_training)
             top1 = result["zeroshot"]["top1"]
             logger.info("epoch %d: zero-shot top-1 %.2f%% on %s (%d images)", epoch, 100 * top1, name,
