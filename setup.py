@@ -34,6 +34,7 @@ setup(
             "dino-sparo-train=dino_sparo.train:main",
             "dino-sparo-knn=dino_sparo.evaluation.knn_cli:main",
             "dino-sparo-linear=dino_sparo.evaluation.linear_cli:main",
+            "dino-sparo-submit=dino_sparo.submit:main",
             "dino-sparo-zeroshot=dino_sparo.evaluation.zeroshot_cli:main",
         ],
     },
