@@ -316,6 +316,11 @@ def test_webdataset_shards_are_indexed_and_read_by_offset(tmp_path):
         image, text = data[index]
         assert text == caption and image.getpixel((0, 0)) == (value, value, value)
     assert len(TarShardCaptions(str(tmp_path))) == 6  # a folder of shards
+    cache = tmp_path / "index" / "shards.npz"
+    first = TarShardCaptions(str(tmp_path / "shard-{00000..00001}.tar"), image_keys="jpg;png", index_cache=cache)
+    assert cache.is_file()
+    again = TarShardCaptions(str(tmp_path / "shard-{00000..00001}.tar"), image_keys="jpg;png", index_cache=cache)
+    assert np.array_equal(again.samples, first.samples) and again[5][1] == "caption 1.2"
     with pytest.raises(FileNotFoundError, match="shard-00002.tar"):
         TarShardCaptions(str(tmp_path / "shard-{00000..00002}.tar"))
 

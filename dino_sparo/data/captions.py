@@ -16,6 +16,7 @@ import os
 import random
 import tarfile
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -160,8 +161,9 @@ def expand_shards(spec: str) -> list[Path]:
     return paths
 
 
-def _index_shard(path: Path, image_keys: Sequence[str], caption_key: str) -> list[tuple[int, int, str, int, int]]:
-    """One shard's samples as ``(image offset, image size, image ext, caption offset, caption size)``.
+def _index_shard(path: Path, image_keys: Sequence[str], caption_key: str) -> np.ndarray:
+    """One shard's samples as rows ``(image offset, image size, caption offset, caption size,
+    image key index)``.
 
     Members are grouped into samples by WebDataset's rule (key = path up to the first dot of the
     file name); samples without an image or a caption are skipped, as WebDataset's ``to_tuple`` does.
@@ -169,7 +171,6 @@ def _index_shard(path: Path, image_keys: Sequence[str], caption_key: str) -> lis
     from webdataset.tariterators import base_plus_ext  # noqa: PLC0415
 
     samples: dict[str, dict[str, tuple[int, int]]] = {}
-    order: list[str] = []
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
@@ -178,60 +179,86 @@ def _index_shard(path: Path, image_keys: Sequence[str], caption_key: str) -> lis
                 key, ext = base_plus_ext(member.name)
                 if key is None or os.path.basename(key).startswith("__"):
                     continue
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                samples[key][ext.lower()] = (member.offset_data, member.size)
+                samples.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
     except tarfile.TarError as exc:
         raise ValueError(f"shard {path} is not a readable uncompressed tar file ({exc})") from exc
-    index = []
-    for key in order:
-        members = samples[key]
-        image = next((ext for ext in image_keys if ext in members), None)
-        if image is None or caption_key not in members:
-            continue
-        index.append((*members[image], image, *members[caption_key]))
-    return index
+    rows = []
+    for members in samples.values():  # dicts keep the order of the tar
+        image = next((i for i, ext in enumerate(image_keys) if ext in members), None)
+        if image is not None and caption_key in members:
+            rows.append((*members[image_keys[image]], *members[caption_key], image))
+    return np.array(rows, dtype=np.int64).reshape(-1, 5)
+
+
+def _shard_signature(shards: Sequence[Path], image_keys: Sequence[str], caption_key: str) -> str:
+    """What an index depends on: the shard paths, sizes and modification times, and the keys."""
+    import hashlib  # noqa: PLC0415
+
+    h = hashlib.sha256(f"{list(image_keys)}|{caption_key}".encode())
+    for path in shards:
+        st = path.stat()
+        h.update(f"|{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
 
 
 class TarShardCaptions(_Captioned):
     """Image–caption pairs from WebDataset tar shards (e.g. as written by img2dataset), indexable.
 
-    The shards are indexed when the dataset is built (tar headers only, several shards at once);
-    items are then read by offset, with one open file per shard and per worker process.
+    The shards are indexed when the dataset is built (tar headers only, several shards at once)
+    or the index is loaded from ``index_cache`` when that file matches the shards (paths, sizes,
+    modification times); items are then read by offset. Each process keeps at most
+    ``max_open_files`` shards open.
     """
 
     def __init__(self, spec: str, transform: Optional[Callable] = None, tokenizer: Optional[Tokenize] = None,
                  image_keys: str | Sequence[str] = "jpg;jpeg;png;webp", caption_key: str = "txt",
-                 num_threads: int = 16) -> None:
+                 index_cache: Optional[str | os.PathLike] = None, num_threads: int = 16,
+                 max_open_files: int = 64) -> None:
         self.transform, self.tokenizer = transform, tokenizer
         self.shards = expand_shards(spec)
-        keys = image_keys.split(";") if isinstance(image_keys, str) else list(image_keys)
+        self.image_keys = image_keys.split(";") if isinstance(image_keys, str) else list(image_keys)
+        self.max_open_files = max_open_files
         start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(self.shards)))) as pool:
-            per_shard = list(pool.map(lambda p: _index_shard(p, keys, caption_key), self.shards))
-        counts = np.array([len(s) for s in per_shard], dtype=np.int64)
-        if counts.sum() == 0:
-            raise ValueError(f"no sample with an image ({'/'.join(keys)}) and a caption ({caption_key}) "
-                             f"in {len(self.shards)} shards of {spec!r}")
-        self.shard_of = np.repeat(np.arange(len(self.shards)), counts)
-        flat = [s for shard in per_shard for s in shard]
-        self.offsets = np.array([(s[0], s[1], s[3], s[4]) for s in flat], dtype=np.int64)  # N × 4
-        self.image_ext = [s[2] for s in flat]
-        self._files: dict[int, Any] = {}
+        signature = _shard_signature(self.shards, self.image_keys, caption_key)
+        cache = Path(index_cache) if index_cache is not None else None
+        index = None
+        if cache is not None and cache.is_file():
+            with np.load(cache) as stored:
+                if str(stored["signature"]) == signature:
+                    index = stored["samples"], stored["shard_of"]
+                else:
+                    logger.info("shard index %s was made for other shards: indexing again", cache)
+        if index is None:
+            with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(self.shards)))) as pool:
+                per_shard = list(pool.map(lambda p: _index_shard(p, self.image_keys, caption_key), self.shards))
+            counts = [len(rows) for rows in per_shard]
+            index = np.concatenate(per_shard), np.repeat(np.arange(len(self.shards), dtype=np.int32), counts)
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
+                np.savez(tmp, samples=index[0], shard_of=index[1], signature=np.array(signature))
+                os.replace(tmp, cache)
+        self.samples, self.shard_of = index  # N × 5 (see _index_shard), N
+        if len(self.samples) == 0:
+            raise ValueError(f"no sample with an image ({'/'.join(self.image_keys)}) and a caption "
+                             f"({caption_key}) in {len(self.shards)} shards of {spec!r}")
+        self._files: OrderedDict[int, Any] = OrderedDict()
         self._pid = os.getpid()
-        logger.info("WebDataset shards %s: %d samples in %d shards (indexed in %.1f s)", spec, len(flat),
-                    len(self.shards), time.perf_counter() - start)
+        logger.info("WebDataset shards %s: %d samples in %d shards (index ready in %.1f s)", spec,
+                    len(self.samples), len(self.shards), time.perf_counter() - start)
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return len(self.samples)
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         if self._pid != os.getpid():  # a DataLoader worker: never share the parent's handles
-            self._files, self._pid = {}, os.getpid()
-        handle = self._files.get(shard)
+            self._files, self._pid = OrderedDict(), os.getpid()
+        handle = self._files.pop(shard, None)
         if handle is None:
-            handle = self._files[shard] = open(self.shards[shard], "rb")
+            if len(self._files) >= self.max_open_files:
+                self._files.popitem(last=False)[1].close()  # the least recently used
+            handle = open(self.shards[shard], "rb")
+        self._files[shard] = handle
         handle.seek(offset)
         data = handle.read(size)
         if len(data) != size:
@@ -239,23 +266,24 @@ class TarShardCaptions(_Captioned):
         return data
 
     def caption(self, index: int) -> str:
-        shard, (_, _, offset, size) = int(self.shard_of[index]), self.offsets[index]
-        return self._read(shard, int(offset), int(size)).decode("utf-8").strip()
+        _, _, offset, size, _ = self.samples[index]
+        return self._read(int(self.shard_of[index]), int(offset), int(size)).decode("utf-8").strip()
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        shard, (offset, size, _, _) = int(self.shard_of[index]), self.offsets[index]
+        offset, size, _, _, key = self.samples[index]
+        shard = int(self.shard_of[index])
         data = self._read(shard, int(offset), int(size))
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image = _to_rgb(image)
         except OSError as exc:
             raise OSError(f"shard {self.shards[shard]}: sample {index} has an unreadable "
-                          f"{self.image_ext[index]} image ({exc})") from exc
+                          f"{self.image_keys[int(key)]} image ({exc})") from exc
         return self._item(image, self.caption(index))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_files"] = {}  # open files do not pickle (spawned workers)
+        state["_files"] = OrderedDict()  # open files do not pickle (spawned workers)
         return state
 
 
@@ -298,8 +326,10 @@ class FashionMNISTCaptions(_Captioned):
         return self._item(image, self.caption(index))
 
 
-def build_caption_dataset(cfg: Any, transform: Optional[Callable], tokenizer: Optional[Tokenize]) -> Dataset:
-    """The training set that ``cfg.clip`` names (``dataset``, ``train_data``; ``data.limit`` for Fashion-MNIST)."""
+def build_caption_dataset(cfg: Any, transform: Optional[Callable], tokenizer: Optional[Tokenize],
+                          index_cache: Optional[str | os.PathLike] = None) -> Dataset:
+    """The training set that ``cfg.clip`` names (``dataset``, ``train_data``; ``data.limit`` for Fashion-MNIST);
+    ``index_cache``: where WebDataset shards keep their index."""
     clip = cfg.clip
     if clip.dataset == "fashion_mnist":
         root = clip.train_data or cfg.data.path
@@ -310,5 +340,6 @@ def build_caption_dataset(cfg: Any, transform: Optional[Callable], tokenizer: Op
     if clip.dataset == "table":
         return CaptionTable(clip.train_data, transform, tokenizer, clip.image_column, clip.caption_column)
     if clip.dataset == "webdataset":
-        return TarShardCaptions(clip.train_data, transform, tokenizer, clip.shard_image_keys, clip.shard_caption_key)
+        return TarShardCaptions(clip.train_data, transform, tokenizer, clip.shard_image_keys, clip.shard_caption_key,
+                                index_cache=index_cache)
     raise ValueError(f"config key 'clip.dataset' must be fashion_mnist, table or webdataset, got {clip.dataset!r}")

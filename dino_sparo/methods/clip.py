@@ -51,7 +51,12 @@ class ClipMethod(Method):
     def train_dataset(self) -> Dataset:
         clip = self.cfg.clip
         transform = clip_train_transform(self.cfg.model.img_size, clip.crop_scale, clip.image_mean, clip.image_std)
-        return build_caption_dataset(self.cfg, transform, self.tokenizer)
+        # WebDataset shards: the main process keeps their index for resumed runs (the others index
+        # alone the first time rather than wait on a collective that could time out)
+        cache = Path(self.cfg.output_dir) / "shard_index.npz"
+        if not distributed.is_main_process() and not cache.is_file():
+            cache = None
+        return build_caption_dataset(self.cfg, transform, self.tokenizer, index_cache=cache)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
