@@ -224,13 +224,15 @@ def train_probe(
     device: Optional[torch.device] = None,
     progress: bool = True,
     num_fit: int = 0,
+    across_ranks: bool = False,
 ) -> ProbeResult:
     """Train every (lr, wd) head on the batches ``train_batches(epoch)`` yields (features B × D
     already through ``block_fn`` and ``scale``, labels B), then choose and report.
 
     ``test`` is ``(features, labels)``; ``val`` is ``(train features, train labels, held-out rows)``
-    or None. Under ``torch.distributed`` every rank passes its own share of the batches; gradients
-    are averaged across ranks, so the heads stay identical; only rank 0's result is meaningful.
+    or None. With ``across_ranks`` (under ``torch.distributed``) every rank calls this with its own
+    share of the batches; gradients are averaged across ranks, so the heads stay identical, and only
+    rank 0's result is meaningful. Without it, the call is local to the calling process.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -250,7 +252,7 @@ def train_probe(
     test_curve = []
     history = []
     step = 0
-    is_main = distributed.is_main_process()
+    is_main = distributed.is_main_process() or not across_ranks
     bar = tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not (progress and is_main))
     for epoch in bar:
         heads.train()
@@ -259,7 +261,7 @@ def train_probe(
             y = y.to(device, non_blocking=True)
             loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(heads.num_heads), reduction="none")
             loss.view(heads.num_heads, -1).mean(1).sum().backward()  # each head: its own mean loss
-            if distributed.is_dist():
+            if across_ranks and distributed.is_dist():
                 for p in (heads.weight, heads.bias):
                     distributed.all_reduce_mean(p.grad)
             optimizer.step(cosine_factor(step, total))

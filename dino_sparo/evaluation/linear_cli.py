@@ -184,7 +184,7 @@ def evaluate_linear(
                                                 block_fn, scale, dev, seed, progress)
             probe = train_probe(batches, steps, dim, num_classes, (test.features, as_label_tensor(test.labels, len(test))),
                                 val, lrs, weight_decays, epochs, batch_size, scale=scale, block_fn=block_fn, seed=seed,
-                                device=dev, progress=progress, num_fit=int(fit_rows.size))
+                                device=dev, progress=progress, num_fit=int(fit_rows.size), across_ranks=True)
         result = None
         if distributed.is_main_process():
             result = {
