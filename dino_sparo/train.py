@@ -325,6 +325,13 @@ def train(cfg: TrainConfig) -> dict:
     start_step = 0
     if checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, map_location=device)
+        saved_world = len(state["rng"])  # one RNG state per process that wrote it
+        saved_global = state["config"]["data"]["batch_size_per_gpu"] * saved_world
+        if saved_global != global_batch:  # steps per epoch and the schedules depend on it
+            raise ValueError(f"{checkpoint_path} was written with a global batch of {saved_global} ({saved_world} "
+                             f"process(es)); this run has {global_batch} ({info.world_size} process(es) × "
+                             f"data.batch_size_per_gpu {batch}): resume with the same global batch, or start a "
+                             "new output_dir")
         for name, module in method.modules().items():
             module.load_state_dict(state[name])
         optimizer.load_state_dict(state["optimizer"])
