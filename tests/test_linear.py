@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dino_sparo.checkpoint import load_checkpoint
 from dino_sparo.evaluation import linear_cli
 from dino_sparo.evaluation.features import FeatureStore
-from dino_sparo.evaluation.frozen_features import dino_linear_spec, feature_fn, last_blocks_features
+from dino_sparo.evaluation.frozen_features import dino_linear_spec, feature_fn, last_blocks_features, resolve_spec
 from dino_sparo.evaluation.linear import HeadsSGD, LinearHeads, cosine_factor, linear_probe, slot_block_fn
 from dino_sparo.models.vit import vit
 
@@ -139,8 +139,12 @@ def test_dino_last_blocks_class_tokens_have_the_protocol_width(arch, width, n_bl
             per_block.append(model.norm(tokens))
         torch.testing.assert_close(last_blocks_features(model, x, 2, True),
                                    torch.cat([per_block[-2][:, 0], per_block[-1][:, 0], per_block[-1][:, 1:].mean(1)], 1))
-    sparo = vit("vit_pico", depth=3, img_size=16, patch_size=8, sparo={"num_slots": 2, "slot_dim": 4})
-    assert dino_linear_spec(sparo).kind == "embedding"
+    sparo = vit("vit_pico", depth=5, img_size=16, patch_size=8, sparo={"num_slots": 2, "slot_dim": 4})
+    assert dino_linear_spec(sparo).kind == "embedding" and resolve_spec("auto", sparo).kind == "embedding"
+    named = resolve_spec("last_blocks", sparo)  # by name: DINO's ViT-S setting, also on a SPARO model
+    assert (named.n_last_blocks, named.avgpool) == (4, False)
+    with pytest.raises(ValueError, match="n-last-blocks"):
+        resolve_spec("last_blocks", sparo, n_last_blocks=5)
 
 
 # --------------------------------------------------------------------------- the program

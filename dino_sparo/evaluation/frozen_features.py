@@ -62,23 +62,24 @@ def dino_linear_spec(backbone: nn.Module) -> FeatureSpec:
 
 def resolve_spec(kind: str, backbone: Optional[nn.Module], grayscale: bool = False,
                  n_last_blocks: Optional[int] = None, avgpool: Optional[bool] = None) -> FeatureSpec:
-    """Turn a command-line choice into a spec; ``auto`` is the embedding for k-NN callers and
-    ``dino_linear_spec`` for the linear probe (the caller picks which ``auto`` means)."""
+    """Turn a command-line choice into a spec. ``auto`` is ``dino_linear_spec`` (the linear probe's
+    choice; k-NN asks for ``embedding``); ``last_blocks`` by name takes 4 blocks unless told."""
     if kind not in FEATURE_KINDS:
         raise ValueError(f"--features must be one of {FEATURE_KINDS}, got {kind!r}")
     if backbone is None or kind == "pixels":
         return FeatureSpec("pixels", grayscale=grayscale)
+    if kind == "embedding":
+        return FeatureSpec("embedding")
     if kind == "auto":
         spec = dino_linear_spec(backbone)
-    else:
-        spec = FeatureSpec(kind)
-    if spec.kind == "last_blocks" or kind == "last_blocks":
-        n = n_last_blocks if n_last_blocks is not None else (spec.n_last_blocks if spec.kind == "last_blocks" else 4)
-        pool = avgpool if avgpool is not None else spec.avgpool
-        if not 1 <= n <= len(backbone.blocks):
-            raise ValueError(f"--n-last-blocks must lie in [1, {len(backbone.blocks)}] for this backbone, got {n}")
-        spec = FeatureSpec("last_blocks", n_last_blocks=n, avgpool=pool)
-    return spec
+        if spec.kind == "embedding":
+            return spec
+    else:  # last_blocks asked for by name: DINO's ViT-S setting unless told otherwise
+        spec = FeatureSpec("last_blocks", n_last_blocks=min(4, len(backbone.blocks)))
+    n = spec.n_last_blocks if n_last_blocks is None else n_last_blocks
+    if not 1 <= n <= len(backbone.blocks):
+        raise ValueError(f"--n-last-blocks must lie in [1, {len(backbone.blocks)}] for this backbone, got {n}")
+    return FeatureSpec("last_blocks", n_last_blocks=n, avgpool=spec.avgpool if avgpool is None else avgpool)
 
 
 def last_blocks_features(backbone: nn.Module, images: torch.Tensor, n_last_blocks: int,

@@ -106,6 +106,8 @@ def evaluate_knn(
     layout = slot_layout(backbone, spec)
     if (slots is not None or select_slots or per_slot) and layout is None:
         raise ValueError("--slots, --select-slots and --per-slot need a SPARO model's embedding features")
+    if slots is not None:  # refuse bad ids before the (long) extraction
+        SelectedSlots(np.zeros((1, layout[0] * layout[1]), np.float32), layout[0], layout[1], slots, layout[2])
     if backbone is not None:
         backbone = backbone.to(dev).eval()
     if num_classes is None:
