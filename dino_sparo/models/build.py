@@ -108,7 +108,9 @@ def load_backbone_from_checkpoint(
 
     The model is rebuilt from the checkpoint's own ``config`` and loaded strictly (every backbone
     key present, nothing extra), so a mismatch fails here instead of evaluating a half-random
-    network (dino#65). Returns ``(backbone, TrainConfig)``.
+    network (dino#65). ``key="auto"`` takes the first of ``CHECKPOINT_BACKBONE_PREFIXES`` the
+    checkpoint holds (the teacher of a DINO run, the model of a CLIP run).
+    Returns ``(backbone, TrainConfig)``.
     """
     from dino_sparo.checkpoint import load_checkpoint, strip_prefix  # noqa: PLC0415 (keeps import cheap)
     from dino_sparo.config import from_dict  # noqa: PLC0415
@@ -116,8 +118,10 @@ def load_backbone_from_checkpoint(
     state = load_checkpoint(path, map_location="cpu")
     if "config" not in state:
         raise KeyError(f"checkpoint {path} has no 'config' entry; it was not written by dino-sparo-train")
+    if key == "auto":
+        key = next((k for k in CHECKPOINT_BACKBONE_PREFIXES if k in state), "teacher")
     if key not in CHECKPOINT_BACKBONE_PREFIXES:
-        raise ValueError(f"checkpoint key must be one of {sorted(CHECKPOINT_BACKBONE_PREFIXES)}, got {key!r}")
+        raise ValueError(f"checkpoint key must be 'auto' or one of {sorted(CHECKPOINT_BACKBONE_PREFIXES)}, got {key!r}")
     if key not in state:
         stored = sorted(k for k in state if k in CHECKPOINT_BACKBONE_PREFIXES)
         raise KeyError(f"checkpoint {path} has no {key!r} weights (it holds {stored})")
