@@ -172,7 +172,8 @@ def test_selection_sees_train_rows_only_and_per_slot_writes_a_chart(checkpoint, 
     train_labels = np.asarray(FashionMNIST(split="train", limit=TRAIN_LIMIT).targets)
     assert seen["rows"] == TRAIN_LIMIT and np.array_equal(seen["labels"], train_labels)
     selection = result["slot_selection"]
-    assert 1 <= len(selection["selected"]) <= NUM_SLOTS and selection["num_fit"] + selection["num_heldout"] == TRAIN_LIMIT
+    assert 1 <= len(selection["selected"]) <= NUM_SLOTS
+    assert selection["num_fit"] + selection["num_heldout"] == TRAIN_LIMIT
     assert set(selection["knn"]) == {str(k) for k in KS}
     per_slot = result["per_slot"]
     assert len(per_slot["top1"]) == NUM_SLOTS and all(0 <= a <= 1 for a in per_slot["top1"])

@@ -123,8 +123,7 @@ def test_slot_subset_features_are_the_renormalised_kept_slots():
 
 @pytest.mark.parametrize("arch, width, n_blocks, avgpool", [("vit_pico", 96, 4, False), ("vit_base", 768, 1, True)])
 def test_dino_last_blocks_class_tokens_have_the_protocol_width(arch, width, n_blocks, avgpool):
-    model = vit(arch, depth=5, embed_dim=width if arch == "vit_pico" else 768, num_heads=3 if arch == "vit_pico" else 12,
-                img_size=16, patch_size=8, readout="cls").eval()
+    model = vit(arch, depth=5, embed_dim=width, num_heads=width // 32, img_size=16, patch_size=8, readout="cls").eval()
     spec = dino_linear_spec(model)
     assert (spec.kind, spec.n_last_blocks, spec.avgpool) == ("last_blocks", n_blocks, avgpool)
     x = torch.randn(2, 3, 16, 16)
@@ -137,8 +136,8 @@ def test_dino_last_blocks_class_tokens_have_the_protocol_width(arch, width, n_bl
         for block in model.blocks:
             tokens = block(tokens)
             per_block.append(model.norm(tokens))
-        torch.testing.assert_close(last_blocks_features(model, x, 2, True),
-                                   torch.cat([per_block[-2][:, 0], per_block[-1][:, 0], per_block[-1][:, 1:].mean(1)], 1))
+        expected = torch.cat([per_block[-2][:, 0], per_block[-1][:, 0], per_block[-1][:, 1:].mean(1)], 1)
+        torch.testing.assert_close(last_blocks_features(model, x, 2, True), expected)
     sparo = vit("vit_pico", depth=5, img_size=16, patch_size=8, sparo={"num_slots": 2, "slot_dim": 4})
     assert dino_linear_spec(sparo).kind == "embedding" and resolve_spec("auto", sparo).kind == "embedding"
     named = resolve_spec("last_blocks", sparo)  # by name: DINO's ViT-S setting, also on a SPARO model
@@ -153,7 +152,8 @@ def test_dino_last_blocks_class_tokens_have_the_protocol_width(arch, width, n_bl
 def test_linear_cli_end_to_end_with_saved_head(checkpoint, tmp_path, capsys):
     out, head = tmp_path / "linear.json", tmp_path / "head.pth"
     cache = tmp_path / "cache"
-    linear_cli.main(["--checkpoint", str(checkpoint), "--train-limit", "200", "--test-limit", "60", "--num-workers", "0",
+    linear_cli.main(["--checkpoint", str(checkpoint), "--train-limit", "200", "--test-limit", "60",
+                     "--num-workers", "0",
                      "--lrs", "0.01,1.0", "--epochs", "3", "--probe-batch-size", "64", "--quiet", "--cache-dir",
                      str(cache), "--output-json", str(out), "--save-head", str(head)])
     table = capsys.readouterr().out

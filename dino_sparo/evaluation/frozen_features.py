@@ -42,7 +42,8 @@ class FeatureSpec:
 
     def describe(self) -> str:
         if self.kind == "last_blocks":
-            return f"class tokens of the last {self.n_last_blocks} block(s)" + (" + avg-pooled patches" if self.avgpool else "")
+            pooled = " + avg-pooled patches" if self.avgpool else ""
+            return f"class tokens of the last {self.n_last_blocks} block(s){pooled}"
         return {"embedding": "embedding", "pixels": "raw pixels"}[self.kind]
 
     def to_dict(self) -> dict[str, Any]:

@@ -130,7 +130,8 @@ def evaluate_knn(
                 feature_dtype=str(stores["train"].features.dtype), cache_hit=hits,
                 cache_dir=str(cache_dir) if cache_dir is not None else None,
             )
-            result["seconds"] = {"features": round(t_features, 3), "knn": round(time.perf_counter() - t0 - t_features, 3)}
+            t_knn = time.perf_counter() - t0 - t_features
+            result["seconds"] = {"features": round(t_features, 3), "knn": round(t_knn, 3)}
         result = _broadcast(result)
     return result
 
@@ -216,7 +217,7 @@ def _knn_on_features(
 def knn_from_checkpoint(
     checkpoint: Optional[str | Path] = None,
     *,
-    checkpoint_key: str = "teacher",
+    checkpoint_key: str = "auto",
     baseline: Optional[str] = None,
     config: Optional[str | Path] = None,
     dataset: Optional[str] = None,
@@ -244,7 +245,7 @@ def knn_from_checkpoint(
     result = evaluate_knn(source.backbone, data.train, data.test, cache_dir=cache_dir_from_args(args),
                           device=dev, **options)
     return {"source": source.name, "checkpoint": args.checkpoint,
-            "checkpoint_key": checkpoint_key if baseline is None else None, "data": data.info, **result}
+            "checkpoint_key": source.name if baseline is None else None, "data": data.info, **result}
 
 
 def format_knn_table(result: dict[str, Any]) -> str:
@@ -328,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _plot_path(args: argparse.Namespace) -> Optional[Path]:
+def _plot_path(args: argparse.Namespace, source_name: str) -> Optional[Path]:
     if not args.per_slot:
         return None
     if args.plot:
@@ -337,7 +338,7 @@ def _plot_path(args: argparse.Namespace) -> Optional[Path]:
         out = Path(args.output_json)
         return out.with_name(out.stem + "_per_slot.png")
     if args.checkpoint:
-        return Path(args.checkpoint).resolve().parent / f"knn_per_slot_{args.checkpoint_key}.png"
+        return Path(args.checkpoint).resolve().parent / f"knn_per_slot_{source_name}.png"
     return Path("knn_per_slot.png")
 
 
@@ -358,12 +359,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         source.backbone, data.train, data.test, features=spec, ks=ks, temperature=args.temperature,
         backend=args.backend, slots=slots, select_slots=args.select_slots, select_max_slots=args.select_max_slots,
         select_val_fraction=args.select_val_fraction, select_samples=args.select_samples, per_slot=args.per_slot,
-        slot_k=args.slot_k, plot_path=_plot_path(args), batch_size=args.batch_size, num_workers=args.num_workers,
+        slot_k=args.slot_k, plot_path=_plot_path(args, source.name), batch_size=args.batch_size,
+        num_workers=args.num_workers,
         device=device, fp16_features=args.fp16_features, cache_dir=cache_dir_from_args(args),
         num_classes=data.num_classes, progress=not args.quiet,
     )
     result = {"source": source.name, "checkpoint": args.checkpoint,
-              "checkpoint_key": args.checkpoint_key if args.baseline is None else None, "data": data.info, **result}
+              "checkpoint_key": source.name if args.baseline is None else None, "data": data.info, **result}
     if distributed.is_main_process():
         print(format_knn_table(result), flush=True)
         if args.output_json:

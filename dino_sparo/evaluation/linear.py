@@ -80,7 +80,8 @@ class HeadsSGD:
     """SGD with momentum, one learning rate and weight decay per head (torch.optim.SGD's update:
     ``buf = m·buf + (g + wd·w)``, ``w -= lr·buf``)."""
 
-    def __init__(self, heads: LinearHeads, lrs: torch.Tensor, weight_decays: torch.Tensor, momentum: float = 0.9) -> None:
+    def __init__(self, heads: LinearHeads, lrs: torch.Tensor, weight_decays: torch.Tensor,
+                 momentum: float = 0.9) -> None:
         self.heads, self.momentum = heads, momentum
         self.lrs, self.wds = lrs.float(), weight_decays.float()  # H, H
         self.buffers: Optional[list[torch.Tensor]] = None
@@ -293,7 +294,8 @@ def train_probe(
     bar.close()
     if not is_main:
         empty = heads.head(0)
-        return ProbeResult(head_lrs, head_wds, 0, epochs, None, math.nan, math.nan, {}, [], [], scale, num_fit, 0, 0, empty)
+        return ProbeResult(head_lrs, head_wds, 0, epochs, None, math.nan, math.nan, {}, [], [], scale, num_fit,
+                           0, 0, empty)
 
     chosen = int(np.argmax(best_val))  # ties: the first (smallest lr of the first wd) wins
     weight, bias = snapshots[chosen]

@@ -182,7 +182,8 @@ def evaluate_linear(
             dim = int(block_fn(torch.zeros(1, train.dim)).shape[1]) if block_fn is not None else train.dim
             batches, steps = _augmented_batches(backbone, spec, augment_dataset, fit_rows, batch_size, num_workers,
                                                 block_fn, scale, dev, seed, progress)
-            probe = train_probe(batches, steps, dim, num_classes, (test.features, as_label_tensor(test.labels, len(test))),
+            test_set = (test.features, as_label_tensor(test.labels, len(test)))
+            probe = train_probe(batches, steps, dim, num_classes, test_set,
                                 val, lrs, weight_decays, epochs, batch_size, scale=scale, block_fn=block_fn, seed=seed,
                                 device=dev, progress=progress, num_fit=int(fit_rows.size), across_ranks=True)
         result = None
@@ -203,7 +204,8 @@ def evaluate_linear(
     return result
 
 
-def _save_head(path: str | Path, probe: Any, spec: FeatureSpec, slots: Optional[Sequence[int]], num_classes: int) -> Path:
+def _save_head(path: str | Path, probe: Any, spec: FeatureSpec, slots: Optional[Sequence[int]],
+               num_classes: int) -> Path:
     from dino_sparo.checkpoint import save_checkpoint  # noqa: PLC0415
 
     path = Path(path)
@@ -226,7 +228,7 @@ def _save_head(path: str | Path, probe: Any, spec: FeatureSpec, slots: Optional[
 def linear_from_checkpoint(
     checkpoint: Optional[str | Path] = None,
     *,
-    checkpoint_key: str = "teacher",
+    checkpoint_key: str = "auto",
     baseline: Optional[str] = None,
     config: Optional[str | Path] = None,
     dataset: Optional[str] = None,
@@ -256,7 +258,7 @@ def linear_from_checkpoint(
     result = evaluate_linear(source.backbone, data.train, data.test, augment=augment, augment_dataset=augment_dataset,
                              cache_dir=cache_dir_from_args(args), device=dev, **options)
     return {"source": source.name, "checkpoint": args.checkpoint,
-            "checkpoint_key": checkpoint_key if baseline is None else None, "data": data.info, **result}
+            "checkpoint_key": source.name if baseline is None else None, "data": data.info, **result}
 
 
 def _augment_split(args: argparse.Namespace, source: Any, data: Any, crop_scale: tuple[float, float]) -> Dataset:
@@ -362,7 +364,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.quiet,
     )
     result = {"source": source.name, "checkpoint": args.checkpoint,
-              "checkpoint_key": args.checkpoint_key if args.baseline is None else None, "data": data.info, **result}
+              "checkpoint_key": source.name if args.baseline is None else None, "data": data.info, **result}
     if distributed.is_main_process():
         print(format_linear_table(result), flush=True)
         if args.output_json:

@@ -35,12 +35,12 @@ from dino_sparo.data.datasets import FashionMNIST, build_dataset
 from dino_sparo.data.transforms import eval_transform, normalization_for
 from dino_sparo.evaluation.features import FeatureStore, cached_features, extract_features, feature_cache_path
 from dino_sparo.evaluation.frozen_features import FeatureSpec, feature_fn, module_fingerprint
-from dino_sparo.models.build import build_backbone, load_backbone_from_checkpoint
+from dino_sparo.models.build import CHECKPOINT_BACKBONE_PREFIXES, build_backbone, load_backbone_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
 BASELINES = ("pixels", "init")
-CHECKPOINT_KEYS = ("teacher", "student")
+CHECKPOINT_KEYS = ("auto", *CHECKPOINT_BACKBONE_PREFIXES)
 DEFAULT_CACHE_FOLDER = "eval_features"  # beside the checkpoint
 
 
@@ -51,7 +51,7 @@ DEFAULT_CACHE_FOLDER = "eval_features"  # beside the checkpoint
 class EvalSource:
     """The network an evaluation reads (None for raw pixels) and the run config it belongs to."""
 
-    name: str  # "teacher", "student", "init" or "pixels"
+    name: str  # the checkpoint key ("teacher", "student", "model"), "init" or "pixels"
     backbone: Optional[nn.Module]
     cfg: Optional[TrainConfig]
     checkpoint: Optional[Path] = None
@@ -69,7 +69,7 @@ def init_backbone(cfg: TrainConfig, seed: Optional[int] = None) -> nn.Module:
 
 def load_source(
     checkpoint: Optional[str | os.PathLike] = None,
-    key: str = "teacher",
+    key: str = "auto",
     baseline: Optional[str] = None,
     config: Optional[str | os.PathLike] = None,
     device: str | torch.device = "cpu",
@@ -84,7 +84,10 @@ def load_source(
         if path is None:
             raise ValueError("--checkpoint is required (or choose --baseline pixels|init)")
         backbone, cfg = load_backbone_from_checkpoint(path, key, device=device)
-        logger.info("evaluating %s['%s']: %s read-out, embedding %d", path, key, backbone.readout_type, backbone.out_dim)
+        if key == "auto":
+            key = "teacher" if cfg.mode == "dino" else "model"
+        logger.info("evaluating %s['%s']: %s read-out, embedding %d", path, key, backbone.readout_type,
+                    backbone.out_dim)
         return EvalSource(key, backbone, cfg, path)
     cfg = None
     if path is not None:
@@ -267,7 +270,8 @@ class FeatureWorkspace:
         data = dataset_key(dataset)
         if self.cache_dir is None or data is None:
             if self.cache_dir is not None:
-                logger.warning("dataset %s has no stable description: its features are not cached", type(dataset).__name__)
+                logger.warning("dataset %s has no stable description: its features are not cached",
+                               type(dataset).__name__)
             store = extract_features(model_fn, loader, self._scratch / name, dtype=dtype, normalize=False,
                                      device=device, progress=progress)
             return store, False
@@ -310,8 +314,9 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every evaluation program takes: the network, the data, extraction and output."""
     net = parser.add_argument_group("network")
     net.add_argument("--checkpoint", help="checkpoint.pth written by dino-sparo-train")
-    net.add_argument("--checkpoint-key", default="teacher", choices=CHECKPOINT_KEYS,
-                     help="which network of the checkpoint; DINO reports the teacher (default)")
+    net.add_argument("--checkpoint-key", default="auto", choices=CHECKPOINT_KEYS,
+                     help="which network of the checkpoint; auto: the teacher of a DINO run (what DINO "
+                          "reports), the image tower of a CLIP run's model")
     net.add_argument("--baseline", choices=BASELINES,
                      help="evaluate a reference instead of the trained weights: 'init' is the same "
                           "architecture at initialisation (seeded by the config), 'pixels' the raw images")
