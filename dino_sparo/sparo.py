@@ -154,20 +154,32 @@ class SPARO(nn.Module):
         backend: str = "auto",
     ) -> SparoOutput:
         """Read out ``x`` (``B × N × D``); ``key_padding_mask`` (``B × N``) is True where a token
-        must be ignored. ``return_attn=False`` lets fused kernels run (no weights returned)."""
-        b, n, _ = x.shape
+        must be ignored. ``return_attn=False`` returns no weights; ``backend`` is accepted for the
+        callers' sake (the read-out's attention is small, ``L × N`` per image, and runs explicitly).
+
+        Computed in the tokens' space, exactly: slot l's logit ``q·(W x + b) / sqrt(d_a)`` is
+        ``(Wᵀq)·x / sqrt(d_a)`` plus a constant that the softmax ignores, and its output
+        ``Σ_n a_n (V x_n + c)`` is ``V (Σ_n a_n x_n) + c`` because the weights sum to one. So the keys
+        and values of every token (``N × h·d_a``: ten times the width of ViT-S's tokens with the
+        default L = 64) are never formed, and the read-out costs ``L·D`` per token instead of ``h·d_a·D``.
+        """
+        b, n, d = x.shape
         h, s = self.num_heads, self.slots_per_head
-        keys = self.key(x).view(b, n, h, self.attn_dim).transpose(1, 2)  # B × h × N × d_a
-        values = keys if self.value is None else self.value(x).view(b, n, h, self.value_dim).transpose(1, 2)
-        queries = self.queries.to(keys.dtype).unsqueeze(0).expand(b, -1, -1, -1)  # B × h × L/h × d_a
+        key_weight = self.key.weight.view(h, self.attn_dim, d)  # h × d_a × D
+        folded = torch.einsum("hsa,had->hsd", self.queries, key_weight).reshape(1, 1, h * s, d)  # 1 × 1 × L × D
+        folded = folded * math.sqrt(d / self.attn_dim)  # attention() divides by sqrt(D); the logits want sqrt(d_a)
         # Each query is its own single-head attention: the h heads only group slots sharing k/v.
-        out, weights = attention(
-            queries, keys, values, backend="math" if return_attn else backend,
-            key_padding_mask=key_padding_mask, return_weights=return_attn,
-        )  # B × h × L/h × d_v, B × h × L/h × N
+        pooled, weights = attention(
+            folded.to(x.dtype), x.unsqueeze(1), x.unsqueeze(1), backend="math",
+            key_padding_mask=key_padding_mask, return_weights=True,
+        )  # B × 1 × L × D (each slot's attention-weighted token), B × 1 × L × N
+        projection = self.key if self.value is None else self.value
+        value_weight = projection.weight.view(h, self.value_dim, d)  # h × d_v × D
+        out = torch.einsum("bhsd,hvd->bhsv", pooled.view(b, h, s, d), value_weight)
+        out = out + projection.bias.view(h, 1, self.value_dim)  # B × h × L/h × d_v
         raw = self.out_proj(out.reshape(b, h * s, self.value_dim))  # B × L × V'
         slots = normalize_slots(raw, self.norm).to(x.dtype)  # B × L × V
-        attn = None if weights is None else weights.reshape(b, h * s, n)
+        attn = weights.reshape(b, h * s, n) if return_attn else None
         return SparoOutput(embedding=slots.flatten(1), slots=slots, attn=attn)
 
     def extra_repr(self) -> str:
