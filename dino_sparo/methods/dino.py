@@ -140,8 +140,8 @@ class DinoMethod(Method):
         m = float(self.momentum_schedule[step])
         student = [p.detach() for p in self.student.parameters()]
         teacher = [p for p in self.teacher.parameters()]
-        torch._foreach_mul_(teacher, m)
-        torch._foreach_add_(teacher, student, alpha=1.0 - m)
+        # teacher <- m·teacher + (1 - m)·student, as one pass over each tensor
+        torch._foreach_lerp_(teacher, student, 1.0 - m)
 
     def warnings(self, metrics: dict[str, float]) -> list[str]:
         return collapse_warnings(metrics, self.cfg.dino.out_dim)
