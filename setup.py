@@ -32,6 +32,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dino-sparo-train=dino_sparo.train:main",
+            "dino-sparo-bench=dino_sparo.bench:main",
             "dino-sparo-knn=dino_sparo.evaluation.knn_cli:main",
             "dino-sparo-linear=dino_sparo.evaluation.linear_cli:main",
             "dino-sparo-submit=dino_sparo.submit:main",
