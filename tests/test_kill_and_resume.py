@@ -1,0 +1,73 @@
+"""A training process killed with SIGKILL at random moments always leaves a loadable checkpoint;
+re-running the same command resumes from it, and the run ends as an uninterrupted one does."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dino_sparo.checkpoint import load_checkpoint
+from dino_sparo.config import load_config
+from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
+from dino_sparo.train import train
+
+pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
+                                reason="Fashion-MNIST not installed (make data)")
+
+TINY = [
+    "model.arch=vit_pico", "model.depth=2", "model.patch_size=4", "model.img_size=28", "model.drop_path_rate=0.1",
+    "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
+    "data.dataset=fashion_mnist", "data.limit=16", "data.batch_size_per_gpu=16", "data.num_workers=0",
+    "crops.global_crops_size=28", "crops.local_crops_number=2", "crops.local_crops_size=12",
+    "dino.out_dim=256", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
+    "optim.epochs=16", "optim.warmup_epochs=2", "log_every=1", "device=cpu",
+]  # one step per epoch: a checkpoint is written after every step, so kills often land in a save
+
+
+def start(output_dir: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # as this process: identical sums
+    return subprocess.Popen([sys.executable, "-m", "dino_sparo.train", *TINY, f"output_dir={output_dir}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def logged_steps(output_dir: Path) -> int:
+    path = output_dir / "log.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_sigkill_at_random_moments_leaves_a_checkpoint_to_resume_from(tmp_path):
+    run, reference = tmp_path / "killed", tmp_path / "reference"
+    rng = random.Random(0)
+    last_step = 0
+    for trial in range(2):
+        process = start(run)
+        before, deadline = logged_steps(run), time.monotonic() + 120
+        while logged_steps(run) <= before:  # this attempt is training
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.2))
+        process.kill()  # SIGKILL: no handler runs, possibly in the middle of writing the checkpoint
+        process.communicate()
+        step = load_checkpoint(run / "checkpoint.pth")["step"]  # always loadable
+        assert last_step <= step <= 16 and (trial > 0 or step < 16), (trial, step)  # never backwards
+        last_step = step
+    process = start(run)
+    out, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, out[-3000:]
+    assert f"resumed from {run / 'checkpoint.pth'} at step {last_step}" in out
+
+    train(load_config(None, TINY + [f"output_dir={reference}"]))
+    a, b = load_checkpoint(reference / "checkpoint.pth"), load_checkpoint(run / "checkpoint.pth")
+    assert a["step"] == b["step"] == 16
+    for name in ("student", "teacher", "loss"):
+        for key, value in a[name].items():
+            assert torch.equal(value, b[name][key]), f"{name}.{key} differs after kills and resumes"
+    final = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert final["loss"] == json.loads((reference / "log.jsonl").read_text().splitlines()[-1])["loss"]
