@@ -37,6 +37,7 @@ setup(
             "dino-sparo-linear=dino_sparo.evaluation.linear_cli:main",
             "dino-sparo-submit=dino_sparo.submit:main",
             "dino-sparo-zeroshot=dino_sparo.evaluation.zeroshot_cli:main",
+            "dino-sparo-visualize=dino_sparo.visualize:main",
         ],
     },
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,9 +25,12 @@ def most_attended_slots(attn: torch.Tensor, count: int) -> list[int]:
     """Slots ranked by how often they put the most mass on some patch (ties by total mass)."""
     patch_attn = attn[..., 1:]  # B × L × P
     winners = patch_attn.argmax(dim=1)  # B × P: the slot attending most to each patch
-    votes = torch.bincount(winners.flatten(), minlength=attn.shape[1]).float()
-    score = votes + 1e-6 * patch_attn.sum(dim=(0, 2))
-    return score.argsort(descending=True)[:count].tolist()
+    votes = torch.bincount(winners.flatten(), minlength=attn.shape[1])  # L
+    mass = patch_attn.double().sum(dim=(0, 2))  # L
+    # lexicographic (votes, then mass): a weighted sum would lose the tie-break to float rounding
+    by_mass = mass.argsort(descending=True, stable=True)
+    order = by_mass[votes[by_mass].argsort(descending=True, stable=True)]
+    return order[:count].tolist()
 
 
 def plot_slot_attention(
@@ -46,11 +49,7 @@ def plot_slot_attention(
     images for showing (``B × H × W`` or ``B × H × W × 3``, values in [0, 1]). Slots are chosen by
     :func:`most_attended_slots` unless given. Returns the slots shown.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     attn = slot_attention(backbone, images)
     if slots is None:
         slots = most_attended_slots(attn, min(num_slots, attn.shape[1]))
@@ -74,7 +73,184 @@ def plot_slot_attention(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return slots
+
+
+@torch.no_grad()
+def text_slot_attention(text: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """SPARO attention ``B × L × N`` of a CLIP text tower over token ids ``B × N`` (zero after end of text)."""
+    if getattr(text, "sparo", None) is None:
+        raise ValueError("text slot attention needs a SPARO text tower (clip.text_readout: sparo)")
+    _, attn = text.readout(tokens, text.forward_tokens(tokens), return_attn=True)
+    return attn.float()
+
+
+def token_strings(tokenizer: Any, tokens: torch.Tensor) -> list[str]:
+    """The readable piece of each token of one row ``N``, up to and including end of text."""
+    ids = tokens.tolist()
+    end = ids.index(tokenizer.eot_token_id) + 1 if tokenizer.eot_token_id in ids else len(ids)
+    names = []
+    for i in ids[:end]:
+        if i == tokenizer.sot_token_id:
+            names.append("<start>")
+        elif i == tokenizer.eot_token_id:
+            names.append("<end>")
+        else:
+            names.append(tokenizer.decode([i]) or "?")
+    return names
+
+
+def plot_text_attention(
+    text: torch.nn.Module,
+    tokenizer: Any,
+    caption: str,
+    path: str | Path,
+    slots: Optional[Sequence[int]] = None,
+    num_slots: int = 8,
+    title: str = "",
+) -> list[int]:
+    """A heat strip PNG: one row per chosen slot, one column per caption token, the slot's weight
+    on that token printed in the cell. Slots are chosen by :func:`most_attended_slots` (class-token
+    column excluded, so here the start-of-text token) unless given. Returns the slots shown."""
+    plt = _pyplot()
+    tokens = tokenizer([caption])  # 1 × context_length
+    attn = text_slot_attention(text, tokens)  # 1 × L × N
+    names = token_strings(tokenizer, tokens[0])
+    attn = attn[..., : len(names)]
+    if slots is None:
+        slots = most_attended_slots(attn, min(num_slots, attn.shape[1]))
+    slots = list(slots)
+    strip = attn[0, slots].numpy()  # S × T
+    fig, ax = plt.subplots(figsize=(0.55 * len(names) + 1.2, 0.32 * len(slots) + 1.0))
+    ax.imshow(strip, cmap="inferno", vmin=0.0, vmax=max(float(strip.max()), 1e-6), aspect="auto")
+    for r in range(strip.shape[0]):
+        for c in range(strip.shape[1]):
+            ax.text(c, r, f"{strip[r, c]:.2f}", ha="center", va="center", fontsize=5,
+                    color="black" if strip[r, c] > 0.6 * strip.max() else "white")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6)
+    ax.set_yticks(range(len(slots)), [f"slot {s}" for s in slots], fontsize=6)
+    ax.set_title(title or f"text slot attention: {caption!r}", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return slots
+
+
+def load_images(items: Sequence[str | int], size: int, mean: Sequence[float], std: Sequence[float],
+                grayscale: bool, fashion_mnist_root: Optional[str] = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Network inputs ``B × C × size × size`` and display images (``B × H × W`` grey or
+    ``B × H × W × 3``, in [0, 1]) from Fashion-MNIST test indices (integers) or image file paths."""
+    from PIL import Image  # noqa: PLC0415
+
+    from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST  # noqa: PLC0415
+    from dino_sparo.data.transforms import eval_transform  # noqa: PLC0415
+
+    transform = eval_transform(size, mean, std, resize_ratio=1.0, grayscale_input=grayscale)
+    test_set = None
+    pictures = []
+    for item in items:
+        if isinstance(item, int) or str(item).isdigit():
+            if test_set is None:
+                test_set = FashionMNIST(fashion_mnist_root or DEFAULT_FASHION_MNIST_ROOT, "test")
+            if not 0 <= int(item) < len(test_set):
+                raise IndexError(f"Fashion-MNIST test index {item} is outside 0..{len(test_set) - 1}")
+            picture = test_set[int(item)][0]
+        else:
+            if not Path(item).is_file():
+                raise FileNotFoundError(f"image not found: {item}")
+            picture = Image.open(item)
+        picture = picture.convert("L" if grayscale else "RGB").resize((size, size), Image.BICUBIC)
+        pictures.append(picture)
+    images = torch.stack([transform(p) for p in pictures])  # B × C × size × size
+    display = np.stack([np.asarray(p, dtype=np.float32) / 255 for p in pictures])
+    return images, display
+
+
+def visualize_checkpoint(
+    checkpoint: str | Path,
+    items: Sequence[str | int],
+    output: str | Path,
+    slots: Optional[Sequence[int]] = None,
+    num_slots: int = 8,
+    caption: Optional[str] = None,
+    key: str = "teacher",
+    fashion_mnist_root: Optional[str] = None,
+) -> dict[str, Any]:
+    """Slot attention pictures of a DINO (``key``: teacher/student) or CLIP checkpoint; for CLIP
+    with a ``caption`` also the text strip (written beside ``output`` as ``*_text.png``)."""
+    from dino_sparo.checkpoint import load_checkpoint  # noqa: PLC0415
+    from dino_sparo.data.transforms import normalization_for  # noqa: PLC0415
+
+    output = Path(output)
+    mode = load_checkpoint(checkpoint, map_location="cpu").get("config", {}).get("mode", "dino")
+    text, tokenizer = None, None
+    if mode == "clip":
+        from dino_sparo.models.clip import load_clip_model  # noqa: PLC0415
+
+        model, cfg, tokenizer = load_clip_model(checkpoint)
+        backbone, text = model.visual, model.text
+        mean, std = cfg.clip.image_mean, cfg.clip.image_std
+        grayscale = False
+    else:
+        from dino_sparo.models.build import load_backbone_from_checkpoint  # noqa: PLC0415
+
+        backbone, cfg = load_backbone_from_checkpoint(checkpoint, key=key)
+        mean, std, grayscale = normalization_for(cfg.data.dataset)
+    images, display = load_images(items, cfg.model.img_size, mean, std, grayscale,
+                                  fashion_mnist_root or cfg.data.path)
+    shown = plot_slot_attention(backbone, images, display, output, slots=slots, num_slots=num_slots,
+                                title=f"{Path(checkpoint).parent.name}: slot attention over patches")
+    result: dict[str, Any] = {"image_png": str(output), "slots": shown}
+    if caption is not None:
+        if text is None:
+            raise ValueError(f"--caption needs a CLIP checkpoint; {checkpoint} was trained with mode {mode!r}")
+        text_png = output.with_name(output.stem + "_text.png")
+        result["text_slots"] = plot_text_attention(text, tokenizer, caption, text_png, slots=slots, num_slots=num_slots)
+        result["text_png"] = str(text_png)
+    return result
+
+
+def _pyplot() -> Any:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path, dpi: int = 110) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+
+
+def build_parser() -> "argparse.ArgumentParser":
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="dino-sparo-visualize",
+        description="PNG grid of SPARO slot attention over the patch grid of some images (class-token weight "
+                    "printed above each map); for CLIP checkpoints also the per-token attention of a caption.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pth of a DINO or CLIP run with a SPARO read-out")
+    parser.add_argument("--images", nargs="+", default=["0", "1250", "2500", "3750", "5000", "6250", "7500", "8750"],
+                        help="Fashion-MNIST test indices and/or image file paths (default: 8 spread-out test images)")
+    parser.add_argument("--slots", type=int, nargs="+", help="slots to show (default: the most attended ones)")
+    parser.add_argument("--num-slots", type=int, default=8, help="how many most-attended slots to show without --slots")
+    parser.add_argument("--caption", help="CLIP only: also plot each slot's attention over this caption's tokens")
+    parser.add_argument("--key", default="teacher", choices=["teacher", "student"], help="DINO: which network")
+    parser.add_argument("--data-path", help="folder of the Fashion-MNIST IDX files (default: the config's)")
+    parser.add_argument("--output", default="slot_attention.png", help="PNG to write")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    result = visualize_checkpoint(args.checkpoint, args.images, args.output, slots=args.slots,
+                                  num_slots=args.num_slots, caption=args.caption, key=args.key,
+                                  fashion_mnist_root=args.data_path)
+    for name in ("image_png", "text_png"):
+        if name in result:
+            print(f"{name}: {result[name]}")
+    print(f"slots: {result['slots']}")
+    return result

@@ -1,0 +1,92 @@
+"""Slot attention pictures (image grid, text strip), slot ranking, training-curve plots."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dino_sparo.models.vit import VisionTransformer
+from dino_sparo.plots import metrics_in, plot_training_logs, read_log
+from dino_sparo.visualize import most_attended_slots, plot_slot_attention, slot_attention
+
+
+def _tiny_sparo_vit(num_slots: int = 6) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, readout="sparo",
+                             sparo={"num_slots": num_slots, "slot_dim": 4}).eval()
+
+
+def test_slot_attention_rows_are_distributions_over_class_token_and_patches():
+    vit = _tiny_sparo_vit()
+    attn = slot_attention(vit, torch.randn(3, 3, 16, 16))
+    assert attn.shape == (3, 6, 1 + 16)  # B × L × (1 + 4·4 patches)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(3, 6))
+
+
+def test_attention_grid_png_has_one_panel_per_image_and_slot(tmp_path):
+    vit = _tiny_sparo_vit()
+    images, display = torch.randn(2, 3, 16, 16), np.random.rand(2, 16, 16).astype(np.float32)
+    path = tmp_path / "grid.png"
+    shown = plot_slot_attention(vit, images, display, path, slots=[4, 1, 3])
+    assert shown == [4, 1, 3]
+    width, height = Image.open(path).size
+    # figure size is 1.3 in per column (image + 3 slots) by 1.4 in per row (2 images), at 110 dpi
+    assert (width, height) == (round(1.3 * 4 * 110), round(1.4 * 2 * 110))
+    chosen = plot_slot_attention(vit, images, display, tmp_path / "top.png", num_slots=5)
+    assert len(chosen) == 5 and len(set(chosen)) == 5
+    assert Image.open(tmp_path / "top.png").size == (round(1.3 * 6 * 110), round(1.4 * 2 * 110))
+
+
+def test_most_attended_slots_ranks_by_patches_won_then_mass():
+    attn = torch.zeros(1, 4, 1 + 5)  # B × L × (cls + 5 patches)
+    attn[0, :, 0] = 0.5  # class-token weight must not count
+    attn[0, 2, 1:4] = 0.9  # slot 2 wins patches 1, 2, 3
+    attn[0, 0, 4] = 0.9  # slot 0 wins patch 4
+    attn[0, 3, 5] = 0.9  # slot 3 wins patch 5 ...
+    attn[0, 3, 1] = 0.1  # ... and has more total mass than slot 0
+    attn[0, 1, 0] = 1.0  # slot 1 only looks at the class token
+    assert most_attended_slots(attn, 4) == [2, 3, 0, 1]
+    assert most_attended_slots(attn, 2) == [2, 3]
+
+
+def test_text_attention_strip_has_a_row_per_slot(tmp_path):
+    pytest.importorskip("open_clip")
+    from dino_sparo.models.text import Tokenizer, TextTransformer
+    from dino_sparo.visualize import plot_text_attention, text_slot_attention, token_strings
+
+    tokenizer = Tokenizer(context_length=16)
+    torch.manual_seed(0)
+    text = TextTransformer(vocab_size=tokenizer.vocab_size, context_length=16, width=16, depth=2, num_heads=2,
+                           sparo={"num_slots": 5, "slot_dim": 4}, eot_token_id=tokenizer.eot_token_id).eval()
+    tokens = tokenizer(["a photo of a shoe"])
+    names = token_strings(tokenizer, tokens[0])
+    assert names[0] == "<start>" and names[-1] == "<end>" and len(names) == 7
+    attn = text_slot_attention(text, tokens)
+    assert torch.all(attn[..., len(names):] == 0)  # nothing after the end of text
+    shown = plot_text_attention(text, tokenizer, "a photo of a shoe", tmp_path / "text.png", num_slots=3)
+    assert len(shown) == 3 and (tmp_path / "text.png").stat().st_size > 0
+
+
+def _write_log(path, steps, with_knn=False):
+    rows = [{"step": s, "epoch": 0, "loss": 8.0 - s / 10, "lr": 1e-3 * s, "teacher_entropy": 7.0,
+             **({"knn_top1": 0.5 + s / 100} if with_knn else {})} for s in steps]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+
+
+def test_plot_log_reads_logs_and_writes_one_png(tmp_path):
+    (tmp_path / "a").mkdir()
+    _write_log(tmp_path / "a" / "log.jsonl", [5, 10, 15])
+    _write_log(tmp_path / "b.jsonl", [5, 10], with_knn=True)
+    assert [r["step"] for r in read_log(tmp_path / "a")] == [5, 10, 15]
+    out = tmp_path / "curves.png"
+    drawn = plot_training_logs([tmp_path / "a", tmp_path / "b.jsonl"], out, labels=["cls", "sparo"])
+    assert drawn == ["loss", "lr", "teacher_entropy", "knn_top1"]
+    assert Image.open(out).size[0] > 0
+    assert metrics_in([read_log(tmp_path / "a")], ["loss", "missing"]) == ["loss"]
+
+
+def test_plot_log_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        read_log(tmp_path / "nowhere" / "log.jsonl")
