@@ -1,0 +1,6 @@
+"""Training curves of one or several ``log.jsonl`` files as one PNG; see ``--help``."""
+
+from dino_sparo.plots import main
+
+if __name__ == "__main__":
+    main()
