@@ -1,0 +1,236 @@
+"""A controlled comparison: DINO with a class-token read-out vs a SPARO read-out, several seeds.
+
+Both arms start from the same config (the Fashion-MNIST demo by default) and differ only in
+``model.readout`` (the SPARO arm drops its last block, ``reduce_depth: 1``, so the read-out takes
+that block's place and parameter counts stay comparable). Every run writes one JSON; the summary
+(mean ± sample std over seeds) is rebuilt from those files, so an interrupted study resumes by
+skipping the runs that already have their JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+logger = logging.getLogger("dino_sparo.study")
+
+ARMS: dict[str, list[str]] = {
+    "cls": ["model.readout=cls", "model.reduce_depth=0"],
+    "sparo": ["model.readout=sparo", "model.reduce_depth=1"],
+}
+
+# the metrics aggregated over seeds (dotted paths into a run's JSON)
+METRICS: tuple[str, ...] = ("knn_top1", "linear_top1", "selected_knn_top1", "num_selected_slots",
+                            "backbone_params", "train_seconds")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one run may spend: training overrides applied to the base config, and evaluation sizes."""
+
+    train_overrides: list[str] = field(default_factory=list)
+    knn_train_limit: Optional[int] = None  # k-NN memory / probe train images (class-balanced); None = all 60k
+    test_limit: Optional[int] = None  # test images; None = all 10k
+    linear_epochs: int = 100
+    linear_lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)  # base lrs (× batch/256), chosen on 10% held-out train rows
+    linear_batch_size: int = 256
+    eval_batch_size: int = 500
+
+
+BUDGETS: dict[str, Budget] = {
+    # a few steps, to check the whole pipeline
+    "smoke": Budget(["optim.epochs=1", "optim.warmup_epochs=0", "optim.freeze_last_layer=0", "data.limit=256",
+                     "data.batch_size_per_gpu=64", "max_steps=2", "log_every=1", "data.num_workers=0"],
+                    knn_train_limit=400, test_limit=200, linear_epochs=2),
+    # fits six runs in about 40 minutes on two shared CPU cores: 3 full epochs of 960 images
+    "cpu": Budget(["optim.epochs=3", "optim.warmup_epochs=1", "optim.freeze_last_layer=1", "data.limit=960",
+                   "data.batch_size_per_gpu=64", "log_every=5", "data.num_workers=1"],
+                  knn_train_limit=6000, test_limit=2000, linear_epochs=30),
+    # the demo's own schedule (4 epochs of 60k images) and full evaluation: for a faster machine
+    "demo": Budget([], knn_train_limit=None, test_limit=None, linear_epochs=100),
+}
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}_seed{seed}"
+
+
+def run_overrides(arm: str, seed: int, budget: Budget, output_dir: Path) -> list[str]:
+    """The config overrides of one run, in the order they are applied (later wins)."""
+    if arm not in ARMS:
+        raise ValueError(f"arm must be one of {sorted(ARMS)}, got {arm!r}")
+    return [*budget.train_overrides, *ARMS[arm], f"seed={seed}", f"output_dir={output_dir}"]
+
+
+def run_one(config: str | Path, arm: str, seed: int, budget: Budget, output_dir: Path,
+            device: str = "cpu") -> dict[str, Any]:
+    """Train one arm/seed (resuming if interrupted), then evaluate its teacher: k-NN (k = 20),
+    k-NN on greedily selected slots (SPARO only; chosen on held-out train rows), linear probe."""
+    from dino_sparo.config import load_config  # noqa: PLC0415  (heavy imports only when running)
+    from dino_sparo.evaluation.knn_cli import knn_from_checkpoint  # noqa: PLC0415
+    from dino_sparo.evaluation.linear_cli import linear_from_checkpoint  # noqa: PLC0415
+    from dino_sparo.models.vit import count_parameters  # noqa: PLC0415
+    from dino_sparo.models.build import build_backbone  # noqa: PLC0415
+    from dino_sparo.train import train  # noqa: PLC0415
+
+    overrides = run_overrides(arm, seed, budget, output_dir)
+    cfg = load_config(config, overrides + [f"device={device}"])
+    params = count_parameters(build_backbone(cfg.model))
+    logger.info("%s seed %d: backbone %d parameters; training into %s", arm, seed, params, output_dir)
+    t0 = time.perf_counter()
+    train(cfg)
+    train_s = time.perf_counter() - t0
+    checkpoint = output_dir / "checkpoint.pth"
+    common = dict(train_limit=budget.knn_train_limit, test_limit=budget.test_limit, device=device,
+                  num_workers=0, progress=False)
+    t1 = time.perf_counter()
+    knn = knn_from_checkpoint(checkpoint, ks=(20,), temperature=0.07, batch_size=budget.eval_batch_size,
+                              select_slots=arm == "sparo", **common)
+    linear = linear_from_checkpoint(checkpoint, epochs=budget.linear_epochs, lrs=budget.linear_lrs,
+                                    batch_size=budget.linear_batch_size, val_fraction=0.1,
+                                    extract_batch_size=budget.eval_batch_size, seed=seed, **common)
+    eval_s = time.perf_counter() - t1
+    selection = knn.get("slot_selection")
+    return {
+        "arm": arm, "seed": seed, "config": str(config), "overrides": overrides,
+        "backbone_params": params, "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
+        "knn_top1": knn["knn"]["20"]["top1"],
+        "knn_features": knn["features"], "knn_num_train": knn["num_train"], "knn_num_test": knn["num_test"],
+        "selected_knn_top1": selection["knn"]["20"]["top1"] if selection else None,
+        "selected_slots": selection["selected"] if selection else None,
+        "num_selected_slots": len(selection["selected"]) if selection else None,
+        "linear_top1": linear["test_top1"], "linear_features": linear["features"],
+        "linear_epochs": budget.linear_epochs, "linear_selected": linear["selected"],
+        "checkpoint": str(checkpoint),
+    }
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n − 1; 0 for a single value)."""
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n, "values": list(values)}
+
+
+def aggregate(runs: Iterable[dict[str, Any]], metrics: Sequence[str] = METRICS) -> dict[str, dict[str, Any]]:
+    """Per arm, per metric: mean ± std over the runs (runs missing a metric, or with None, are left out)."""
+    by_arm: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_arm.setdefault(run["arm"], []).append(run)
+    summary: dict[str, dict[str, Any]] = {}
+    for arm, arm_runs in sorted(by_arm.items()):
+        summary[arm] = {"seeds": sorted(r["seed"] for r in arm_runs)}
+        for metric in metrics:
+            values = [float(r[metric]) for r in arm_runs if r.get(metric) is not None]
+            if values:
+                summary[arm][metric] = mean_std(values)
+    return summary
+
+
+def load_runs(folder: str | Path) -> list[dict[str, Any]]:
+    """Every per-run JSON in ``folder/runs``."""
+    return [json.loads(p.read_text()) for p in sorted((Path(folder) / "runs").glob("*.json"))]
+
+
+def format_summary(summary: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table: per arm, mean ± std in percent over the seeds."""
+    def cell(entry: Optional[dict[str, Any]], percent: bool = True, digits: int = 2) -> str:
+        if not entry:
+            return "—"
+        scale = 100.0 if percent else 1.0
+        return f"{scale * entry['mean']:.{digits}f} ± {scale * entry['std']:.{digits}f}"
+
+    lines = ["| read-out | seeds | backbone params | k-NN top-1 (k=20) | linear top-1 | k-NN, selected slots | slots kept |",
+             "|---|---|---|---|---|---|---|"]
+    for arm, entry in summary.items():
+        params = entry.get("backbone_params")
+        lines.append(
+            f"| {arm} | {len(entry['seeds'])} | {int(params['mean']):,} | {cell(entry.get('knn_top1'))} | "
+            f"{cell(entry.get('linear_top1'))} | {cell(entry.get('selected_knn_top1'))} | "
+            f"{cell(entry.get('num_selected_slots'), percent=False, digits=1)} |"
+            if params else f"| {arm} | {len(entry['seeds'])} | — | — | — | — | — |")
+    return "\n".join(lines)
+
+
+def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, results_dir: str | Path,
+              output_dir: str | Path, arms: Sequence[str] = tuple(ARMS), device: str = "cpu") -> dict[str, Any]:
+    """Every arm × seed not yet done (seed-major, so partial results stay balanced), then the summary."""
+    if budget_name not in BUDGETS:
+        raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
+    budget = BUDGETS[budget_name]
+    results = Path(results_dir) / budget_name
+    (results / "runs").mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for arm in arms:
+            path = results / "runs" / f"{run_name(arm, seed)}.json"
+            if path.exists():
+                logger.info("%s: done, skipping", path)
+                continue
+            run = run_one(config, arm, seed, budget, Path(output_dir) / budget_name / run_name(arm, seed), device)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(run, indent=2))
+            tmp.replace(path)
+            logger.info("%s seed %d: k-NN %.4f, linear %.4f, selected-slot k-NN %s", arm, seed, run["knn_top1"],
+                        run["linear_top1"], run["selected_knn_top1"])
+            write_summary(results, budget_name, config)
+    return write_summary(results, budget_name, config)
+
+
+def write_summary(results: Path, budget_name: str, config: str | Path) -> dict[str, Any]:
+    """``summary.json`` (and the Markdown table in ``summary.md``) from the per-run JSONs."""
+    summary = aggregate(load_runs(results))
+    budget = BUDGETS.get(budget_name)
+    payload = {"budget": budget_name, "config": str(config),
+               "budget_detail": asdict(budget) if budget else None, "arms": summary}
+    (results / "summary.json").write_text(json.dumps(payload, indent=2))
+    (results / "summary.md").write_text(format_summary(summary) + "\n")
+    return payload
+
+
+def build_parser() -> "argparse.ArgumentParser":
+    import argparse  # noqa: PLC0415
+
+    default_config = "configs/dino/demo_fashion_mnist.yaml"  # relative to the repository root
+    parser = argparse.ArgumentParser(
+        prog="python tools/study.py",
+        description="DINO with a class-token vs a SPARO read-out, several seeds, same schedule and budget; "
+                    "k-NN, linear probe and selected-slot k-NN, mean ± std. Re-running skips finished runs.")
+    parser.add_argument("--config", default=default_config, help="base config both arms start from")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per arm (at least 3 for a std)")
+    parser.add_argument("--budget", default="cpu", choices=sorted(BUDGETS),
+                        help="smoke: a 2-step pipeline check; cpu: ~40 min for 6 runs on 2 shared cores; "
+                             "demo: the demo's full schedule and evaluation")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which read-outs to run")
+    parser.add_argument("--results-dir", default="results/study", help="per-run JSONs and the summary go here")
+    parser.add_argument("--output-dir", default="output/study", help="checkpoints and training logs go here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
+    parser.add_argument("--summary-only", action="store_true", help="only rebuild the summary from the run JSONs")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # training adds its own console handler to the root logger
+    if args.summary_only:
+        payload = write_summary(Path(args.results_dir) / args.budget, args.budget, args.config)
+    else:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
+        payload = run_study(args.config, args.seeds, args.budget, args.results_dir, args.output_dir, args.arms,
+                            args.device)
+    print(format_summary(payload["arms"]))
+    return payload

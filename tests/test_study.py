@@ -1,0 +1,60 @@
+"""The read-out study's bookkeeping: mean ± std over seeds, the table, resuming past finished runs."""
+
+import json
+import statistics
+
+import pytest
+
+from dino_sparo import study
+
+
+def _fake_run(arm, seed, knn, linear, selected=None, slots=None):
+    return {"arm": arm, "seed": seed, "knn_top1": knn, "linear_top1": linear, "selected_knn_top1": selected,
+            "num_selected_slots": slots, "backbone_params": 1000 if arm == "cls" else 900, "train_seconds": 10.0}
+
+
+def test_aggregate_gives_mean_and_sample_std_per_arm(tmp_path):
+    runs = [_fake_run("cls", 0, 0.70, 0.75), _fake_run("cls", 1, 0.72, 0.77), _fake_run("cls", 2, 0.74, 0.70),
+            _fake_run("sparo", 0, 0.71, 0.76, 0.73, 5), _fake_run("sparo", 1, 0.69, 0.74, 0.70, 7),
+            _fake_run("sparo", 2, 0.73, 0.78, 0.75, 6)]
+    (tmp_path / "runs").mkdir()
+    for run in runs:
+        (tmp_path / "runs" / f"{study.run_name(run['arm'], run['seed'])}.json").write_text(json.dumps(run))
+    summary = study.aggregate(study.load_runs(tmp_path))
+    assert summary["cls"]["seeds"] == [0, 1, 2]
+    assert summary["cls"]["knn_top1"]["mean"] == pytest.approx(statistics.mean([0.70, 0.72, 0.74]))
+    assert summary["cls"]["knn_top1"]["std"] == pytest.approx(statistics.stdev([0.70, 0.72, 0.74]))
+    assert summary["sparo"]["linear_top1"]["std"] == pytest.approx(statistics.stdev([0.76, 0.74, 0.78]))
+    assert summary["sparo"]["num_selected_slots"]["mean"] == pytest.approx(6.0)
+    assert "selected_knn_top1" not in summary["cls"]  # None everywhere: left out, not averaged as 0
+    table = study.format_summary(summary)
+    assert "| cls | 3 | 1,000 | 72.00 ± 2.00 |" in table
+    assert "| 6.0 ± 1.0 |" in table
+
+
+def test_mean_std_of_one_value_has_zero_std():
+    assert study.mean_std([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1, "values": [0.5]}
+
+
+def test_study_skips_finished_runs_and_writes_the_summary(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_one(config, arm, seed, budget, output_dir, device="cpu"):
+        calls.append((arm, seed))
+        return _fake_run(arm, seed, 0.7 + seed / 100, 0.8)
+
+    monkeypatch.setattr(study, "run_one", fake_run_one)
+    runs_dir = tmp_path / "results" / "smoke" / "runs"
+    runs_dir.mkdir(parents=True)
+    (runs_dir / "cls_seed0.json").write_text(json.dumps(_fake_run("cls", 0, 0.6, 0.6)))
+    payload = study.run_study("base.yaml", [0, 1], "smoke", tmp_path / "results", tmp_path / "out")
+    assert calls == [("sparo", 0), ("cls", 1), ("sparo", 1)]
+    assert payload["arms"]["cls"]["knn_top1"]["values"] == [0.6, 0.71]
+    assert json.loads((tmp_path / "results" / "smoke" / "summary.json").read_text())["budget"] == "smoke"
+
+
+def test_unknown_budget_and_arm_are_named():
+    with pytest.raises(ValueError, match="'huge'"):
+        study.run_study("base.yaml", [0], "huge", "r", "o")
+    with pytest.raises(ValueError, match="'mean'"):
+        study.run_overrides("mean", 0, study.BUDGETS["smoke"], "o")
