@@ -203,6 +203,14 @@ def test_evaluate_knn_in_process_and_errors(checkpoint, tmp_path):
     result = knn_cli.knn_from_checkpoint(checkpoint, train_limit=TRAIN_LIMIT, test_limit=TEST_LIMIT, ks=(20,),
                                          cache_dir=None, backend="torch", progress=False)
     assert 0.0 <= result["knn"]["20"]["top1"] <= 1.0 and result["cache_dir"] is None
+    # in process, on a model in training mode: the same numbers, and the model stays in training mode
+    backbone, _ = load_backbone_from_checkpoint(checkpoint, "teacher")
+    backbone.train()
+    train = FashionMNIST(split="train", limit=TRAIN_LIMIT, transform=eval_transform(
+        28, FASHION_MNIST_MEAN, FASHION_MNIST_STD, resize_ratio=1.0, grayscale_input=True))
+    test = FashionMNIST(split="test", limit=TEST_LIMIT, transform=train.transform)
+    direct = knn_cli.evaluate_knn(backbone, train, test, ks=(20,), backend="torch", progress=False)
+    assert direct["knn"] == result["knn"] and backbone.training
     with pytest.raises(SystemExit, match="k=500 exceeds"):
         run_knn(checkpoint, tmp_path, "--ks", "500")
     with pytest.raises(SystemExit, match="slot ids|slots must be distinct"):

@@ -36,6 +36,7 @@ from dino_sparo.evaluation.sources import (
     cache_dir_from_args,
     data_from_args,
     extract_splits,
+    frozen,
     is_grayscale,
     load_source,
     num_classes_of,
@@ -96,8 +97,9 @@ def evaluate_knn(
     selection on a held-out part of the train split (``select_slots``; the test split is never
     shown to the selector), and slot by slot (``per_slot``, with a bar chart at ``plot_path``).
     ``slot_k`` is the k of per-slot accuracy and of the selection. Features are cached in
-    ``cache_dir`` when given. Under ``torch.distributed`` every rank calls this; extraction is
-    sharded, the search runs on rank 0, and every rank returns rank 0's result.
+    ``cache_dir`` when given. The backbone is moved to ``device`` (default: CUDA when available)
+    and keeps its train/eval mode. Under ``torch.distributed`` every rank calls this; extraction
+    is sharded, the search runs on rank 0, and every rank returns rank 0's result.
     """
     ks = sorted({int(k) for k in ks})
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,13 +110,11 @@ def evaluate_knn(
         raise ValueError("--slots, --select-slots and --per-slot need a SPARO model's embedding features")
     if slots is not None:  # refuse bad ids before the (long) extraction
         SelectedSlots(np.zeros((1, layout[0] * layout[1]), np.float32), layout[0], layout[1], slots, layout[2])
-    if backbone is not None:
-        backbone = backbone.to(dev).eval()
     if num_classes is None:
         num_classes = num_classes_of(train_dataset)
 
     t0 = time.perf_counter()
-    with FeatureWorkspace(cache_dir) as workspace:
+    with FeatureWorkspace(cache_dir) as workspace, frozen(backbone, dev):
         stores, hits = extract_splits(workspace, backbone, spec, {"train": train_dataset, "test": test_dataset},
                                       fp16_features, batch_size, num_workers, dev, progress)
         t_features = time.perf_counter() - t0

@@ -44,6 +44,7 @@ from dino_sparo.evaluation.sources import (
     cache_dir_from_args,
     data_from_args,
     extract_splits,
+    frozen,
     is_grayscale,
     load_source,
     num_classes_of,
@@ -137,8 +138,9 @@ def evaluate_linear(
     class-token models (``frozen_features.dino_linear_spec``). ``batch_size`` is the global probe
     batch (the base lrs are scaled by batch / 256). With ``augment``, ``augment_dataset`` is the
     train split with a training transform, row for row the same images as ``train_dataset``.
-    ``save_head`` writes the chosen classifier with what is needed to apply it.
-    Under ``torch.distributed`` every rank calls this and returns rank 0's result.
+    ``save_head`` writes the chosen classifier with what is needed to apply it. The backbone is
+    moved to ``device`` and keeps its train/eval mode. Under ``torch.distributed`` every rank
+    calls this and returns rank 0's result.
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = features if isinstance(features, FeatureSpec) else resolve_spec(
@@ -150,8 +152,6 @@ def evaluate_linear(
     if augment and len(augment_dataset) != len(train_dataset):
         raise ValueError(f"the augmented train split has {len(augment_dataset)} images, the train split "
                          f"{len(train_dataset)}: they must be the same images")
-    if backbone is not None:
-        backbone = backbone.to(dev).eval()
     if num_classes is None:
         num_classes = num_classes_of(train_dataset)
     n_heads = len(lrs) * len(weight_decays)
@@ -159,7 +159,7 @@ def evaluate_linear(
         val_fraction = 0.1 if n_heads > 1 else 0.0
 
     t0 = time.perf_counter()
-    with FeatureWorkspace(cache_dir) as workspace:
+    with FeatureWorkspace(cache_dir) as workspace, frozen(backbone, dev):
         stores, hits = extract_splits(workspace, backbone, spec, {"train": train_dataset, "test": test_dataset},
                                       fp16_features, extract_batch_size, num_workers, dev, progress)
         t_features = time.perf_counter() - t0

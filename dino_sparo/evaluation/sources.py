@@ -11,6 +11,7 @@ extraction is sharded by ``features.extract_features``, the rest is decided on r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -280,6 +281,22 @@ class FeatureWorkspace:
         store = cached_features(self.cache_dir, parts, model_fn, loader, dtype=dtype, normalize=False,
                                 device=device, progress=progress)
         return store, bool(_broadcast(hit))
+
+
+@contextlib.contextmanager
+def frozen(backbone: Optional[nn.Module], device: torch.device) -> Iterator[None]:
+    """The backbone on ``device`` in eval mode for the evaluation; its train/eval mode is restored
+    afterwards (it stays on ``device``), so a model evaluated during training carries on as it was."""
+    if backbone is None:
+        yield
+        return
+    modes = {m: m.training for m in backbone.modules()}
+    backbone.to(device).eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def weights_key(backbone: Optional[nn.Module]) -> str:
