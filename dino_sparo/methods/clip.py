@@ -140,11 +140,13 @@ class ClipMethod(Method):
             transform = clip_eval_transform(self.cfg.model.img_size, clip.image_mean, clip.image_std)
             test_set = build_dataset(data_cfg, split, transform)
             was_training = self.model.training
-            result = evaluate(self.model, self.tokenizer, test_set=test_set,
-                              classnames=load_classnames(clip.zeroshot_classnames, test_set.classes),
-                              templates=load_templates(clip.zeroshot_templates, clip.templates),
-                              batch_size=self.cfg.data.batch_size_per_gpu, num_workers=self.cfg.data.num_workers,
-                              device=self.device)
+            bf16 = self.device.type == "cuda" and self.cfg.precision in ("auto", "bf16")
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                result = evaluate(self.model, self.tokenizer, test_set=test_set,
+                                  classnames=load_classnames(clip.zeroshot_classnames, test_set.classes),
+                                  templates=load_templates(clip.zeroshot_templates, clip.templates),
+                                  batch_size=self.cfg.data.batch_size_per_gpu,
+                                  num_workers=self.cfg.data.num_workers, device=self.device)
             self.model.train(was_training)
             top1 = result["zeroshot"]["top1"]
             logger.info("epoch %d: zero-shot top-1 %.2f%% on %s (%d images)", epoch, 100 * top1, name,
