@@ -110,6 +110,29 @@ def run_one(config: str | Path, arm: str, seed: int, budget: Budget, output_dir:
     }
 
 
+def run_baseline(kind: str, arm: str, seed: int, budget: Budget, output_dir: Path,
+                 device: str = "cpu") -> dict[str, Any]:
+    """The same evaluation of a reference without DINO training: ``init`` (the arm's network at
+    initialisation, from its run's config) or ``pixels`` (raw pixels; no network, no linear grid change)."""
+    from dino_sparo.evaluation.knn_cli import knn_from_checkpoint  # noqa: PLC0415
+    from dino_sparo.evaluation.linear_cli import linear_from_checkpoint  # noqa: PLC0415
+
+    checkpoint = output_dir / "checkpoint.pth"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"baseline {kind!r} of arm {arm!r} needs the run's checkpoint for its config: {checkpoint}")
+    common = dict(baseline=kind, train_limit=budget.knn_train_limit, test_limit=budget.test_limit, device=device,
+                  num_workers=0, progress=False)
+    knn = knn_from_checkpoint(checkpoint, ks=(20,), temperature=0.07, batch_size=budget.eval_batch_size,
+                              cache_dir=None, **common)
+    linear = linear_from_checkpoint(checkpoint, epochs=budget.linear_epochs, lrs=budget.linear_lrs,
+                                    batch_size=budget.linear_batch_size, val_fraction=0.1, cache_dir=None,
+                                    extract_batch_size=budget.eval_batch_size, seed=seed, **common)
+    return {"baseline": kind, "arm": arm if kind == "init" else None, "seed": seed,
+            "knn_top1": knn["knn"]["20"]["top1"], "knn_features": knn["features"],
+            "linear_top1": linear["test_top1"], "linear_features": linear["features"],
+            "linear_selected": linear["selected"]}
+
+
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
     """Mean and sample standard deviation (n − 1; 0 for a single value)."""
     n = len(values)
@@ -161,8 +184,10 @@ def format_summary(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, results_dir: str | Path,
-              output_dir: str | Path, arms: Sequence[str] = tuple(ARMS), device: str = "cpu") -> dict[str, Any]:
-    """Every arm × seed not yet done (seed-major, so partial results stay balanced), then the summary."""
+              output_dir: str | Path, arms: Sequence[str] = tuple(ARMS), device: str = "cpu",
+              baselines: bool = False) -> dict[str, Any]:
+    """Every arm × seed not yet done (seed-major, so partial results stay balanced), then the summary;
+    with ``baselines`` also raw pixels and each arm at initialisation (first seed), same protocol."""
     if budget_name not in BUDGETS:
         raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
     budget = BUDGETS[budget_name]
@@ -181,6 +206,18 @@ def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, result
             logger.info("%s seed %d: k-NN %.4f, linear %.4f, selected-slot k-NN %s", arm, seed, run["knn_top1"],
                         run["linear_top1"], run["selected_knn_top1"])
             write_summary(results, budget_name, config)
+    if baselines:
+        (results / "baselines").mkdir(exist_ok=True)
+        todo = [("pixels", arms[0])] + [("init", arm) for arm in arms]
+        for kind, arm in todo:
+            name = "pixels" if kind == "pixels" else f"init_{arm}"
+            path = results / "baselines" / f"{name}.json"
+            if path.exists():
+                continue
+            entry = run_baseline(kind, arm, seeds[0], budget, Path(output_dir) / budget_name / run_name(arm, seeds[0]),
+                                 device)
+            path.write_text(json.dumps(entry, indent=2))
+            logger.info("baseline %s: k-NN %.4f, linear %.4f", name, entry["knn_top1"], entry["linear_top1"])
     return write_summary(results, budget_name, config)
 
 
@@ -188,8 +225,9 @@ def write_summary(results: Path, budget_name: str, config: str | Path) -> dict[s
     """``summary.json`` (and the Markdown table in ``summary.md``) from the per-run JSONs."""
     summary = aggregate(load_runs(results))
     budget = BUDGETS.get(budget_name)
+    baselines = {p.stem: json.loads(p.read_text()) for p in sorted((results / "baselines").glob("*.json"))}
     payload = {"budget": budget_name, "config": str(config),
-               "budget_detail": asdict(budget) if budget else None, "arms": summary}
+               "budget_detail": asdict(budget) if budget else None, "arms": summary, "baselines": baselines}
     (results / "summary.json").write_text(json.dumps(payload, indent=2))
     (results / "summary.md").write_text(format_summary(summary) + "\n")
     return payload
@@ -213,6 +251,8 @@ def build_parser() -> "argparse.ArgumentParser":
     parser.add_argument("--output-dir", default="output/study", help="checkpoints and training logs go here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also evaluate raw pixels and each arm's network at initialisation (same protocol)")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the summary from the run JSONs")
     return parser
 
@@ -231,6 +271,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
         torch.set_num_threads(args.threads)
         payload = run_study(args.config, args.seeds, args.budget, args.results_dir, args.output_dir, args.arms,
-                            args.device)
+                            args.device, baselines=args.baselines)
     print(format_summary(payload["arms"]))
+    for name, entry in payload["baselines"].items():
+        print(f"{name}: k-NN top-1 {100 * entry['knn_top1']:.2f}, linear top-1 {100 * entry['linear_top1']:.2f}")
     return payload
