@@ -154,16 +154,25 @@ class SeededSamples(Dataset):
 # --------------------------------------------------------------------------------------------
 
 def clip_gradients(parameters: list[nn.Parameter], max_norm: float, mode: str) -> None:
-    """DINO v1 clips each parameter tensor apart (``per_param``); DINOv2 one global norm. No host sync."""
+    """DINO v1 clips each parameter tensor apart (``per_param``); DINOv2 one global norm.
+
+    No host sync on a GPU: every gradient is multiplied by its (often 1) scale. On the CPU, where
+    reading the scales costs nothing and multiplying by a tensor is slow, only the clipped ones are.
+    """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads or max_norm <= 0:
         return
     if mode == "global":
         torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
         return
-    norms = torch._foreach_norm(grads)
-    scales = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, scales)
+    norms = torch.stack(torch._foreach_norm(grads))  # one norm per tensor
+    scales = (max_norm / (norms + 1e-6)).clamp_(max=1.0)  # DINO's clip_coef, applied when below 1
+    if scales.device.type == "cpu":
+        clipped = [(grad, scale) for grad, scale in zip(grads, scales.tolist()) if scale < 1.0]
+        if clipped:
+            torch._foreach_mul_([grad for grad, _ in clipped], [scale for _, scale in clipped])
+    else:
+        torch._foreach_mul_(grads, scales.unbind())
 
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
