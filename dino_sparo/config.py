@@ -149,6 +149,18 @@ class ClipConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training: DINO's weighted k-NN on the method's image backbone (the
+    teacher's in DINO mode), at the end of every ``knn_every``-th epoch, logged to log.jsonl."""
+    knn_every: int = 0  # epochs between k-NN evaluations (0 = never)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_train_limit: Optional[int] = 10000  # class-balanced subset of the train split (null = all)
+    knn_test_limit: Optional[int] = 2000  # class-balanced subset of the evaluated split (null = all)
+    knn_split: Literal["test", "val"] = "test"  # Fashion-MNIST: its test set; image folders: test/ or val/
+
+
+@dataclass
 class TrainConfig:
     mode: Literal["dino", "clip"] = "dino"
     output_dir: str = "output"
@@ -166,6 +178,7 @@ class TrainConfig:
     dino: DinoConfig = field(default_factory=DinoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from dino_sparo import distributed
 from dino_sparo.checkpoint import load_checkpoint, save_checkpoint
 from dino_sparo.config import TrainConfig, load_config, save_config, to_dict
+from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods import build_method
 from dino_sparo.methods.base import Method
 from dino_sparo.schedules import cosine_schedule
@@ -323,6 +324,7 @@ def train(cfg: TrainConfig) -> dict:
                                   iters_per_epoch)
     method.setup_schedules(cfg.optim.epochs, iters_per_epoch)
 
+    knn = PeriodicKnn(cfg.eval, method, batch, cfg.data.num_workers, device) if cfg.eval.knn_every else None
     apply_speed_options(method, cfg)
     if info.world_size > 1:
         method.train_module = nn.parallel.DistributedDataParallel(
@@ -399,6 +401,7 @@ def train(cfg: TrainConfig) -> dict:
     step = start_step
     window_start, window_images = time.perf_counter(), 0
     rngs: list = []
+    knn_postfix: dict[str, str] = {}  # the latest k-NN accuracy, shown beside the loss
 
     def check_finite(at_step: int) -> None:
         bad = int(distributed.all_reduce_max(first_bad_step.clone()))  # every rank stops together
@@ -442,14 +445,25 @@ def train(cfg: TrainConfig) -> dict:
                     if info.is_main:
                         with log_file.open("a") as handle:
                             handle.write(json.dumps(metrics) + "\n")
-                        progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                             img_s=f"{metrics['images_per_s']:.0f}")
+                        postfix = dict(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                       img_s=f"{metrics['images_per_s']:.0f}")
+                        progress.set_postfix(**postfix, **knn_postfix)
                         for warning in method.warnings(metrics):
                             logger.warning("step %d: %s", step, warning)
                 if last_of_epoch or step == end_step or stopping:
                     check_finite(step)
                     rngs = gather_rng()
                     save(step)
+                    if knn is not None and last_of_epoch and knn.due(step // iters_per_epoch):
+                        knn_metrics = knn.evaluate()  # every rank
+                        metrics.update(knn_metrics)
+                        if info.is_main:
+                            with log_file.open("a") as handle:
+                                handle.write(json.dumps({"step": step, "epoch": epoch, **knn_metrics}) + "\n")
+                            knn_postfix = {"knn": f"{100 * knn_metrics['knn_top1']:.1f}%"}
+                            progress.set_postfix(**postfix, **knn_postfix)
+                            logger.info("after %d epoch(s): k-NN (k=%d) top-1 %.2f%%, top-5 %.2f%%", epoch + 1,
+                                        cfg.eval.knn_k, 100 * knn_metrics["knn_top1"], 100 * knn_metrics["knn_top5"])
                 if stopping or step >= end_step:
                     break
             if stopping:

@@ -65,6 +65,15 @@ class Method:
     def batch_size(self, batch: Any) -> int:
         raise NotImplementedError
 
+    def eval_backbone(self) -> Optional[nn.Module]:
+        """The image network that k-NN during training evaluates (``eval.knn_every``); None: none."""
+        return None
+
+    def eval_data(self) -> tuple[Any, Callable]:
+        """The labelled images of k-NN during training (a ``data`` config section: dataset, path)
+        and the evaluation transform the backbone expects."""
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation data for 'eval.knn_every'")
+
     def warnings(self, metrics: dict[str, float]) -> list[str]:
         """Human-readable warnings from logged metrics (e.g. DINO collapse)."""
         return []

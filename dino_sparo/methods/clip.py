@@ -15,7 +15,7 @@ import logging
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -63,6 +63,16 @@ class ClipMethod(Method):
 
     def modules_to_optimise(self) -> nn.Module:
         return self.model
+
+    def eval_backbone(self) -> nn.Module:
+        return self.model.visual  # the image tower
+
+    def eval_data(self) -> tuple[Any, Callable]:
+        clip = self.cfg.clip
+        transform = clip_eval_transform(self.cfg.model.img_size, clip.image_mean, clip.image_std)
+        if clip.dataset == "fashion_mnist":  # the labels behind the captions
+            return SimpleNamespace(dataset="fashion_mnist", path=clip.train_data or self.cfg.data.path), transform
+        return self.cfg.data, transform  # caption data has no labels: data.path names a labelled image folder
 
     def param_groups(self) -> list[dict]:
         # CLIP's AdamW betas (0.9, 0.98) and eps 1e-6, carried by the groups themselves

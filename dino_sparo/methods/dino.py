@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from dino_sparo.data.datasets import build_dataset
 from dino_sparo.data.transforms import MultiCropTransform, multicrop_collate, normalization_for
+from dino_sparo.evaluation.sources import eval_transform_for
 from dino_sparo.losses import DINOLoss, collapse_warnings
 from dino_sparo.methods.base import Method
 from dino_sparo.models.attention import resolve_backend
@@ -109,6 +110,12 @@ class DinoMethod(Method):
 
     def modules(self) -> dict[str, nn.Module]:
         return {"student": self.student, "teacher": self.teacher, "loss": self.loss_fn}
+
+    def eval_backbone(self) -> nn.Module:
+        return self.teacher.backbone  # DINO evaluates the teacher
+
+    def eval_data(self) -> tuple[Any, Callable]:
+        return self.cfg.data, eval_transform_for(self.cfg.data.dataset, self.cfg.crops.global_crops_size)
 
     def modules_to_optimise(self) -> nn.Module:
         return self.student

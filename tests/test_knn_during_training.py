@@ -1,0 +1,82 @@
+"""k-NN during training (``eval.knn_every``): logged rows, no effect on the training itself."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dino_sparo.checkpoint import load_checkpoint
+from dino_sparo.config import load_config
+from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
+from dino_sparo.evaluation.periodic_knn import PeriodicKnn
+from dino_sparo.methods.dino import DinoMethod
+from dino_sparo.train import train
+
+pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
+                                reason="Fashion-MNIST not installed (make data)")
+
+TINY = [
+    "model.arch=vit_pico", "model.depth=2", "model.embed_dim=48", "model.patch_size=4", "model.img_size=28",
+    "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
+    "data.dataset=fashion_mnist", "data.limit=32", "data.batch_size_per_gpu=16", "data.num_workers=0",
+    "crops.global_crops_size=28", "crops.local_crops_number=2", "crops.local_crops_size=12",
+    "dino.out_dim=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
+    "optim.epochs=2", "optim.warmup_epochs=1", "log_every=2", "device=cpu",
+    "eval.knn_k=10", "eval.knn_train_limit=200", "eval.knn_test_limit=100",
+]
+
+
+def tiny(path, *extra):
+    return load_config(None, TINY + [f"output_dir={path}"] + list(extra))
+
+
+def read_log(path):
+    return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+
+
+def test_knn_rows_are_logged_every_epoch_and_training_is_unchanged(tmp_path):
+    with_knn, without = tmp_path / "knn", tmp_path / "plain"
+    metrics = train(tiny(with_knn, "eval.knn_every=1"))
+    train(tiny(without))
+    rows = read_log(with_knn)
+    knn_rows = [r for r in rows if "knn_top1" in r]
+    assert [(r["step"], r["epoch"]) for r in knn_rows] == [(2, 0), (4, 1)]  # 2 steps per epoch
+    for r in knn_rows:
+        assert 0.0 <= r["knn_top1"] <= r["knn_top5"] <= 1.0
+        assert "loss" not in r  # a row of its own
+    assert metrics["knn_top1"] == knn_rows[-1]["knn_top1"]
+    assert "k-NN (k=10) top-1" in (with_knn / "train.log").read_text()
+    # the evaluation neither draws from the training RNGs nor leaves a mode changed
+    assert [r["loss"] for r in rows if "loss" in r] == [r["loss"] for r in read_log(without)]
+    a, b = load_checkpoint(with_knn / "checkpoint.pth"), load_checkpoint(without / "checkpoint.pth")
+    for name in ("student", "teacher"):
+        for key, value in a[name].items():
+            assert torch.equal(value, b[name][key]), f"{name}.{key} differs with k-NN during training"
+
+
+def test_every_n_epochs_only(tmp_path):
+    cfg = tiny(tmp_path, "eval.knn_every=2")
+    knn = PeriodicKnn(cfg.eval, DinoMethod(cfg, torch.device("cpu")), 64, 0, torch.device("cpu"))
+    assert [e for e in range(0, 7) if knn.due(e)] == [2, 4, 6]
+    assert len(knn.train_set) == 200 and len(knn.test_set) == 100
+    assert knn.test_set.split == "test"
+    assert np.bincount(knn.train_set.targets, minlength=10).tolist() == [20] * 10  # class-balanced
+
+
+def test_evaluation_keeps_train_and_eval_modes(tmp_path):
+    cfg = tiny(tmp_path, "eval.knn_every=1", "eval.knn_train_limit=50", "eval.knn_test_limit=20")
+    method = DinoMethod(cfg, torch.device("cpu"))
+    method.teacher.train()
+    method.teacher.backbone.blocks[0].eval()  # a mixed state, restored exactly
+    before = {name: m.training for name, m in method.teacher.named_modules()}
+    result = PeriodicKnn(cfg.eval, method, 64, 0, torch.device("cpu")).evaluate()
+    assert set(result) == {"knn_top1", "knn_top5"}
+    assert {name: m.training for name, m in method.teacher.named_modules()} == before
+
+
+def test_k_larger_than_the_memory_is_refused_naming_the_key(tmp_path):
+    cfg = tiny(tmp_path, "eval.knn_every=1", "eval.knn_train_limit=5")
+    with pytest.raises(ValueError, match="eval.knn_k"):
+        PeriodicKnn(cfg.eval, DinoMethod(cfg, torch.device("cpu")), 64, 0, torch.device("cpu"))
