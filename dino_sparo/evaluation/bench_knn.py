@@ -1,0 +1,228 @@
+"""Benchmark of the k-NN search: ``python tools/bench_knn.py`` (``--help`` for the options).
+
+The issue this answers: a SPARO embedding is 4096-d, and k-NN on ImageNet-sized feature sets ran
+out of memory in the reference script. Here the search is timed on ``num_train × D`` train and
+``num_test × D`` test features kept in memory-mapped ``.npy`` files (as the evaluation's feature
+cache keeps them; fp16 for wide features by default), for each backend, each run in a fresh
+process so that its peak memory is its own. The features are random but clustered (one Gaussian
+cloud per class), so the neighbours have structure like real features (the vote is far from
+chance), and the backends are checked to return the same neighbours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+DEFAULT_DIMS = (384, 4096)
+DEFAULT_BACKENDS = ("faiss-cpu", "torch")
+
+
+def make_clustered_features(path: Path, num: int, dim: int, labels: np.ndarray, centres: np.ndarray,
+                            noise: float, dtype: np.dtype, seed: int, block: int = 4096) -> None:
+    """Write ``num × dim`` features to ``path`` (a ``.npy`` memmap): the label's centre plus
+    Gaussian noise, written block by block so the set never has to fit in memory."""
+    rng = np.random.default_rng(seed)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(num, dim))
+    for start in range(0, num, block):
+        stop = min(start + block, num)
+        noise_block = rng.standard_normal((stop - start, dim), dtype=np.float32) * noise  # b × D
+        out[start:stop] = (centres[labels[start:stop]] + noise_block).astype(dtype)
+    out.flush()
+    del out
+
+
+def prepare(folder: Path, num_train: int, num_test: int, dim: int, num_classes: int, dtype: str,
+            noise: float, seed: int) -> dict[str, str]:
+    """Train/test features and labels of one dimension in ``folder``; returns their paths."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_classes, dim), dtype=np.float32) / np.sqrt(dim)  # C × D, unit-ish norm
+    np_dtype = np.dtype(np.float16 if dtype == "fp16" else np.float32)
+    paths = {}
+    for split, num, split_seed in (("train", num_train, seed + 1), ("test", num_test, seed + 2)):
+        labels = np.random.default_rng(split_seed).integers(0, num_classes, num)
+        feature_path = folder / f"{split}_{dim}.npy"
+        make_clustered_features(feature_path, num, dim, labels, centres, noise / np.sqrt(dim), np_dtype,
+                                split_seed + 100)
+        np.save(folder / f"{split}_{dim}_labels.npy", labels)
+        paths[split] = str(feature_path)
+        paths[f"{split}_labels"] = str(folder / f"{split}_{dim}_labels.npy")
+    return paths
+
+
+# --------------------------------------------------------------------------- one measurement (worker)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class AnonPeak:
+    """Peak of the process' anonymous resident memory (heap, tensors: not the memmapped file's
+    pages, which the kernel can drop), sampled every few milliseconds on a thread."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.peak_kb, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, _status_kb("RssAnon"))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "AnonPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kb = max(self.peak_kb, _status_kb("RssAnon"))
+
+
+def measure(paths: dict[str, str], backend: str, k: int, temperature: float, num_classes: int,
+            threads: int, neighbours_out: Optional[str] = None) -> dict[str, Any]:
+    """Time one k-NN evaluation (search + vote) on memmapped features; memory as deltas from
+    the moment the features are opened (so imports and the interpreter do not count)."""
+    import torch  # noqa: PLC0415 (imported here: the parent process stays light)
+
+    from dino_sparo.evaluation.knn import knn_search, knn_vote, topk_accuracy  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    if backend.startswith("faiss"):
+        import faiss  # noqa: PLC0415
+
+        faiss.omp_set_num_threads(threads)
+    train = np.load(paths["train"], mmap_mode="r")
+    test = np.load(paths["test"], mmap_mode="r")
+    y_train = torch.from_numpy(np.load(paths["train_labels"]))
+    y_test = torch.from_numpy(np.load(paths["test_labels"]))
+    anon0, hwm0 = _status_kb("RssAnon"), _status_kb("VmHWM")
+    start = time.perf_counter()
+    with AnonPeak() as peak:
+        sims, idx = knn_search(train, test, k, backend=backend, device="cpu")
+        scores = knn_vote(sims, y_train[idx], num_classes, temperature)
+    seconds = time.perf_counter() - start
+    accuracy = topk_accuracy(scores, y_test, (1, 5))
+    if neighbours_out is not None:
+        np.save(neighbours_out, idx.numpy())
+    return {
+        "backend": backend, "seconds": round(seconds, 2),
+        "peak_anon_mb": round((peak.peak_kb - anon0) / 1024, 1),
+        "peak_rss_mb": round((_status_kb("VmHWM") - hwm0) / 1024, 1),
+        "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "top1": accuracy["top1"], "top5": accuracy["top5"],
+        "feature_bytes_mb": round((train.nbytes + test.nbytes) / 2**20, 1),
+    }
+
+
+# --------------------------------------------------------------------------- the bench (parent)
+
+
+def run_bench(dims: list[int], backends: list[str], num_train: int, num_test: int, num_classes: int,
+              k: int, temperature: float, dtype: str, noise: float, threads: int, seed: int,
+              folder: Optional[str] = None) -> list[dict[str, Any]]:
+    """Every (dim, backend) pair in its own process; rows of the result table."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_knn_", dir=folder) as tmp:
+        for dim in dims:
+            dim_dtype = dtype if dtype != "auto" else ("fp16" if dim >= 1024 else "fp32")
+            t0 = time.perf_counter()
+            paths = prepare(Path(tmp), num_train, num_test, dim, num_classes, dim_dtype, noise, seed)
+            print(f"D={dim}: features written ({dim_dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            neighbours = {}
+            for backend in backends:
+                out = os.path.join(tmp, f"neighbours_{dim}_{backend}.npy")
+                spec = json.dumps({"paths": paths, "backend": backend, "k": k, "temperature": temperature,
+                                   "num_classes": num_classes, "threads": threads, "neighbours_out": out})
+                proc = subprocess.run([sys.executable, "-m", "dino_sparo.evaluation.bench_knn", "--worker", spec],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"k-NN bench worker ({backend}, D={dim}) failed:\n{proc.stderr}")
+                row = {"dim": dim, "dtype": dim_dtype, "num_train": num_train, "num_test": num_test, "k": k,
+                       **json.loads(proc.stdout.strip().splitlines()[-1])}
+                neighbours[backend] = np.load(out)
+                first = neighbours[backends[0]]
+                row["same_neighbours_as_" + backends[0]] = float((neighbours[backend] == first).mean())
+                rows.append(row)
+                print(f"D={dim} {backend}: {row['seconds']} s", file=sys.stderr)
+            for name in os.listdir(tmp):  # free the disk before the next dimension
+                os.remove(os.path.join(tmp, name))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'D':>5} {'dtype':>5} {'backend':>10} {'seconds':>8} {'peak anon MB':>13} {'peak RSS MB':>12} " \
+           f"{'top-1':>6} {'same nbrs':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        same = next(v for key, v in r.items() if key.startswith("same_neighbours_as_"))
+        lines.append(f"{r['dim']:>5} {r['dtype']:>5} {r['backend']:>10} {r['seconds']:>8.2f} "
+                     f"{r['peak_anon_mb']:>13.0f} {r['peak_rss_mb']:>12.0f} {100 * r['top1']:>5.1f}% {same:>9.4f}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench_knn", description="Time the k-NN search (search + DINO vote) of each backend on "
+        "memory-mapped features of a ViT-S width (384) and a SPARO embedding's (4096).")
+    parser.add_argument("--dims", default=",".join(map(str, DEFAULT_DIMS)), help="feature widths, comma-separated")
+    parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                        help="k-NN backends to compare (faiss-cpu, faiss-gpu, torch); the first is the reference "
+                             "that the others' neighbours are compared with")
+    parser.add_argument("--num-train", type=int, default=60000, help="train features (the k-NN memory)")
+    parser.add_argument("--num-test", type=int, default=10000, help="test features (the queries)")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("-k", type=int, default=20, help="neighbours per query")
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--dtype", choices=["auto", "fp32", "fp16"], default="auto",
+                        help="storage of the memmapped features; auto: fp16 from D = 1024 on (what "
+                             "--fp16-features gives a SPARO model), fp32 below")
+    parser.add_argument("--noise", type=float, default=2.0,
+                        help="noise norm relative to the class centres' (higher: harder, lower accuracy)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of torch and faiss")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tmp", help="folder for the feature files (default: the system's temporary folder)")
+    parser.add_argument("--json", help="also write the rows as JSON to this file ('-' for standard output)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(measure(**spec)))
+        return []
+    dims = [int(d) for d in args.dims.split(",") if d]
+    backends = [b for b in args.backends.split(",") if b]
+    rows = run_bench(dims, backends, args.num_train, args.num_test, args.num_classes, args.k, args.temperature,
+                     args.dtype, args.noise, args.threads, args.seed, args.tmp)
+    if args.json == "-":
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"k-NN search + vote: {args.num_train} train × {args.num_test} test features, k={args.k}, "
+              f"{args.threads} thread(s); memory is the growth from the moment the features are opened")
+        print(format_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
