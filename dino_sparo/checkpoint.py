@@ -25,6 +25,8 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was SIGKILLed
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
