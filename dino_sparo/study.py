@@ -51,6 +51,10 @@ BUDGETS: dict[str, Budget] = {
     "cpu": Budget(["optim.epochs=3", "optim.warmup_epochs=1", "optim.freeze_last_layer=1", "data.limit=960",
                    "data.batch_size_per_gpu=64", "log_every=5", "data.num_workers=1"],
                   knn_train_limit=6000, test_limit=2000, linear_epochs=30),
+    # the same schedule on 3× the images (3× the steps): does the gap move with training? (~25 min per pair)
+    "cpu3x": Budget(["optim.epochs=3", "optim.warmup_epochs=1", "optim.freeze_last_layer=1", "data.limit=2880",
+                     "data.batch_size_per_gpu=64", "log_every=5", "data.num_workers=1"],
+                    knn_train_limit=6000, test_limit=2000, linear_epochs=30),
     # the demo's own schedule (4 epochs of 60k images) and full evaluation: for a faster machine
     "demo": Budget([], knn_train_limit=None, test_limit=None, linear_epochs=100),
 }
@@ -244,7 +248,7 @@ def build_parser() -> "argparse.ArgumentParser":
     parser.add_argument("--config", default=default_config, help="base config both arms start from")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per arm (at least 3 for a std)")
     parser.add_argument("--budget", default="cpu", choices=sorted(BUDGETS),
-                        help="smoke: a 2-step pipeline check; cpu: ~40 min for 6 runs on 2 shared cores; "
+                        help="smoke: a 2-step pipeline check; cpu: ~40 min for 6 runs on 2 shared cores; cpu3x: 3× its steps; "
                              "demo: the demo's full schedule and evaluation")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which read-outs to run")
     parser.add_argument("--results-dir", default="results/study", help="per-run JSONs and the summary go here")
