@@ -197,6 +197,7 @@ def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, result
     budget = BUDGETS[budget_name]
     results = Path(results_dir) / budget_name
     (results / "runs").mkdir(parents=True, exist_ok=True)
+    check_base_config(config, results)
     for seed in seeds:
         for arm in arms:
             path = results / "runs" / f"{run_name(arm, seed)}.json"
@@ -223,6 +224,24 @@ def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, result
             path.write_text(json.dumps(entry, indent=2))
             logger.info("baseline %s: k-NN %.4f, linear %.4f", name, entry["knn_top1"], entry["linear_top1"])
     return write_summary(results, budget_name, config)
+
+
+def check_base_config(config: str | Path, results: Path) -> Path:
+    """Keep a copy of the base config beside the results (``base_config.yaml``) and refuse to add
+    runs from a different base: every arm and seed of one study must start from the same file, even
+    when the file it was read from is edited later (re-run with ``--config`` on the copy)."""
+    config = Path(config)
+    if not config.is_file():
+        raise FileNotFoundError(f"base config not found: {config}")
+    snapshot = results / "base_config.yaml"
+    text = config.read_text()
+    if not snapshot.exists():
+        snapshot.write_text(text)
+    elif config.resolve() != snapshot.resolve() and snapshot.read_text() != text:
+        raise ValueError(f"{config} differs from the base config of the runs already in {results} "
+                         f"(kept in {snapshot}): pass --config {snapshot} to continue this study, or a new "
+                         "--results-dir for a study on the changed config")
+    return snapshot
 
 
 def write_summary(results: Path, budget_name: str, config: str | Path) -> dict[str, Any]:

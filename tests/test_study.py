@@ -47,7 +47,8 @@ def test_study_skips_finished_runs_and_writes_the_summary(tmp_path, monkeypatch)
     runs_dir = tmp_path / "results" / "smoke" / "runs"
     runs_dir.mkdir(parents=True)
     (runs_dir / "cls_seed0.json").write_text(json.dumps(_fake_run("cls", 0, 0.6, 0.6)))
-    payload = study.run_study("base.yaml", [0, 1], "smoke", tmp_path / "results", tmp_path / "out")
+    (tmp_path / "base.yaml").write_text("seed: 0\n")
+    payload = study.run_study(tmp_path / "base.yaml", [0, 1], "smoke", tmp_path / "results", tmp_path / "out")
     assert calls == [("sparo", 0), ("cls", 1), ("sparo", 1)]
     assert payload["arms"]["cls"]["knn_top1"]["values"] == [0.6, 0.71]
     assert json.loads((tmp_path / "results" / "smoke" / "summary.json").read_text())["budget"] == "smoke"
@@ -58,3 +59,16 @@ def test_unknown_budget_and_arm_are_named():
         study.run_study("base.yaml", [0], "huge", "r", "o")
     with pytest.raises(ValueError, match="'mean'"):
         study.run_overrides("mean", 0, study.BUDGETS["smoke"], "o")
+
+
+def test_study_keeps_its_base_config_and_refuses_a_changed_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "run_one", lambda config, arm, seed, *a, **k: _fake_run(arm, seed, 0.7, 0.8))
+    base = tmp_path / "base.yaml"
+    base.write_text("optim: {epochs: 3}\n")
+    study.run_study(base, [0], "smoke", tmp_path / "results", tmp_path / "out")
+    snapshot = tmp_path / "results" / "smoke" / "base_config.yaml"
+    assert snapshot.read_text() == "optim: {epochs: 3}\n"
+    base.write_text("optim: {epochs: 4}\n")
+    with pytest.raises(ValueError, match="base_config.yaml"):
+        study.run_study(base, [1], "smoke", tmp_path / "results", tmp_path / "out")
+    study.run_study(snapshot, [1], "smoke", tmp_path / "results", tmp_path / "out")  # the copy continues it
