@@ -399,25 +399,29 @@ def test_zeroshot_evaluation_of_a_tiny_model_has_sane_shapes():
 
 
 @needs_fashion
-def test_clip_mode_trains_resumes_and_evaluates(tmp_path):
+def test_clip_mode_trains_resumes_and_beats_chance_at_zero_shot(tmp_path):
     from dino_sparo.checkpoint import load_checkpoint
     from dino_sparo.train import train
 
     out = tmp_path / "run"
-    train(tiny(f"output_dir={out}", "optim.epochs=2"))
+    # warm-up matters: without it the first steps can collapse every embedding onto one (loss ln B)
+    run = ["data.batch_size_per_gpu=64", "data.limit=512", "optim.warmup_epochs=1",
+           'clip.templates=["a photo of a {}."]', f"output_dir={out}"]
+    train(tiny(*run, "optim.epochs=3"))
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert len(rows) == 16 and {"loss", "logit_scale", "positive_cosine"} <= set(rows[0])
+    assert len(rows) == 24 and {"loss", "logit_scale", "positive_cosine"} <= set(rows[0])
     first, last = np.mean([r["loss"] for r in rows[:4]]), np.mean([r["loss"] for r in rows[-4:]])
     assert last < first - 0.2, (first, last)
     state = load_checkpoint(out / "checkpoint.pth")
-    assert state["step"] == 16 and "model" in state and state["config"]["mode"] == "clip"
+    assert state["step"] == 24 and "model" in state and state["config"]["mode"] == "clip"
 
-    train(tiny(f"output_dir={out}", "optim.epochs=3"))  # the same run, longer: resumes at step 16
+    train(tiny(*run, "optim.epochs=4"))  # the same run, longer: resumes at step 24
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows[16:]] == list(range(17, 25))
+    assert [r["step"] for r in rows[24:]] == list(range(25, 33))
 
-    result = zeroshot_cli.main(["--checkpoint", str(out / "checkpoint.pth"), "--limit", "200", "--slot-selection",
-                            "--selection-size", "100", "--num-workers", "0", "--output", str(tmp_path / "z.json")])
+    result = zeroshot_cli.main(["--checkpoint", str(out / "checkpoint.pth"), "--limit", "500", "--slot-selection",
+                                "--selection-size", "100", "--num-workers", "0", "--output", str(tmp_path / "z.json")])
     saved = json.loads((tmp_path / "z.json").read_text())
-    assert saved["zeroshot"]["num_images"] == 200 and saved["zeroshot"]["top1"] == result["zeroshot"]["top1"]
+    assert saved["zeroshot"]["num_images"] == 500 and saved["zeroshot"]["top1"] == result["zeroshot"]["top1"]
     assert saved["zeroshot"]["num_classes"] == 10 and len(saved["slot_alignment_classes"]["matched"]) == 4
+    assert saved["zeroshot"]["top1"] > 0.25, saved["zeroshot"]  # chance: 0.10 (± 0.013 on 500 images)
