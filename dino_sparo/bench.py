@@ -232,6 +232,13 @@ def time_readout_vs_block(args: argparse.Namespace, device: torch.device, repeat
 # Worker processes: each holds one step, so its peak memory is its own
 # --------------------------------------------------------------------------------------------
 
+def _process_cpu_s() -> float:
+    """CPU seconds of this process, all threads (user + system): on a shared machine this grows
+    by the work done whether or not other processes take turns on the cores."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _worker(conn: Any, kind: str, options: dict) -> None:
     args = argparse.Namespace(**options)
     try:
@@ -249,11 +256,11 @@ def _worker(conn: Any, kind: str, options: dict) -> None:
             command = conn.recv()
             if command == "step":
                 synchronize(device)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), _process_cpu_s()
                 runner.step(images, it)
                 synchronize(device)
                 it += 1
-                conn.send(("ok", time.perf_counter() - start))
+                conn.send(("ok", (time.perf_counter() - start, _process_cpu_s() - start_cpu)))
             elif command == "memory":
                 conn.send(("ok", (peak_memory_mb(device), base_mb)))
             elif command == "flops":
@@ -313,11 +320,12 @@ class Worker:
 # The benchmark
 # --------------------------------------------------------------------------------------------
 
-def summarise(step_times: list[float], flops: int, batch: int, memory: tuple[float, float],
-              matmul_peak: float) -> dict:
+def summarise(step_times: list[float], cpu_times: list[float], flops: int, batch: int,
+              memory: tuple[float, float], matmul_peak: float) -> dict:
     step_s = statistics.median(step_times)
     peak_mb, base_mb = memory
-    return {"images_per_s": batch / step_s, "step_s": step_s, "step_s_all": step_times, "peak_mem_mb": peak_mb,
+    return {"images_per_s": batch / step_s, "step_s": step_s, "step_s_all": step_times,
+            "cpu_s": statistics.median(cpu_times), "cpu_s_all": cpu_times, "peak_mem_mb": peak_mb,
             "base_mem_mb": base_mb, "flops_per_step": flops, "flops_per_s": flops / step_s,
             "fraction_of_matmul_peak": flops / step_s / matmul_peak}
 
@@ -331,16 +339,19 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     try:
         workers["reference"] = Worker("reference", options)
         times: dict[str, list[float]] = {"ours": [], "reference": []}
+        cpu_times: dict[str, list[float]] = {"ours": [], "reference": []}
         for i in range(args.warmup + args.steps):
             order = ("ours", "reference") if i % 2 == 0 else ("reference", "ours")
             for kind in order:
-                seconds = workers[kind].call("step")
+                seconds, cpu_seconds = workers[kind].call("step")
                 if i >= args.warmup:
                     times[kind].append(seconds)
-            label = "warm-up" if i < args.warmup else "step"
-            log(f"{label} {i + 1 - (0 if i < args.warmup else args.warmup)}: ours "
-                f"{times['ours'][-1] if i >= args.warmup else float('nan'):.3f} s, reference "
-                f"{times['reference'][-1] if i >= args.warmup else float('nan'):.3f} s")
+                    cpu_times[kind].append(cpu_seconds)
+            if i >= args.warmup:
+                log(f"step {i + 1 - args.warmup}/{args.steps}: ours {times['ours'][-1]:.3f} s, "
+                    f"reference {times['reference'][-1]:.3f} s")
+            else:
+                log(f"warm-up step {i + 1}/{args.warmup} done")
         memory = {kind: worker.call("memory") for kind, worker in workers.items()}
         flops = {kind: worker.call("flops") for kind, worker in workers.items()}
         workers["reference"].close()
@@ -349,7 +360,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     finally:
         for worker in workers.values():
             worker.close()
-    results = {kind: summarise(times[kind], flops[kind], args.batch, memory[kind], matmul_peak)
+    results = {kind: summarise(times[kind], cpu_times[kind], flops[kind], args.batch, memory[kind], matmul_peak)
                for kind in ("ours", "reference")}
     device = torch.device(args.device)
     figures = {
@@ -364,6 +375,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         "ours": results["ours"],
         "reference": results["reference"],
         "ratio": {"images_per_s": results["ours"]["images_per_s"] / results["reference"]["images_per_s"],
+                  "cpu_s": results["ours"]["cpu_s"] / results["reference"]["cpu_s"],
                   "peak_mem": results["ours"]["peak_mem_mb"] / results["reference"]["peak_mem_mb"]},
         "matmul_peak_flops_per_s": matmul_peak,
         "readout": readout,
@@ -382,15 +394,17 @@ def format_report(figures: dict) -> str:
         f"{cfg['device']} {env['precision']}, {env['threads']} threads, attention {cfg['attn_backend']}"
         f"{', packed crops' if cfg['pack_crops'] else ''}{', compiled' if cfg['compile'] else ''}; "
         f"median of {cfg['steps']} steps after {cfg['warmup']} warm-up",
-        f"{'':<22}{'images/s':>10}{'step s':>10}{'peak MiB':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'of peak':>9}",
+        f"{'':<22}{'images/s':>10}{'step s':>10}{'CPU s':>10}{'peak MiB':>10}{'GFLOP/step':>12}"
+        f"{'GFLOP/s':>10}{'of peak':>9}",
     ]
     for kind, name in (("ours", f"ours ({cfg['readout']})"), ("reference", "reference DINO v1")):
         r = figures[kind]
-        lines.append(f"{name:<22}{r['images_per_s']:>10.2f}{r['step_s']:>10.3f}{r['peak_mem_mb']:>10.0f}"
-                     f"{r['flops_per_step'] / 1e9:>12.1f}{r['flops_per_s'] / 1e9:>10.1f}"
+        lines.append(f"{name:<22}{r['images_per_s']:>10.2f}{r['step_s']:>10.3f}{r['cpu_s']:>10.2f}"
+                     f"{r['peak_mem_mb']:>10.0f}{r['flops_per_step'] / 1e9:>12.1f}{r['flops_per_s'] / 1e9:>10.1f}"
                      f"{r['fraction_of_matmul_peak']:>9.1%}")
     ratio = figures["ratio"]
-    lines.append(f"{'ours / reference':<22}{ratio['images_per_s']:>9.2f}×{'':>10}{ratio['peak_mem']:>9.2f}×")
+    lines.append(f"{'ours / reference':<22}{ratio['images_per_s']:>9.2f}×{'':>10}{1 / ratio['cpu_s']:>9.2f}×"
+                 f"{ratio['peak_mem']:>9.2f}×   (speed-ups: images/s and CPU time; memory: ratio)")
     base = figures["ours"]["base_mem_mb"]
     if base > 0:
         lines.append(f"peak memory is the process' RSS; {base:.0f} MiB of it is Python, torch and the imports")
