@@ -9,6 +9,7 @@ sequences (:meth:`VisionTransformer.forward_packed`). The read-out sits on top: 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Optional, Sequence
 
 import torch
@@ -206,7 +207,9 @@ class VisionTransformer(nn.Module):
         from xformers.ops.fmha import BlockDiagonalMask
 
         tokens = [self.prepare_tokens(x) for x in batches]  # each B_i × N_i × D
-        bias, packed = BlockDiagonalMask.from_tensor_list(tokens)  # packed: 1 × Σ B_i·N_i × D
+        device = tokens[0].device
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():  # the bias' offsets go there
+            bias, packed = BlockDiagonalMask.from_tensor_list(tokens)  # packed: 1 × Σ B_i·N_i × D
         packed = self.norm(self.run_blocks(packed, attn_bias=bias))
         return [self.readout(part)[0] for part in bias.split(packed)]  # part: B_i × N_i × D
 
