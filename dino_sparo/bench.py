@@ -172,9 +172,11 @@ def count_step_flops(kind: str, args: argparse.Namespace, device: torch.device) 
     return int(counter.get_total_flops()) * args.batch
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[int] = None, repeats: int = 5) -> float:
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[int] = None,
+                      repeats: Optional[int] = None) -> float:
     """The best FLOP/s of a large square matmul, in the step's compute dtype."""
     size = size or (8192 if device.type == "cuda" else 2048)
+    repeats = repeats or (20 if device.type == "cuda" else 5)  # a GPU needs a while to reach its clocks
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up
