@@ -19,3 +19,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A tiny DINO+SPARO checkpoint made once per session by the real training code."""
+    from tiny_checkpoint import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.getbasetemp())

@@ -16,24 +16,10 @@ from dino_sparo.evaluation import knn_cli
 from dino_sparo.models.build import load_backbone_from_checkpoint
 from dino_sparo.models.vit import VisionTransformer
 
-from tiny_checkpoint import NUM_SLOTS, SLOT_DIM, tiny_checkpoint
+from tiny_checkpoint import NUM_SLOTS, SLOT_DIM
 
 TRAIN_LIMIT, TEST_LIMIT = 200, 60
 KS = (5, 20)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: a second intra-op thread only adds synchronisation (badly so on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

@@ -17,23 +17,9 @@ from dino_sparo.evaluation.frozen_features import dino_linear_spec, feature_fn, 
 from dino_sparo.evaluation.linear import HeadsSGD, LinearHeads, cosine_factor, linear_probe, slot_block_fn
 from dino_sparo.models.vit import vit
 
-from tiny_checkpoint import NUM_SLOTS, SLOT_DIM, tiny_checkpoint
+from tiny_checkpoint import NUM_SLOTS, SLOT_DIM
 
 C, D = 5, 24
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: a second intra-op thread only adds synchronisation (badly so on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.getbasetemp())
 
 
 def separable(n, seed, noise=0.0):
