@@ -200,7 +200,8 @@ def train_step(method: Method, batch: Any, step: int, epoch: int, optimizer: tor
                autocast_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step: forward under autocast, backward, unscale, clip, optimiser, the
     method's after-step update (DINO: teacher EMA). Returns the loss and metrics as device tensors;
-    nothing here reads a value back to the host (only fp16's GradScaler does, to skip bad steps)."""
+    nothing here reads a value back to the host (under fp16, GradScaler does so to skip a bad step
+    unless the optimiser is fused, which takes the skip decision on the device)."""
     autocast = torch.autocast(method.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with autocast:
         loss, metrics = method.loss(batch, step, epoch)

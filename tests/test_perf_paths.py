@@ -35,7 +35,7 @@ def make_crops(cfg, batch=4, device="cpu", seed=0):
     return [torch.randn(batch, 3, s, s, generator=g).to(device) for s in sizes]
 
 
-def build(cfg, device="cpu", seed=0):
+def build(cfg, device="cpu", seed=0, autocast_dtype=None):
     torch.manual_seed(seed)
     method = DinoMethod(cfg, torch.device(device))
     method.setup_schedules(cfg.optim.epochs, 10)
@@ -48,13 +48,13 @@ def build(cfg, device="cpu", seed=0):
         group["lr"] = 1e-3
         if group["apply_wd"]:
             group["weight_decay"] = 0.04
-    scaler = torch.amp.GradScaler(device, enabled=False)
+    scaler = torch.amp.GradScaler(device, enabled=autocast_dtype == torch.float16)
     params = [p for g in groups for p in g["params"]]
     return method, optimizer, scaler, params
 
 
 def run_steps(cfg, n_steps=2, device="cpu", autocast_dtype=None, seed=0):
-    method, optimizer, scaler, params = build(cfg, device, seed)
+    method, optimizer, scaler, params = build(cfg, device, seed, autocast_dtype)
     losses = []
     torch.manual_seed(seed + 1)
     for step in range(n_steps):
@@ -290,8 +290,8 @@ def test_gpu_packed_loss_equals_per_size_loss(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pack", [False, True])
-def test_gpu_step_has_no_host_synchronisation(pack):
+@pytest.mark.parametrize("pack,dtype", [(False, torch.bfloat16), (True, torch.bfloat16), (False, torch.float16)])
+def test_gpu_step_has_no_host_synchronisation(pack, dtype):
     extra = ["device=cuda", "model.drop_path_rate=0.1", "optim.fused=auto"]
     if pack:
         _xformers_on_gpu()
@@ -299,16 +299,15 @@ def test_gpu_step_has_no_host_synchronisation(pack):
     else:
         extra += ["model.attn_backend=sdpa"]
     cfg = tiny_cfg(*extra)
-    method, optimizer, scaler, params = build(cfg, "cuda")
+    method, optimizer, scaler, params = build(cfg, "cuda", autocast_dtype=dtype)  # fp16: a GradScaler too
     batches = [(make_crops(cfg, device="cuda", seed=s), None) for s in range(5)]
     for step in range(2):  # warm-up: lazy initialisation (kernels, optimiser state) may synchronise
-        train_step(method, batches[step], step, 0, optimizer, scaler, params, cfg.optim, torch.bfloat16)
+        train_step(method, batches[step], step, 0, optimizer, scaler, params, cfg.optim, dtype)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(2, 5):
-            loss, metrics = train_step(method, batches[step], step, 0, optimizer, scaler, params, cfg.optim,
-                                       torch.bfloat16)
+            loss, metrics = train_step(method, batches[step], step, 0, optimizer, scaler, params, cfg.optim, dtype)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert math.isfinite(float(loss))
