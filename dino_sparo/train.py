@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
 import random
 import signal
 import sys

@@ -65,20 +65,6 @@ class ClipMethod(Method):
         return self.model
 
     def eval_backbone(self) -> nn.Module:
-        return self.model.visual  # k-NN during training (eval.knn_every) reads the image tower
-
-    def eval_data(self) -> tuple[Any, Callable]:
-        """Fashion-MNIST (the demo's images) or, for caption data, the zero-shot image folder."""
-        clip = self.cfg.clip
-        transform = clip_eval_transform(self.cfg.model.img_size, clip.image_mean, clip.image_std)
-        if clip.dataset == "fashion_mnist":
-            return SimpleNamespace(dataset="fashion_mnist", path=clip.train_data or self.cfg.data.path), transform
-        if clip.zeroshot_data and clip.zeroshot_data != "fashion_mnist":
-            return SimpleNamespace(dataset="imagefolder", path=clip.zeroshot_data), transform
-        raise ValueError("config key 'eval.knn_every' in CLIP mode needs labelled images: Fashion-MNIST "
-                         "training data, or an image folder in 'clip.zeroshot_data'")
-
-    def eval_backbone(self) -> nn.Module:
         return self.model.visual  # the image tower
 
     def eval_data(self) -> tuple[Any, Callable]:
