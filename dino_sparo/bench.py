@@ -4,7 +4,8 @@ Ours is the training program's own step (:func:`dino_sparo.train.train_step` ove
 :class:`~dino_sparo.methods.dino.DinoMethod`, with the loop's optimiser and speed options): forward of
 teacher and student over all crops, DINO loss, backward, clipping, AdamW, teacher EMA. The reference
 (:mod:`dino_sparo.bench_reference`) is the same step written as DINO v1 writes it. Both run on
-identical crops, at the same precision and thread count, each in its own worker process so that peak
+identical crops, at the same thread count and (unless ``--reference-precision`` says otherwise) the
+same precision, each in its own worker process so that peak
 memory is each one's own; the parent alternates their steps (ours, reference, then reference, ours,
 ...) so a busy machine slows both alike, and reports medians after warm-up.
 
@@ -322,6 +323,10 @@ class Worker:
 # The benchmark
 # --------------------------------------------------------------------------------------------
 
+def dtype_name(precision: str, device: torch.device) -> str:
+    return str(autocast_dtype_for(precision, device) or "fp32").replace("torch.", "")
+
+
 def summarise(step_times: list[float], cpu_times: list[float], flops: int, batch: int,
               memory: tuple[float, float], matmul_peak: float) -> dict:
     step_s = statistics.median(step_times)
@@ -336,10 +341,11 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     """Run the benchmark as ``args`` says; returns the figures (also written to ``args.json``)."""
     validate(args)
     options = dict(vars(args))
+    reference_options = dict(options, precision=reference_precision(args))
     log(f"starting workers ({args.device}, {args.threads} threads)")
     workers = {"ours": Worker("ours", options)}
     try:
-        workers["reference"] = Worker("reference", options)
+        workers["reference"] = Worker("reference", reference_options)
         times: dict[str, list[float]] = {"ours": [], "reference": []}
         cpu_times: dict[str, list[float]] = {"ours": [], "reference": []}
         for i in range(args.warmup + args.steps):
@@ -356,14 +362,16 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
                 log(f"warm-up step {i + 1}/{args.warmup} done")
         memory = {kind: worker.call("memory") for kind, worker in workers.items()}
         flops = {kind: worker.call("flops") for kind, worker in workers.items()}
+        matmul_peak = {"reference": workers["reference"].call("matmul")} if reference_options != options else {}
         workers["reference"].close()
-        matmul_peak = workers["ours"].call("matmul")
+        matmul_peak["ours"] = workers["ours"].call("matmul")
+        matmul_peak.setdefault("reference", matmul_peak["ours"])  # same dtype: one measurement
         readout = workers["ours"].call("readout")
     finally:
         for worker in workers.values():
             worker.close()
-    results = {kind: summarise(times[kind], cpu_times[kind], flops[kind], args.batch, memory[kind], matmul_peak)
-               for kind in ("ours", "reference")}
+    results = {kind: summarise(times[kind], cpu_times[kind], flops[kind], args.batch, memory[kind],
+                               matmul_peak[kind]) for kind in ("ours", "reference")}
     device = torch.device(args.device)
     figures = {
         "config": {k: v for k, v in options.items() if k != "json"},
@@ -372,14 +380,16 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
             or platform.machine(),
             "threads": args.threads,
-            "precision": str(autocast_dtype_for(args.precision, device) or "fp32").replace("torch.", ""),
+            "precision": dtype_name(args.precision, device),
+            "reference_precision": dtype_name(reference_options["precision"], device),
         },
         "ours": results["ours"],
         "reference": results["reference"],
         "ratio": {"images_per_s": results["ours"]["images_per_s"] / results["reference"]["images_per_s"],
                   "cpu_s": results["ours"]["cpu_s"] / results["reference"]["cpu_s"],
                   "peak_mem": results["ours"]["peak_mem_mb"] / results["reference"]["peak_mem_mb"]},
-        "matmul_peak_flops_per_s": matmul_peak,
+        "matmul_peak_flops_per_s": matmul_peak["ours"],
+        "reference_matmul_peak_flops_per_s": matmul_peak["reference"],
         "readout": readout,
     }
     if args.json:
@@ -390,10 +400,13 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
 
 def format_report(figures: dict) -> str:
     cfg, env = figures["config"], figures["environment"]
+    ref_precision = env.get("reference_precision", env["precision"])
+    same_precision = ref_precision == env["precision"]
+    precision = env["precision"] if same_precision else f"ours {env['precision']}, reference {ref_precision}"
     lines = [
         f"{cfg['arch']}/{cfg['patch_size']} {cfg['readout']} read-out, batch {cfg['batch']}, "
         f"{cfg['global_crops']}×{cfg['global_size']} + {cfg['local_crops']}×{cfg['local_size']} crops, "
-        f"{cfg['device']} {env['precision']}, {env['threads']} threads, attention {cfg['attn_backend']}"
+        f"{cfg['device']} {precision}, {env['threads']} threads, attention {cfg['attn_backend']}"
         f"{', packed crops' if cfg['pack_crops'] else ''}{', compiled' if cfg['compile'] else ''}; "
         f"median of {cfg['steps']} steps after {cfg['warmup']} warm-up",
         f"{'':<22}{'images/s':>10}{'step s':>10}{'CPU s':>10}{'peak MiB':>10}{'GFLOP/step':>12}"
@@ -411,6 +424,9 @@ def format_report(figures: dict) -> str:
     if base > 0:
         lines.append(f"peak memory is the process' RSS; {base:.0f} MiB of it is Python, torch and the imports")
     lines.append(f"matmul peak ({env['precision']}): {figures['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    if not same_precision:
+        lines.append(f"matmul peak ({ref_precision}, the reference's 'of peak'): "
+                     f"{figures['reference_matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
     ro = figures["readout"]
     lines.append(f"SPARO read-out fwd+bwd {ro['sparo_s'] * 1e3:.1f} ms vs the block it replaces "
                  f"{ro['block_s'] * 1e3:.1f} ms ({ro['sparo_over_block']:.2f}×)")
@@ -421,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dino-sparo-bench",
         description="Time full DINO training steps (forward, backward, optimiser, EMA) of ours against a "
-                    "reference step written as DINO v1's code, on identical data, precision and threads.",
+                    "reference step written as DINO v1's code, on identical data and threads, at the same "
+                    "precision unless --reference-precision says otherwise.",
         epilog="Example (the CPU figure of BENCHMARKS.md):\n  dino-sparo-bench --arch vit_small --patch-size 16 "
                "--batch 16 --global-crops 2 --local-crops 6 --steps 5 --warmup 2 --json bench.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -441,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="autocast dtype of both steps; auto = bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--reference-precision", default="same", choices=["same", "fp32", "bf16", "fp16"],
+                        help="the reference step's autocast dtype (same: --precision's). DINO v1's autocast "
+                             "is CUDA-only, so on CPU its code runs fp32 whatever ours uses")
     parser.add_argument("--attn-backend", default="auto", choices=["auto", "xformers", "sdpa", "math"],
                         help="our attention kernel (the reference always uses explicit softmax attention)")
     parser.add_argument("--pack-crops", action="store_true",
@@ -455,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="side of the square matmul timed for the peak (0: 8192 on GPU, 2048 on CPU)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     return parser
+
+
+def reference_precision(args: argparse.Namespace) -> str:
+    return args.precision if args.reference_precision == "same" else args.reference_precision
 
 
 def validate(args: argparse.Namespace) -> None:

@@ -45,6 +45,20 @@ def test_sdpa_and_math_agree_in_the_module():
 
 def test_auto_never_picks_xformers_on_cpu():
     assert resolve_backend("auto", "cpu") == "sdpa"
+    assert resolve_backend("auto", "cpu", torch.float32) == "sdpa"
+
+
+def test_auto_on_cpu_in_bf16_runs_explicit_attention_with_the_same_result():
+    assert resolve_backend("auto", "cpu", torch.bfloat16) == "math"
+    assert resolve_backend("sdpa", "cpu", torch.bfloat16) == "sdpa"  # explicit requests are kept
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 21, 16).unbind(0)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    expected = (q64 @ k64.transpose(-2, -1) / 4.0).softmax(-1) @ v64  # head dim 16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="auto")
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - expected).abs().max() < 3e-2
 
 
 def test_xformers_on_cpu_is_a_clear_error():

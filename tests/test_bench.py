@@ -53,6 +53,19 @@ def test_bench_writes_positive_finite_figures(tmp_path, capsys):
     assert format_report(figures) in report
 
 
+def test_reference_can_run_at_its_own_precision(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(TINY + ["--steps", "1", "--warmup", "1", "--precision", "bf16", "--reference-precision", "fp32",
+                 "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["environment"]["precision"] == "bfloat16"
+    assert figures["environment"]["reference_precision"] == "fp32"
+    for kind, peak in (("ours", "matmul_peak_flops_per_s"), ("reference", "reference_matmul_peak_flops_per_s")):
+        r = figures[kind]  # each step's fraction is of the peak in its own dtype
+        assert r["fraction_of_matmul_peak"] == pytest.approx(r["flops_per_s"] / figures[peak])
+    assert "ours bfloat16, reference fp32" in capsys.readouterr().out
+
+
 def test_flops_are_counted_per_image_and_include_attention():
     args = build_parser().parse_args(TINY)
     validate(args)

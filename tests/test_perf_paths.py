@@ -169,7 +169,7 @@ def emulated_xformers(monkeypatch):
 
     assert hasattr(fmha, "BlockDiagonalMask")
 
-    def resolve(backend, device):  # explicit requests for the math path keep it
+    def resolve(backend, device, dtype=None):  # explicit requests for the math path keep it
         return "math" if backend == "math" else "xformers"
 
     monkeypatch.setattr(xformers.ops, "memory_efficient_attention", reference_memory_efficient_attention)
@@ -259,6 +259,18 @@ def test_compiled_student_gives_the_same_loss():
     print(f"compile + 2 steps: {time.perf_counter() - start:.1f} s")
     assert type(method.train_module).__name__ == "OptimizedModule"
     torch.testing.assert_close(losses_a, losses_b, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_step_on_cpu_tracks_the_fp32_step():
+    """bf16 autocast on CPU (explicit attention under ``auto``) keeps the numbers of the fp32 step."""
+    cfg = tiny_cfg("model.attn_backend=auto")
+    losses_a, a = run_steps(cfg, n_steps=1)
+    losses_b, b = run_steps(cfg, n_steps=1, autocast_dtype=torch.bfloat16)
+    torch.testing.assert_close(losses_a, losses_b, rtol=2e-2, atol=2e-2)
+    assert_same_gradients(a.student, b.student, rtol=5e-2)
+    losses_a, _ = run_steps(cfg, n_steps=4)
+    losses_b, _ = run_steps(cfg, n_steps=4, autocast_dtype=torch.bfloat16)
+    torch.testing.assert_close(losses_a, losses_b, rtol=2e-2, atol=2e-2)
 
 
 # --------------------------------------------------------------------------------------------
