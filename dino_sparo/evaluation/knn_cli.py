@@ -40,6 +40,7 @@ from dino_sparo.evaluation.sources import (
     is_grayscale,
     load_source,
     num_classes_of,
+    open_for_evaluation,
     parse_int_list,
     read_slots_file,
     setup_process,
@@ -233,15 +234,9 @@ def knn_from_checkpoint(
     """:func:`evaluate_knn` on a checkpoint's network (or ``baseline``: ``"init"`` / ``"pixels"``)
     and its dataset; ``cache_dir="auto"`` caches beside the checkpoint. ``options`` go to
     :func:`evaluate_knn` (``ks``, ``temperature``, ``slots``...)."""
-    args = argparse.Namespace(
-        checkpoint=str(checkpoint) if checkpoint is not None else None, dataset=dataset, data_path=data_path,
-        train_limit=train_limit, test_limit=test_limit, image_size=image_size, resize_ratio=resize_ratio,
-        corrupt_images="error", no_cache=cache_dir is None,
-        cache_dir=None if cache_dir in (None, "auto") else str(cache_dir),
-    )
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    source = load_source(checkpoint, checkpoint_key, baseline, config, dev)
-    data = data_from_args(args, source)
+    args, dev, source, data = open_for_evaluation(
+        checkpoint, checkpoint_key, baseline, config, dataset=dataset, data_path=data_path, train_limit=train_limit,
+        test_limit=test_limit, image_size=image_size, resize_ratio=resize_ratio, cache_dir=cache_dir, device=device)
     result = evaluate_knn(source.backbone, data.train, data.test, cache_dir=cache_dir_from_args(args),
                           device=dev, **options)
     return {"source": source.name, "checkpoint": args.checkpoint,

@@ -48,6 +48,7 @@ from dino_sparo.evaluation.sources import (
     is_grayscale,
     load_source,
     num_classes_of,
+    open_for_evaluation,
     parse_float_list,
     parse_int_list,
     read_slots_file,
@@ -245,15 +246,9 @@ def linear_from_checkpoint(
 ) -> dict[str, Any]:
     """:func:`evaluate_linear` on a checkpoint's network (or ``baseline``) and its dataset;
     ``cache_dir="auto"`` caches beside the checkpoint. ``options`` go to :func:`evaluate_linear`."""
-    args = argparse.Namespace(
-        checkpoint=str(checkpoint) if checkpoint is not None else None, dataset=dataset, data_path=data_path,
-        train_limit=train_limit, test_limit=test_limit, image_size=image_size, resize_ratio=resize_ratio,
-        corrupt_images="error", no_cache=cache_dir is None,
-        cache_dir=None if cache_dir in (None, "auto") else str(cache_dir),
-    )
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    source = load_source(checkpoint, checkpoint_key, baseline, config, dev)
-    data = data_from_args(args, source)
+    args, dev, source, data = open_for_evaluation(
+        checkpoint, checkpoint_key, baseline, config, dataset=dataset, data_path=data_path, train_limit=train_limit,
+        test_limit=test_limit, image_size=image_size, resize_ratio=resize_ratio, cache_dir=cache_dir, device=device)
     augment_dataset = _augment_split(args, source, data, crop_scale) if augment else None
     result = evaluate_linear(source.backbone, data.train, data.test, augment=augment, augment_dataset=augment_dataset,
                              cache_dir=cache_dir_from_args(args), device=dev, **options)

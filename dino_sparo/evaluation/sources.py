@@ -421,6 +421,26 @@ def data_from_args(args: argparse.Namespace, source: EvalSource, transform: Any 
                           args.corrupt_images, transform)
 
 
+def open_for_evaluation(
+    checkpoint: Optional[str | os.PathLike], checkpoint_key: str, baseline: Optional[str],
+    config: Optional[str | os.PathLike], *, dataset: Optional[str], data_path: Optional[str],
+    train_limit: Optional[int], test_limit: Optional[int], image_size: Optional[int],
+    resize_ratio: Optional[float], cache_dir: Optional[str | os.PathLike], device: Optional[str | torch.device],
+) -> tuple[argparse.Namespace, torch.device, EvalSource, EvalData]:
+    """What the Python entry points (``knn_from_checkpoint``, ``linear_from_checkpoint``) share: the
+    options as the command line would hold them, the device, the network and its datasets.
+    ``cache_dir="auto"`` caches beside the checkpoint, None caches nothing."""
+    args = argparse.Namespace(
+        checkpoint=str(checkpoint) if checkpoint is not None else None, dataset=dataset, data_path=data_path,
+        train_limit=train_limit, test_limit=test_limit, image_size=image_size, resize_ratio=resize_ratio,
+        corrupt_images="error", no_cache=cache_dir is None,
+        cache_dir=None if cache_dir in (None, "auto") else str(cache_dir),
+    )
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    source = load_source(checkpoint, checkpoint_key, baseline, config, dev)
+    return args, dev, source, data_from_args(args, source)
+
+
 def parse_int_list(text: Optional[str], name: str) -> Optional[list[int]]:
     """``"10,20,100"`` -> [10, 20, 100]; errors name the option."""
     if text is None:
