@@ -38,12 +38,13 @@ from dino_sparo.evaluation.sources import (
     extract_splits,
     frozen,
     is_grayscale,
+    labelled_result,
     load_source,
     num_classes_of,
     open_for_evaluation,
     parse_int_list,
-    read_slots_file,
     setup_process,
+    slots_from_args,
     write_json,
 )
 
@@ -239,8 +240,7 @@ def knn_from_checkpoint(
         test_limit=test_limit, image_size=image_size, resize_ratio=resize_ratio, cache_dir=cache_dir, device=device)
     result = evaluate_knn(source.backbone, data.train, data.test, cache_dir=cache_dir_from_args(args),
                           device=dev, **options)
-    return {"source": source.name, "checkpoint": args.checkpoint,
-            "checkpoint_key": source.name if baseline is None else None, "data": data.info, **result}
+    return labelled_result(result, args, source, data)
 
 
 def format_knn_table(result: dict[str, Any]) -> str:
@@ -341,11 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """What ``main`` does with parsed options; returns the result (on every rank)."""
     device = setup_process(args.device)
     ks = parse_int_list(args.ks, "--ks")
-    slots = parse_int_list(args.slots, "--slots")
-    if args.slots_file:
-        if slots is not None:
-            raise ValueError("give --slots or --slots-file, not both")
-        slots = read_slots_file(args.slots_file)
+    slots = slots_from_args(args)
     source = load_source(args.checkpoint, args.checkpoint_key, args.baseline, args.config, device)
     data = data_from_args(args, source)
     spec = resolve_spec(args.features, source.backbone, grayscale=data.grayscale, n_last_blocks=args.n_last_blocks,
@@ -359,8 +355,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device=device, fp16_features=args.fp16_features, cache_dir=cache_dir_from_args(args),
         num_classes=data.num_classes, progress=not args.quiet,
     )
-    result = {"source": source.name, "checkpoint": args.checkpoint,
-              "checkpoint_key": source.name if args.baseline is None else None, "data": data.info, **result}
+    result = labelled_result(result, args, source, data)
     if distributed.is_main_process():
         print(format_knn_table(result), flush=True)
         if args.output_json:

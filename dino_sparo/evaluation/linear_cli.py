@@ -46,13 +46,13 @@ from dino_sparo.evaluation.sources import (
     extract_splits,
     frozen,
     is_grayscale,
+    labelled_result,
     load_source,
     num_classes_of,
     open_for_evaluation,
     parse_float_list,
-    parse_int_list,
-    read_slots_file,
     setup_process,
+    slots_from_args,
     write_json,
 )
 
@@ -252,8 +252,7 @@ def linear_from_checkpoint(
     augment_dataset = _augment_split(args, source, data, crop_scale) if augment else None
     result = evaluate_linear(source.backbone, data.train, data.test, augment=augment, augment_dataset=augment_dataset,
                              cache_dir=cache_dir_from_args(args), device=dev, **options)
-    return {"source": source.name, "checkpoint": args.checkpoint,
-            "checkpoint_key": source.name if baseline is None else None, "data": data.info, **result}
+    return labelled_result(result, args, source, data)
 
 
 def _augment_split(args: argparse.Namespace, source: Any, data: Any, crop_scale: tuple[float, float]) -> Dataset:
@@ -338,11 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     crop_scale = parse_float_list(args.crop_scale, "--crop-scale")
     if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
         raise ValueError(f"--crop-scale must be two numbers 0 < low <= high <= 1, got {args.crop_scale!r}")
-    slots = parse_int_list(args.slots, "--slots")
-    if args.slots_file:
-        if slots is not None:
-            raise ValueError("give --slots or --slots-file, not both")
-        slots = read_slots_file(args.slots_file)
+    slots = slots_from_args(args)
     if args.epochs < 1 or args.probe_batch_size < 1:
         raise ValueError(f"--epochs and --probe-batch-size must be >= 1, got {args.epochs}, {args.probe_batch_size}")
     source = load_source(args.checkpoint, args.checkpoint_key, args.baseline, args.config, device)
@@ -358,8 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cache_dir=cache_dir_from_args(args), num_classes=data.num_classes, save_head=args.save_head,
         progress=not args.quiet,
     )
-    result = {"source": source.name, "checkpoint": args.checkpoint,
-              "checkpoint_key": source.name if args.baseline is None else None, "data": data.info, **result}
+    result = labelled_result(result, args, source, data)
     if distributed.is_main_process():
         print(format_linear_table(result), flush=True)
         if args.output_json:

@@ -431,9 +431,9 @@ def open_for_evaluation(
     options as the command line would hold them, the device, the network and its datasets.
     ``cache_dir="auto"`` caches beside the checkpoint, None caches nothing."""
     args = argparse.Namespace(
-        checkpoint=str(checkpoint) if checkpoint is not None else None, dataset=dataset, data_path=data_path,
-        train_limit=train_limit, test_limit=test_limit, image_size=image_size, resize_ratio=resize_ratio,
-        corrupt_images="error", no_cache=cache_dir is None,
+        checkpoint=str(checkpoint) if checkpoint is not None else None, baseline=baseline, dataset=dataset,
+        data_path=data_path, train_limit=train_limit, test_limit=test_limit, image_size=image_size,
+        resize_ratio=resize_ratio, corrupt_images="error", no_cache=cache_dir is None,
         cache_dir=None if cache_dir in (None, "auto") else str(cache_dir),
     )
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -464,6 +464,24 @@ def parse_float_list(text: Optional[str], name: str) -> Optional[list[float]]:
     if not values:
         raise ValueError(f"{name} must name at least one value, got {text!r}")
     return values
+
+
+def slots_from_args(args: argparse.Namespace) -> Optional[list[int]]:
+    """The slot subset that ``--slots`` or ``--slots-file`` names (None: every slot)."""
+    slots = parse_int_list(args.slots, "--slots")
+    if args.slots_file:
+        if slots is not None:
+            raise ValueError("give --slots or --slots-file, not both")
+        slots = read_slots_file(args.slots_file)
+    return slots
+
+
+def labelled_result(result: dict[str, Any], args: argparse.Namespace, source: EvalSource,
+                    data: EvalData) -> dict[str, Any]:
+    """An evaluation's result headed by what was evaluated: network, checkpoint, key and data."""
+    return {"source": source.name, "checkpoint": args.checkpoint,
+            "checkpoint_key": source.name if args.baseline is None else None,
+            "data": data.info, **result}
 
 
 def read_slots_file(path: str | os.PathLike) -> list[int]:
