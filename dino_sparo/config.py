@@ -84,9 +84,11 @@ class DinoConfig:
 @dataclass
 class OptimConfig:
     epochs: int = 100
-    lr: float = 0.0005  # at a global batch of 256; scaled linearly with the global batch
+    lr: float = 0.0005  # at a global batch of 256, scaled linearly with it (see lr_scaling)
+    lr_scaling: Literal["linear", "none"] = "linear"  # linear: lr × global batch / 256 (DINO); none: lr as given
     min_lr: float = 1e-6
     warmup_epochs: int = 10
+    warmup_steps: int = 0  # > 0: warm up for this many optimiser steps instead of warmup_epochs (open_clip)
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0  # 0 disables clipping

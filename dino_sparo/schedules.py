@@ -24,8 +24,11 @@ def cosine_schedule(
     iters_per_epoch: int,
     warmup_epochs: int = 0,
     start_warmup_value: float = 0.0,
+    warmup_iters: int = 0,
 ) -> np.ndarray:
     """Per-iteration values: linear warm-up to `base_value`, then cosine decay towards `final_value`.
+
+    The warm-up lasts `warmup_epochs` whole epochs or, when `warmup_iters` > 0, that many iterations.
 
     Same values as DINO's `cosine_scheduler`: the warm-up is `np.linspace(start, base, W)` (its last
     step already equals `base_value`), the cosine part starts at `base_value` and its last step is
@@ -35,12 +38,19 @@ def cosine_schedule(
     _check_non_negative_int("epochs", epochs)
     _check_non_negative_int("iters_per_epoch", iters_per_epoch)
     _check_non_negative_int("warmup_epochs", warmup_epochs)
+    _check_non_negative_int("warmup_iters", warmup_iters)
     if warmup_epochs > epochs:
         raise ValueError(
             f"schedule argument 'warmup_epochs' ({warmup_epochs}) must not exceed 'epochs' ({epochs})"
         )
     total_iters = epochs * iters_per_epoch
-    warmup_iters = warmup_epochs * iters_per_epoch
+    if warmup_iters and warmup_epochs:
+        raise ValueError("schedule arguments 'warmup_epochs' and 'warmup_iters': give one of them, not both")
+    if warmup_iters > total_iters:
+        raise ValueError(
+            f"schedule argument 'warmup_iters' ({warmup_iters}) must not exceed the {total_iters} iterations"
+        )
+    warmup_iters = warmup_iters or warmup_epochs * iters_per_epoch
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
     n_cosine = total_iters - warmup_iters
     iters = np.arange(n_cosine)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dino_sparo import distributed
 from dino_sparo.checkpoint import load_checkpoint, save_checkpoint
-from dino_sparo.config import TrainConfig, load_config, save_config, to_dict
+from dino_sparo.config import OptimConfig, TrainConfig, load_config, save_config, to_dict
 from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods import build_method
 from dino_sparo.methods.base import Method
@@ -60,6 +60,23 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("config key 'precision': fp16 needs a GPU; use fp32 or bf16 on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_lr_schedule(optim: OptimConfig, global_batch: int, iters_per_epoch: int) -> np.ndarray:
+    """Per-step learning rates: warm-up then cosine to ``optim.min_lr``, peaking at ``optim.lr`` scaled
+    by the global batch / 256 (``lr_scaling: linear``, DINO's rule) or at ``optim.lr`` itself (``none``)."""
+    if optim.warmup_steps:
+        if optim.warmup_steps > optim.epochs * iters_per_epoch:
+            raise ValueError(f"config key 'optim.warmup_steps' ({optim.warmup_steps}) exceeds the run's "
+                             f"{optim.epochs * iters_per_epoch} steps")
+        warmup = {"warmup_iters": optim.warmup_steps}
+    else:
+        if optim.warmup_epochs > optim.epochs:
+            raise ValueError(f"config key 'optim.warmup_epochs' ({optim.warmup_epochs}) exceeds "
+                             f"'optim.epochs' ({optim.epochs})")
+        warmup = {"warmup_epochs": optim.warmup_epochs}
+    peak = optim.lr * global_batch / 256.0 if optim.lr_scaling == "linear" else optim.lr
+    return cosine_schedule(peak, optim.min_lr, optim.epochs, iters_per_epoch, **warmup)
 
 
 def seed_everything(seed: int) -> None:
@@ -314,11 +331,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     iters_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.optim.epochs * iters_per_epoch
-    if cfg.optim.warmup_epochs > cfg.optim.epochs:
-        raise ValueError(f"config key 'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds "
-                         f"'optim.epochs' ({cfg.optim.epochs})")
-    lr_schedule = cosine_schedule(cfg.optim.lr * global_batch / 256.0, cfg.optim.min_lr, cfg.optim.epochs,
-                                  iters_per_epoch, warmup_epochs=cfg.optim.warmup_epochs)
+    lr_schedule = build_lr_schedule(cfg.optim, global_batch, iters_per_epoch)
     wd_schedule = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.epochs,
                                   iters_per_epoch)
     method.setup_schedules(cfg.optim.epochs, iters_per_epoch)
@@ -362,12 +375,14 @@ def train(cfg: TrainConfig) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
         with (output_dir / "config.yaml").open("a") as handle:  # derived values, as a comment
+            scaling = f" = optim.lr x {global_batch}/256" if cfg.optim.lr_scaling == "linear" else " = optim.lr"
             handle.write(f"# {info.world_size} process(es) x batch_size_per_gpu {batch} = global batch {global_batch}; "
-                         f"peak lr {lr_schedule.max():.6g} = optim.lr x {global_batch}/256\n")
+                         f"peak lr {lr_schedule.max():.6g}{scaling}\n")
         logger.info("output: %s | device %s | precision %s | %d process(es)", output_dir, device,
                     autocast_dtype or "fp32", info.world_size)
-        logger.info("batch %d per process, global batch %d, %d steps per epoch, %d epochs, lr %.3g (at 256: %.3g)",
-                    batch, global_batch, iters_per_epoch, cfg.optim.epochs, lr_schedule.max(), cfg.optim.lr)
+        logger.info("batch %d per process, global batch %d, %d steps per epoch, %d epochs, peak lr %.3g (optim.lr "
+                    "%.3g, scaling %s)", batch, global_batch, iters_per_epoch, cfg.optim.epochs, lr_schedule.max(),
+                    cfg.optim.lr, cfg.optim.lr_scaling)
         for line in method.describe():
             logger.info(line)
 

@@ -57,3 +57,31 @@ def test_every_shipped_config_loads():
     assert configs, "no configs shipped"
     for path in configs:
         load_config(path)
+
+
+@pytest.mark.parametrize("name,global_batch,peak", [
+    ("dino/vit_small16_vanilla_sparo.yaml", 1024, 5e-4 * 1024 / 256),  # DINO: lr at 256, scaled linearly
+    ("clip/vit_b32_sparo.yaml", 2048, 5e-4),  # the SPARO CLIP reference's 5e-4, as given
+    ("clip/vit_b16_cls.yaml", 4096, 5e-4),  # also with another global batch
+])
+def test_peak_learning_rate_of_shipped_recipes(name, global_batch, peak):
+    from pathlib import Path
+
+    from dino_sparo.train import build_lr_schedule
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    schedule = build_lr_schedule(cfg.optim, global_batch, iters_per_epoch=5000)
+    assert schedule.max() == pytest.approx(peak)
+    warmup = cfg.optim.warmup_steps or cfg.optim.warmup_epochs * 5000
+    assert schedule.argmax() in (warmup - 1, warmup)  # the warm-up ends at the peak
+
+
+def test_warmup_longer_than_the_run_is_refused_naming_the_key():
+    from dino_sparo.train import build_lr_schedule
+
+    cfg = load_config(None, ["optim.epochs=2", "optim.warmup_steps=50"])
+    with pytest.raises(ValueError, match="optim.warmup_steps"):
+        build_lr_schedule(cfg.optim, 256, iters_per_epoch=10)
+    cfg = load_config(None, ["optim.epochs=2", "optim.warmup_epochs=3"])
+    with pytest.raises(ValueError, match="optim.warmup_epochs"):
+        build_lr_schedule(cfg.optim, 256, iters_per_epoch=10)

@@ -8,9 +8,9 @@ import pytest
 from dino_sparo.schedules import cosine_schedule, linear_warmup_then_constant
 
 
-def _reference_cosine(base, final, epochs, ipe, warmup_epochs, start):
+def _reference_cosine(base, final, epochs, ipe, warmup_epochs, start, warmup_iters=0):
     """Element-by-element DINO cosine schedule, written independently of the implementation."""
-    total, warm = epochs * ipe, warmup_epochs * ipe
+    total, warm = epochs * ipe, warmup_iters or warmup_epochs * ipe
     values = []
     for i in range(total):
         if i < warm:
@@ -36,6 +36,17 @@ def test_cosine_schedule_matches_reference(base, final, epochs, ipe, warmup, sta
     schedule = cosine_schedule(base, final, epochs, ipe, warmup_epochs=warmup, start_warmup_value=start)
     assert schedule.shape == (epochs * ipe,)
     np.testing.assert_allclose(schedule, _reference_cosine(base, final, epochs, ipe, warmup, start), rtol=0, atol=1e-12)
+
+
+def test_cosine_schedule_warms_up_for_a_number_of_iterations():
+    schedule = cosine_schedule(5e-4, 0.0, 4, 10, warmup_iters=13)
+    np.testing.assert_allclose(schedule, _reference_cosine(5e-4, 0.0, 4, 10, 0, 0.0, warmup_iters=13),
+                               rtol=0, atol=1e-12)
+    assert schedule.argmax() in (12, 13) and schedule.max() == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match="warmup_iters"):
+        cosine_schedule(1.0, 0.0, 2, 3, warmup_iters=7)
+    with pytest.raises(ValueError, match="not both"):
+        cosine_schedule(1.0, 0.0, 2, 3, warmup_epochs=1, warmup_iters=2)
 
 
 def test_cosine_schedule_end_points_and_warmup():
