@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-# metrics drawn when present, in this order; any key starting with "knn" is added after them
-DEFAULT_METRICS: tuple[str, ...] = ("loss", "lr", "teacher_entropy", "teacher_mean_entropy", "kl_teacher_student")
+# metrics drawn when present, in this order (DINO's, then CLIP's); then every evaluation metric
+DEFAULT_METRICS: tuple[str, ...] = ("loss", "lr", "teacher_entropy", "teacher_mean_entropy", "kl_teacher_student",
+                                    "logit_scale", "positive_cosine")
+EVAL_PREFIXES: tuple[str, ...] = ("knn", "zeroshot")  # k-NN and zero-shot accuracy during training
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
@@ -28,9 +30,11 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
 
 
 def metrics_in(logs: Sequence[list[dict[str, Any]]], metrics: Optional[Sequence[str]] = None) -> list[str]:
-    """The metrics to draw: those asked for (or the defaults, then every ``knn*`` key) that some row holds."""
+    """The metrics to draw: those asked for (or the defaults, then every ``knn*`` and ``zeroshot*``
+    key) that some row holds."""
     present = {k for rows in logs for row in rows for k, v in row.items() if isinstance(v, (int, float))}
-    wanted = list(metrics) if metrics else list(DEFAULT_METRICS) + sorted(k for k in present if k.startswith("knn"))
+    wanted = list(metrics) if metrics else list(DEFAULT_METRICS) + sorted(k for k in present
+                                                                           if k.startswith(EVAL_PREFIXES))
     return [m for m in wanted if m in present]
 
 

@@ -415,7 +415,7 @@ def train(cfg: TrainConfig) -> dict:
     step = start_step
     window_start, window_images = time.perf_counter(), 0
     rngs: list = []
-    knn_postfix: dict[str, str] = {}  # the latest k-NN accuracy, shown beside the loss
+    eval_postfix: dict[str, str] = {}  # the latest k-NN / zero-shot accuracy, shown beside the loss
 
     def check_finite(at_step: int) -> None:
         bad = int(distributed.all_reduce_max(first_bad_step.clone()))  # every rank stops together
@@ -461,23 +461,29 @@ def train(cfg: TrainConfig) -> dict:
                             handle.write(json.dumps(metrics) + "\n")
                         postfix = dict(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                        img_s=f"{metrics['images_per_s']:.0f}")
-                        progress.set_postfix(**postfix, **knn_postfix)
+                        progress.set_postfix(**postfix, **eval_postfix)
                         for warning in method.warnings(metrics):
                             logger.warning("step %d: %s", step, warning)
                 if last_of_epoch or step == end_step or stopping:
                     check_finite(step)
                     rngs = gather_rng()
                     save(step)
-                    if knn is not None and last_of_epoch and knn.due(step // iters_per_epoch):
-                        knn_metrics = knn.evaluate()  # every rank
-                        metrics.update(knn_metrics)
-                        if info.is_main:
-                            with log_file.open("a") as handle:
-                                handle.write(json.dumps({"step": step, "epoch": epoch, **knn_metrics}) + "\n")
-                            knn_postfix = {"knn": f"{100 * knn_metrics['knn_top1']:.1f}%"}
-                            progress.set_postfix(**postfix, **knn_postfix)
-                            logger.info("after %d epoch(s): k-NN (k=%d) top-1 %.2f%%, top-5 %.2f%%", epoch + 1,
-                                        cfg.eval.knn_k, 100 * knn_metrics["knn_top1"], 100 * knn_metrics["knn_top5"])
+                    eval_metrics: dict[str, float] = {}
+                    if last_of_epoch:  # every rank
+                        if knn is not None and knn.due(step // iters_per_epoch):
+                            eval_metrics.update(knn.evaluate())
+                            if info.is_main:
+                                logger.info("after %d epoch(s): k-NN (k=%d) top-1 %.2f%%, top-5 %.2f%%", epoch + 1,
+                                            cfg.eval.knn_k, 100 * eval_metrics["knn_top1"],
+                                            100 * eval_metrics["knn_top5"])
+                        eval_metrics.update(method.periodic_eval(step // iters_per_epoch))
+                    metrics.update(eval_metrics)
+                    if eval_metrics and info.is_main:
+                        with log_file.open("a") as handle:
+                            handle.write(json.dumps({"step": step, "epoch": epoch, **eval_metrics}) + "\n")
+                        eval_postfix = {key.split("_")[0]: f"{100 * value:.1f}%" for key, value in eval_metrics.items()
+                                       if key.endswith("_top1")}
+                        progress.set_postfix(**postfix, **eval_postfix)
                 if stopping or step >= end_step:
                     break
             if stopping:

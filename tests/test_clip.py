@@ -415,9 +415,13 @@ def test_clip_mode_trains_resumes_and_beats_chance_at_zero_shot(tmp_path):
     state = load_checkpoint(out / "checkpoint.pth")
     assert state["step"] == 24 and "model" in state and state["config"]["mode"] == "clip"
 
-    train(tiny(*run, "optim.epochs=4"))  # the same run, longer: resumes at step 24
+    # the same run, longer: resumes at step 24, with zero-shot after the last epoch into log.jsonl
+    train(tiny(*run, "optim.epochs=4", "clip.zeroshot_every_epochs=2"))
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows[24:]] == list(range(25, 33))
+    assert [r["step"] for r in rows[24:] if "loss" in r] == list(range(25, 33))
+    evals = [r for r in rows if "zeroshot_top1" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 32 and evals[0]["epoch"] == 3
+    assert 0.2 < evals[0]["zeroshot_top1"] <= evals[0]["zeroshot_top5"] <= 1.0  # chance: 0.1 and 0.5
 
     result = zeroshot_cli.main(["--checkpoint", str(out / "checkpoint.pth"), "--limit", "500", "--slot-selection",
                                 "--selection-size", "100", "--num-workers", "0", "--output", str(tmp_path / "z.json")])

@@ -74,6 +74,12 @@ class Method:
         and the evaluation transform the backbone expects."""
         raise NotImplementedError(f"{type(self).__name__} has no evaluation data for 'eval.knn_every'")
 
+    def periodic_eval(self, epochs_done: int) -> dict[str, float]:
+        """Metrics measured when an epoch ends (e.g. CLIP's zero-shot accuracy), which the loop adds
+        to log.jsonl beside the k-NN ones; ``{}`` when there is nothing to measure after this epoch.
+        Every rank calls it."""
+        return {}
+
     def warnings(self, metrics: dict[str, float]) -> list[str]:
         """Human-readable warnings from logged metrics (e.g. DINO collapse)."""
         return []

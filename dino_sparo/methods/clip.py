@@ -10,7 +10,6 @@ value zero, so the loop sees one loss and one backward pass, as in any other met
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -126,15 +125,15 @@ class ClipMethod(Method):
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         self.model.clamp_logit_scale()
-        every = self.cfg.clip.zeroshot_every_epochs
-        if every and self.iters_per_epoch and (step + 1) % self.iters_per_epoch == 0:
-            epoch = (step + 1) // self.iters_per_epoch
-            if epoch % every == 0:
-                self.zeroshot(epoch)
 
-    def zeroshot(self, epoch: int) -> None:
-        """Zero-shot top-1 on the configured data, logged and appended to ``output_dir/zeroshot.jsonl``
-        (main process; the others wait)."""
+    def periodic_eval(self, epochs_done: int) -> dict[str, float]:
+        every = self.cfg.clip.zeroshot_every_epochs
+        return self.zeroshot(epochs_done) if every and epochs_done % every == 0 else {}
+
+    def zeroshot(self, epochs_done: int) -> dict[str, float]:
+        """Zero-shot top-1 and top-5 on the configured data, computed on the main process (the
+        others wait and return ``{}``)."""
+        metrics: dict[str, float] = {}
         if distributed.is_main_process():
             from dino_sparo.data.datasets import build_dataset  # noqa: PLC0415
             from dino_sparo.evaluation.zeroshot import evaluate, load_classnames, load_templates  # noqa: PLC0415
@@ -158,13 +157,12 @@ class ClipMethod(Method):
                                   batch_size=self.cfg.data.batch_size_per_gpu,
                                   num_workers=self.cfg.data.num_workers, device=self.device)
             self.model.train(was_training)
-            top1 = result["zeroshot"]["top1"]
-            logger.info("epoch %d: zero-shot top-1 %.2f%% on %s (%d images)", epoch, 100 * top1, name,
-                        result["zeroshot"]["num_images"])
-            output = Path(self.cfg.output_dir) / "zeroshot.jsonl"
-            with output.open("a") as handle:
-                handle.write(json.dumps({"epoch": epoch, "data": name, **result["zeroshot"]}) + "\n")
+            zs = result["zeroshot"]
+            logger.info("after %d epoch(s): zero-shot top-1 %.2f%%, top-5 %.2f%% on %s (%d images)", epochs_done,
+                        100 * zs["top1"], 100 * zs["top5"], name, zs["num_images"])
+            metrics = {"zeroshot_top1": zs["top1"], "zeroshot_top5": zs["top5"]}
         distributed.barrier()
+        return metrics
 
     def describe(self) -> list[str]:
         lines = describe_parameters(self.model)
