@@ -49,6 +49,8 @@ _FAISS_GPU_RESOURCES: Any = None
 
 
 def _import_faiss() -> Any | None:
+    # faiss' loader logs each build it tries (AVX-512, AVX2, generic) at INFO, failures included
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss  # noqa: PLC0415 (optional dependency)
     except ImportError:

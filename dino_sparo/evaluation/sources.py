@@ -388,7 +388,6 @@ def setup_process(device_name: str) -> torch.device:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
     root.setLevel(logging.INFO if info.is_main else logging.WARNING)
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every library it tries
     return device
 
 
