@@ -55,7 +55,7 @@ BUDGETS: dict[str, Budget] = {
     "cpu3x": Budget(["optim.epochs=3", "optim.warmup_epochs=1", "optim.freeze_last_layer=1", "data.limit=2880",
                      "data.batch_size_per_gpu=64", "log_every=5", "data.num_workers=1"],
                     knn_train_limit=6000, test_limit=2000, linear_epochs=30),
-    # the demo's own schedule (4 epochs of 60k images) and full evaluation: for a faster machine
+    # the demo config's own schedule and full evaluation (60k train / 10k test images)
     "demo": Budget([], knn_train_limit=None, test_limit=None, linear_epochs=100),
 }
 
