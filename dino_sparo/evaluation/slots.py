@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -331,6 +331,24 @@ def greedy_slot_selection(
         fit_idx.size, heldout_idx.size, scorer.method,
     )
     all_slots = scorer.accuracies(list(range(num_slots)), [])[0]
+    selected, curve, per_slot = greedy_forward_selection(scorer.accuracies, num_slots, max_slots)
+    logger.info(
+        "greedy selection kept %d of %d slots %s: held-out top-1 %.4f (all slots %.4f)",
+        len(selected), num_slots, selected, curve[-1] if curve else float("nan"), all_slots,
+    )
+    return SlotSelection(selected, curve, all_slots, per_slot, fit_idx, heldout_idx, scorer.method)
+
+
+def greedy_forward_selection(
+    accuracies: Callable[[list[int], list[int]], Sequence[float]], num_slots: int, max_slots: int | None = None,
+) -> tuple[list[int], list[float], list[float]]:
+    """Greedy forward selection of slots, shared by the k-NN and the zero-shot selections.
+
+    ``accuracies(selected, remaining)`` gives the accuracy of ``selected + [s]`` for each ``s`` in
+    ``remaining``. Starting from no slot, each step adds the slot with the highest accuracy (ties: the
+    lowest slot id) while it rises, up to ``max_slots``. Returns the selected slots in order, the
+    accuracy after each addition, and every slot's accuracy on its own (the first step's).
+    """
     limit = num_slots if max_slots is None else max_slots
     selected: list[int] = []
     curve: list[float] = []
@@ -338,21 +356,17 @@ def greedy_slot_selection(
     best = -math.inf
     while len(selected) < limit:
         remaining = [s for s in range(num_slots) if s not in selected]
-        accs = scorer.accuracies(selected, remaining)
+        accs = [float(a) for a in accuracies(selected, remaining)]
         if not per_slot:
             per_slot = accs
-        i = int(np.argmax(accs))
+        i = int(np.argmax(accs))  # the first maximum: ties go to the lowest slot id
         if accs[i] <= best:
             break
         selected.append(remaining[i])
-        curve.append(accs[i])
         best = accs[i]
-        logger.info("greedy step %d: + slot %d -> held-out top-1 %.4f", len(selected), remaining[i], best)
-    logger.info(
-        "greedy selection kept %d of %d slots %s: held-out top-1 %.4f (all slots %.4f)",
-        len(selected), num_slots, selected, best, all_slots,
-    )
-    return SlotSelection(selected, curve, all_slots, per_slot, fit_idx, heldout_idx, scorer.method)
+        curve.append(best)
+        logger.info("greedy step %d: + slot %d -> top-1 %.4f", len(selected), remaining[i], best)
+    return selected, curve, per_slot
 
 
 # --------------------------------------------------------------------------- plots

@@ -13,7 +13,6 @@ Command line: ``dino-sparo-zeroshot`` (:mod:`dino_sparo.evaluation.zeroshot_cli`
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from dino_sparo.evaluation.slots import select_slot_features
+from dino_sparo.evaluation.slots import greedy_forward_selection, select_slot_features
 
 logger = logging.getLogger(__name__)
 
@@ -154,25 +153,13 @@ def greedy_zeroshot_slots(image_features: torch.Tensor, class_features: torch.Te
     images: start empty, add the best slot (ties: lowest id) while accuracy rises, up to ``max_slots``.
     Pass selection data only, never the test set."""
     scores = per_slot_scores(image_features, class_features, num_slots, slot_dim)  # L × N × C
-    limit = num_slots if max_slots is None else max_slots
-    summed = torch.zeros_like(scores[0])
-    selected: list[int] = []
-    curve: list[float] = []
-    per_slot: list[float] = []
-    best = -math.inf
-    while len(selected) < limit:
-        remaining = [s for s in range(num_slots) if s not in selected]
+
+    def accuracies(selected: list[int], remaining: list[int]) -> list[float]:
         # the argmax of a mean of per-slot cosines is the argmax of their sum
-        accs = torch.stack([((summed + scores[s]).argmax(dim=-1) == labels).float().mean() for s in remaining])
-        if not per_slot:
-            per_slot = accs.tolist()
-        i = int(accs.argmax())  # the first maximum: ties go to the lowest slot id
-        if float(accs[i]) <= best:
-            break
-        selected.append(remaining[i])
-        summed += scores[remaining[i]]
-        best = float(accs[i])
-        curve.append(best)
+        summed = scores[selected].sum(dim=0) if selected else torch.zeros_like(scores[0])
+        return [float(((summed + scores[s]).argmax(dim=-1) == labels).float().mean()) for s in remaining]
+
+    selected, curve, per_slot = greedy_forward_selection(accuracies, num_slots, max_slots)
     return {"selected": selected, "curve": curve, "per_slot_accuracy": per_slot}
 
 
