@@ -45,7 +45,6 @@ class ClipMethod(Method):
         self.model = build_clip_model(cfg).to(device)
         self.train_module: nn.Module = self.model
         self.loss_fn = ClipLoss(local_loss=clip.local_loss, gather_with_grad=clip.gather_with_grad)
-        self.iters_per_epoch = 0
 
     def train_dataset(self) -> Dataset:
         clip = self.cfg.clip
@@ -76,9 +75,6 @@ class ClipMethod(Method):
     def param_groups(self) -> list[dict]:
         # CLIP's AdamW betas (0.9, 0.98) and eps 1e-6, carried by the groups themselves
         return param_groups(self.model, betas=tuple(self.cfg.clip.betas), eps=self.cfg.clip.eps)
-
-    def setup_schedules(self, epochs: int, iters_per_epoch: int) -> None:
-        self.iters_per_epoch = iters_per_epoch
 
     def batch_size(self, batch: Any) -> int:
         return batch[0].shape[0]
