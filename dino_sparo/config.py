@@ -168,7 +168,7 @@ class TrainConfig:
     output_dir: str = "output"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU and on CPUs with native bf16 (avx512_bf16/amx_bf16), else fp32
     compile: bool = False  # torch.compile the backbone
     grad_checkpointing: bool = False
     log_every: int = 20  # steps between log.jsonl lines

@@ -33,6 +33,7 @@ HAS_FASHION = Path(DEFAULT_FASHION_MNIST_ROOT).exists()
 needs_fashion = pytest.mark.skipif(not HAS_FASHION, reason="Fashion-MNIST not installed (make data)")
 
 TINY = [
+    "precision=fp32",  # the numbers compared below are fp32 ones, also on CPUs with native bf16
     "mode=clip", "model.arch=vit_pico", "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
     "model.patch_size=7", "model.img_size=28", "model.drop_path_rate=0.0",
     "model.sparo.num_slots=4", "model.sparo.slot_dim=8",

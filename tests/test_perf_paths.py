@@ -17,6 +17,7 @@ from dino_sparo.models.vit import drop_path_per_image, vit
 from dino_sparo.train import apply_speed_options, build_optimizer, clip_gradients, train_step
 
 TINY = [
+    "precision=fp32",  # the numbers compared below are fp32 ones, also on CPUs with native bf16
     "model.arch=vit_pico", "model.depth=3", "model.embed_dim=48", "model.patch_size=4", "model.img_size=16",
     "model.drop_path_rate=0.0", "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
     "crops.global_crops_size=16", "crops.local_crops_number=3", "crops.local_crops_size=8",

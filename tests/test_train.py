@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
                                 reason="Fashion-MNIST not installed (make data)")
 
 TINY = [
+    "precision=fp32",  # the numbers compared below are fp32 ones, also on CPUs with native bf16
     "model.arch=vit_pico", "model.depth=2", "model.embed_dim=48", "model.patch_size=4", "model.img_size=28",
     "model.drop_path_rate=0.1", "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
     "data.dataset=fashion_mnist", "data.limit=128", "data.batch_size_per_gpu=16", "data.num_workers=0",
