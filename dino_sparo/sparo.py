@@ -41,7 +41,7 @@ def parse_norm(norm: str) -> tuple[str, str]:
 
 def normalize_slots(raw: torch.Tensor, norm: str = "cont:const") -> torch.Tensor:
     """Normalise raw slot outputs ``B × L × V'`` into slots ``B × L × V`` whose concatenation has
-    unit norm.
+    unit norm. Half-precision inputs are computed in float32, float32 and float64 in their own precision.
 
     The representation (``cont``: the vector itself; ``sem``: a softmax within the slot;
     ``sqrtsem``: its square root) gives each slot's unit direction; the weighting gives each slot's
@@ -53,7 +53,8 @@ def normalize_slots(raw: torch.Tensor, norm: str = "cont:const") -> torch.Tensor
     rep, weighting = parse_norm(norm)
     if weighting in ("softmax", "sqrtsoftmax"):
         raw, logits = raw[..., :-1], raw[..., -1]  # B × L × V, B × L
-    raw = raw.float()
+    compute = torch.promote_types(raw.dtype, torch.float32)  # half precisions upcast, float64 stays
+    raw = raw.to(compute)
     if rep == "cont":
         content = raw
     else:
@@ -68,9 +69,9 @@ def normalize_slots(raw: torch.Tensor, norm: str = "cont:const") -> torch.Tensor
         slot_norms = content.norm(dim=-1)  # B × L
         weights = slot_norms / slot_norms.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     elif weighting == "softmax":
-        weights = F.normalize(logits.float().softmax(dim=-1), dim=-1)
+        weights = F.normalize(logits.to(compute).softmax(dim=-1), dim=-1)
     else:
-        weights = logits.float().softmax(dim=-1).sqrt()
+        weights = logits.to(compute).softmax(dim=-1).sqrt()
     return direction * weights.unsqueeze(-1)
 
 

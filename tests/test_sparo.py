@@ -43,7 +43,7 @@ def reference_sparo(m: SPARO, x: torch.Tensor, mask=None):
         c = content[:, slot]
         unit = c / c.norm(dim=-1, keepdim=True)
         if weighting == "const":
-            w = torch.full((b,), 1 / math.sqrt(m.num_slots))
+            w = torch.full((b,), 1 / math.sqrt(m.num_slots), dtype=c.dtype)
         elif weighting == "norm":
             w = c.norm(dim=-1) / content.flatten(1).norm(dim=-1)
         elif weighting == "softmax":
@@ -61,6 +61,45 @@ SETTINGS = [
     dict(num_slots=8, slot_dim=6, attn_dim=4, num_heads=2, share_kv=True),
     dict(num_slots=6, slot_dim=3, attn_dim=4, num_heads=3, value_dim=5, share_kv=False),
 ]
+
+
+def _module_and_reference(setting, norm, dtype):
+    """Module output and the per-slot loop's, both in ``dtype``, on masked random tokens."""
+    torch.manual_seed(0)
+    m = SPARO(dim=16, norm=norm, **setting).to(dtype)
+    with torch.no_grad():  # non-zero biases so they are exercised
+        m.key.bias.normal_()
+        m.out_proj.bias.normal_()
+    x = torch.randn(3, 11, 16, dtype=dtype)
+    mask = torch.zeros(3, 11, dtype=torch.bool)
+    mask[1, 7:] = True
+    mask[2, :3] = True
+    out = m(x, key_padding_mask=mask)
+    with torch.no_grad():
+        ref_emb, ref_attn = reference_sparo(m, x, mask)
+    return m, out, ref_emb, ref_attn
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_float64_module_matches_float64_loop_to_double_precision(setting, norm):
+    _, out, ref_emb, ref_attn = _module_and_reference(setting, norm, torch.float64)
+    assert out.embedding.dtype == out.slots.dtype == torch.float64
+    assert ref_emb.dtype == torch.float64
+    rel = (out.embedding - ref_emb).norm() / ref_emb.norm()
+    assert rel < 1e-12, float(rel)  # float32 anywhere on the way gives ~1e-7
+    assert (out.attn - ref_attn).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_slots_are_normalised_in_float32(dtype):
+    from dino_sparo.sparo import normalize_slots
+
+    raw = torch.randn(4, 8, 6, dtype=torch.float64) * 3
+    got = normalize_slots(raw.to(dtype), "cont:const")
+    expected = normalize_slots(raw.to(dtype).float(), "cont:const")
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert normalize_slots(raw.float()).dtype == torch.float32
 
 
 @pytest.mark.parametrize("norm", NORMS)
