@@ -79,6 +79,8 @@ class DinoConfig:
     warmup_teacher_temp_epochs: int = 0
     student_temp: float = 0.1
     center_momentum: float = 0.9
+    centering: Literal["center", "sinkhorn_knopp"] = "center"  # DINO v1's EMA centre | DINOv2's Sinkhorn-Knopp (3 iterations)
+    koleo_weight: float = 0.0  # DINOv2's KoLeo regulariser on the student's global-crop embeddings (0 = off)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Semantics follow facebookresearch/dino (v1): the teacher's global-crop outputs are centred and
 sharpened (softmax at a scheduled temperature), and every student crop is trained by cross-entropy
 against every teacher global crop except its own view, averaged over those pairs.
-Two deliberate differences: the centre's all-reduce runs only when a process group exists (v1 calls
+DINOv2's Sinkhorn-Knopp centring (`centering="sinkhorn_knopp"`) and KoLeo regulariser
+(`koleo_loss`) are options. Two deliberate differences from v1: the centre's all-reduce runs only when a process group exists (v1 calls
 it unconditionally and so cannot run single-process), and the arithmetic is forced to fp32 under
 autocast (fp16 softmax/centring is the commonest source of NaN reports).
 """
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from dino_sparo.schedules import linear_warmup_then_constant
 
-__all__ = ["ClipLoss", "DINOLoss", "collapse_warnings", "UNIFORM_COLLAPSE_FRACTION", "ONE_PROTOTYPE_COLLAPSE_FRACTION"]
+__all__ = ["ClipLoss", "DINOLoss", "koleo_loss", "sinkhorn_knopp", "collapse_warnings", "UNIFORM_COLLAPSE_FRACTION", "ONE_PROTOTYPE_COLLAPSE_FRACTION"]
 
 # Collapse thresholds, as fractions of ln(out_dim) (the entropy of the uniform distribution).
 # Uniform collapse: the per-sample teacher distribution is almost flat (loss stuck near ln K).
@@ -34,13 +35,62 @@ def _process_group_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    if _process_group_ready():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_output: torch.Tensor, temperature: float, n_iterations: int = 3) -> torch.Tensor:
+    """DINOv2's teacher targets: the ``N × K`` logits turned into soft assignments whose prototypes
+    are used equally over the global batch (rows sum to 1, columns to N_global / K).
+
+    As DINOv2: ``exp(logits / T)`` normalised to sum 1, then ``n_iterations`` rounds of dividing each
+    prototype's total by K and each sample's by N, with the prototype totals and the grand total
+    all-reduced across ranks, in fp32. One difference: the all-reduced maximum is subtracted before
+    ``exp`` (a constant factor, which the first normalisation removes), so large logits (e.g.
+    ``norm_last_layer: false``) cannot overflow.
+    """
+    with torch.autocast(device_type=teacher_output.device.type, enabled=False):
+        logits = teacher_output.detach().float() / temperature
+        q = torch.exp(logits - _all_reduce(logits.max().clone(), dist.ReduceOp.MAX)).t()  # K × N
+        n_prototypes = q.shape[0]
+        n_samples = q.shape[1] * (dist.get_world_size() if _process_group_ready() else 1)
+        tiny = torch.finfo(torch.float32).tiny  # a prototype whose weights all underflow keeps 0, not NaN
+        q /= _all_reduce(q.sum())
+        for _ in range(n_iterations):
+            q /= _all_reduce(q.sum(dim=1, keepdim=True)).clamp_min(tiny)  # each prototype's total weight: 1 / K
+            q /= n_prototypes
+            q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)  # each sample's total weight: 1 / N
+            q /= n_samples
+        return (q * n_samples).t()  # each row an assignment summing to 1
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser: ``-mean_i log(||x_i - x_nn(i)|| + eps)`` over the L2-normalised rows,
+    ``nn(i)`` the nearest other row of the same (local) batch. Spreads the embeddings out; fp32."""
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise ValueError(f"koleo_loss needs a B × D batch with B >= 2, got {tuple(features.shape)}")
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        x = F.normalize(features.float(), p=2, dim=-1, eps=eps)
+        with torch.no_grad():
+            dots = x @ x.t()
+            dots.fill_diagonal_(-2.0)  # never one's own neighbour (cosines are >= -1)
+            nearest = dots.argmax(dim=1)
+        distances = F.pairwise_distance(x, x[nearest], p=2, eps=eps)
+        return -torch.log(distances + eps).mean()
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between the centred, sharpened teacher and the student, over crop pairs.
 
     Inputs are crop-major concatenations: `student_output` is `(n_crops·B) × K` (all images of crop
     0, then crop 1, ...; the first `n_global_crops` crops are the global ones) and `teacher_output`
     is `(n_global_crops·B) × K`. The teacher temperature follows DINO's per-epoch schedule (linear
-    warm-up, then constant); the centre is a `1 × K` buffer, so it is saved in `state_dict()`.
+    warm-up, then constant). `centering="center"` (DINO v1): the teacher is centred by an EMA `1 × K`
+    buffer (saved in `state_dict()`); `"sinkhorn_knopp"` (DINOv2): the teacher's targets are
+    `sinkhorn_knopp` assignments over all its global crops, and the centre is not used.
     """
 
     center: torch.Tensor
@@ -57,8 +107,12 @@ class DINOLoss(nn.Module):
         epochs: int,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        centering: str = "center",
+        sinkhorn_iterations: int = 3,
     ) -> None:
         super().__init__()
+        if centering not in ("center", "sinkhorn_knopp"):
+            raise ValueError(f"DINOLoss 'centering' must be 'center' or 'sinkhorn_knopp', got {centering!r}")
         if n_global_crops < 1:
             raise ValueError(f"DINOLoss 'n_global_crops' must be >= 1, got {n_global_crops}")
         if n_local_crops < 0:
@@ -81,6 +135,8 @@ class DINOLoss(nn.Module):
         self.n_crops = n_global_crops + n_local_crops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
+        # kept (and saved) with Sinkhorn-Knopp too, so both kinds of checkpoint have the same keys
         self.register_buffer("center", torch.zeros(1, out_dim))
         # A too hot teacher early on makes training unstable, hence the warm-up (per epoch).
         self.teacher_temp_schedule: np.ndarray = linear_warmup_then_constant(
@@ -139,9 +195,14 @@ class DINOLoss(nn.Module):
             student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
             student_log_probs = student_log_probs.view(n_crops, batch, self.out_dim)  # C × B × K
             with torch.no_grad():
-                teacher_log_probs = F.log_softmax((teacher_output.detach().float() - self.center) / temp, dim=-1)
+                if self.centering == "sinkhorn_knopp":
+                    teacher_probs = sinkhorn_knopp(teacher_output, temp, self.sinkhorn_iterations)
+                    teacher_log_probs = torch.log(teacher_probs.clamp_min(torch.finfo(torch.float32).tiny))
+                else:
+                    teacher_log_probs = F.log_softmax((teacher_output.detach().float() - self.center) / temp, dim=-1)
+                    teacher_probs = teacher_log_probs.exp()
                 teacher_log_probs = teacher_log_probs.view(n_global, batch, self.out_dim)  # G × B × K
-                teacher_probs = teacher_log_probs.exp()
+                teacher_probs = teacher_probs.view(n_global, batch, self.out_dim)
             # cross_entropy[g, c] = mean_b  -sum_k q[g, b, k] · log p[c, b, k]; element-wise products
             # rather than a matmul, so TF32 settings cannot lower the loss precision.
             cross_entropy = torch.stack(
@@ -165,7 +226,7 @@ class DINOLoss(nn.Module):
                     / n_pairs,
                 }
         self.last_stats = stats
-        if update_center:
+        if update_center and self.centering == "center":
             self.update_center(teacher_output)
         if return_stats:
             return loss, stats

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from dino_sparo.data.datasets import build_dataset
 from dino_sparo.data.transforms import MultiCropTransform, multicrop_collate, normalization_for
 from dino_sparo.evaluation.sources import eval_transform_for
-from dino_sparo.losses import DINOLoss, collapse_warnings
+from dino_sparo.losses import DINOLoss, collapse_warnings, koleo_loss
 from dino_sparo.methods.base import Method
 from dino_sparo.models.attention import resolve_backend
 from dino_sparo.models.build import build_backbone
@@ -47,7 +47,10 @@ class MultiCropWrapper(nn.Module):
             self._told_no_packing = True
         return backend == "xformers"
 
-    def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, crops: Sequence[torch.Tensor], return_embeddings: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs of all crops; with ``return_embeddings`` also the backbone's embeddings
+        (the read-out, before the head), in the same crop-major order."""
         batches, start = [], 0
         while start < len(crops):  # consecutive crops of one size form one batch
             end = start + 1
@@ -59,7 +62,9 @@ class MultiCropWrapper(nn.Module):
             embeddings = self.backbone.forward_packed(batches)
         else:
             embeddings = [self.backbone(x) for x in batches]
-        return self.head(torch.cat(embeddings))
+        embedding = torch.cat(embeddings)
+        output = self.head(embedding)
+        return (output, embedding) if return_embeddings else output
 
 
 def build_student_teacher(cfg: Any) -> tuple[MultiCropWrapper, MultiCropWrapper]:
@@ -92,7 +97,10 @@ class DinoMethod(Method):
             warmup_teacher_temp=cfg.dino.warmup_teacher_temp, teacher_temp=cfg.dino.teacher_temp,
             warmup_teacher_temp_epochs=cfg.dino.warmup_teacher_temp_epochs, epochs=cfg.optim.epochs,
             student_temp=cfg.dino.student_temp, center_momentum=cfg.dino.center_momentum,
+            centering=cfg.dino.centering,
         ).to(device)
+        if cfg.dino.koleo_weight < 0:
+            raise ValueError(f"config key 'dino.koleo_weight' must be >= 0, got {cfg.dino.koleo_weight}")
         self.collate_fn = multicrop_collate
         self.momentum_schedule = None
 
@@ -132,9 +140,15 @@ class DinoMethod(Method):
         n_global = self.cfg.crops.global_crops_number
         with torch.no_grad():
             teacher_out = self.teacher(crops[:n_global])  # only the global crops reach the teacher
-        student_out = self.train_module(crops)
+        koleo_weight = self.cfg.dino.koleo_weight
+        student_out, embeddings = self.train_module(crops, return_embeddings=True)
         loss, stats = self.loss_fn(student_out, teacher_out, epoch, return_stats=True)
         stats = dict(stats, teacher_temp=torch.tensor(self.loss_fn.teacher_temperature(epoch)))
+        if koleo_weight:  # as DINOv2: on each global crop's embeddings apart, summed
+            global_embeddings = embeddings[: n_global * crops[0].shape[0]].chunk(n_global)
+            koleo = sum(koleo_loss(e) for e in global_embeddings)
+            stats["koleo"] = koleo.detach()
+            loss = loss + koleo_weight * koleo
         return loss, stats
 
     def before_optimizer_step(self, step: int, epoch: int) -> None:
