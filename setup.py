@@ -38,6 +38,7 @@ setup(
             "dino-sparo-submit=dino_sparo.submit:main",
             "dino-sparo-zeroshot=dino_sparo.evaluation.zeroshot_cli:main",
             "dino-sparo-visualize=dino_sparo.visualize:main",
+            "dino-sparo-gpu-check=dino_sparo.gpu_check:main",
         ],
     },
 )

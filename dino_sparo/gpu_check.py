@@ -1,0 +1,842 @@
+"""One short run that proves the GPU paths on a fresh GPU machine with no package registry:
+install the project and the wheels brought along, then the GPU tests, the training-step benchmark,
+a DINO training that is killed and resumed and ends with k-NN, and a few CLIP steps with zero-shot.
+Each step is time-boxed so that the whole run ends within ``--budget`` seconds; every figure and
+log goes into one output folder of a few files. Entry point: ``tools/gpu_check.sh`` (``--help``).
+
+The main process uses the standard library only (it runs before the project is installed); every
+step is a child process of its own, killed with its process group when its time is up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: tests/, configs/, setup.py
+
+# Wheels for Python 3.12 on x86-64 Linux that a GPU image with torch lacks (its torch, torchvision,
+# timm, numpy, pillow, pyyaml, tqdm, matplotlib and pytest are used as they are). faiss-gpu is left
+# out: its wheels (faiss-gpu 129 MB; faiss-gpu-cu12 46 MB but needing CUDA 12's 554 MB cuBLAS wheel)
+# are too large to bring along, so k-NN on the GPU runs the torch backend.
+WHEELS = ("xformers==0.0.35", "submitit==1.5.4", "open_clip_torch==3.3.0", "ftfy==6.3.1", "wcwidth==0.9.4",
+          "webdataset==1.0.2", "braceexpand==0.1.7")
+WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                   "manylinux2014_x86_64", "manylinux1_x86_64")
+DEFAULT_WHEELS = ".gpu_wheels"
+DEFAULT_BUDGET_S = 480
+GROUPS = ("install", "pytest", "bench", "dino", "clip")
+OUTPUT_FILES = ("summary.txt", "gpu_check.json", "gpu_check.log", "training_curves.png")
+BOOKKEEPING_S = 5  # of the budget, kept for reading results and writing the report between steps
+LOG_TAIL_BYTES = 400_000  # of each step in gpu_check.log: the folder must travel back small
+
+SHAPES = ("circle", "square", "triangle", "ring", "cross", "star", "frame", "stripes", "checkerboard", "dots")
+
+
+# --------------------------------------------------------------------------------------------
+# The generated data: ten classes of shapes, as an image folder and as caption tables
+# --------------------------------------------------------------------------------------------
+
+def _draw_shape(name: str, size: int, rng: Any) -> Any:
+    """One ``size`` × ``size`` RGB image of the shape ``name`` at a random place, scale and colour
+    on a noisy background."""
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    background = rng.integers(0, 256, 3)
+    foreground = (background + rng.integers(80, 176, 3)) % 256  # far from the background in each channel
+    pixels = np.clip(background + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    fill = tuple(int(c) for c in foreground)
+    r = size * rng.uniform(0.18, 0.32)
+    cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+    width = max(2, int(r / 3))
+    if name == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif name == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif name == "triangle":
+        angles = rng.uniform(0, 2 * np.pi) + np.arange(3) * 2 * np.pi / 3
+        draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a in angles], fill=fill)
+    elif name == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=width)
+    elif name == "cross":
+        draw.rectangle([cx - r, cy - width, cx + r, cy + width], fill=fill)
+        draw.rectangle([cx - width, cy - r, cx + width, cy + r], fill=fill)
+    elif name == "star":
+        angles = rng.uniform(0, 2 * np.pi) + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.4 * r)
+        draw.polygon([(cx + q * np.cos(a), cy + q * np.sin(a)) for q, a in zip(radii, angles)], fill=fill)
+    elif name == "frame":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], outline=fill, width=width)
+    elif name == "stripes":
+        period, offset = rng.uniform(size / 10, size / 5), rng.uniform(0, size)
+        for x in np.arange(-offset, size, period):
+            draw.rectangle([x, 0, x + period / 2, size], fill=fill)
+    elif name == "checkerboard":
+        cell = int(rng.uniform(size / 10, size / 5))
+        for i, y in enumerate(range(0, size, cell)):
+            for j, x in enumerate(range(0, size, cell)):
+                if (i + j) % 2 == 0:
+                    draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=fill)
+    elif name == "dots":
+        step, dot = rng.uniform(size / 7, size / 4), size / 40
+        for y in np.arange(step / 2, size, step):
+            for x in np.arange(step / 2, size, step):
+                draw.ellipse([x - dot * 2, y - dot * 2, x + dot * 2, y + dot * 2], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {name!r}; the shapes are {', '.join(SHAPES)}")
+    return image
+
+
+def make_shapes_folder(root: str | os.PathLike, train_per_class: int, val_per_class: int, size: int,
+                       seed: int = 0) -> dict[str, Any]:
+    """Write ``root/{train,val}/<shape>/NNNNN.jpg`` (an image folder for DINO and k-NN) and
+    ``root/captions_{train,val}.csv`` (path, caption: "a photo of a circle." for CLIP); the same
+    seed gives the same files. A folder already complete with these settings is kept as it is."""
+    import numpy as np  # noqa: PLC0415
+
+    root = Path(root)
+    settings = {"train_per_class": train_per_class, "val_per_class": val_per_class, "size": size, "seed": seed,
+                "classes": list(SHAPES)}
+    stamp = root / "generated.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == settings:
+        return settings
+    if root.exists():
+        shutil.rmtree(root)
+    templates = ("a photo of a {}.", "a picture of a {}.", "a low resolution photo of a {}.")
+    for split_id, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class))):
+        rows = []
+        for class_id, name in enumerate(SHAPES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                rng = np.random.default_rng([seed, split_id, class_id, i])
+                path = folder / f"{i:05d}.jpg"
+                _draw_shape(name, size, rng).save(path, quality=90)
+                rows.append((path.relative_to(root).as_posix(), templates[i % len(templates)].format(name)))
+        with (root / f"captions_{split}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "caption"])
+            writer.writerows(rows)
+    stamp.write_text(json.dumps(settings))
+    return settings
+
+
+# --------------------------------------------------------------------------------------------
+# The environment probe (run as a child process: it imports torch and the optional packages)
+# --------------------------------------------------------------------------------------------
+
+def probe_environment() -> dict[str, Any]:
+    """What the GPU paths depend on: torch and CUDA, bf16, xformers (imports, and its kernel runs),
+    the k-NN backends, open_clip, submitit, NCCL."""
+    import platform  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+    if info["cuda_available"]:
+        props = torch.cuda.get_device_properties(0)
+        info.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
+                    memory_gib=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
+                    bf16_supported=torch.cuda.is_bf16_supported(), device_count=torch.cuda.device_count())
+    for module in ("xformers", "open_clip", "submitit", "faiss", "webdataset", "ftfy"):
+        try:
+            info[f"{module}_version"] = getattr(__import__(module), "__version__", "installed")
+        except Exception as exc:  # noqa: BLE001  an import failure is a finding, not a crash
+            info[f"{module}_version"] = None
+            info[f"{module}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    from dino_sparo.evaluation.knn import available_backends  # noqa: PLC0415
+    from dino_sparo.models.attention import xformers_available  # noqa: PLC0415
+
+    info["xformers_runs"] = bool(info["cuda_available"] and xformers_available())
+    info["knn_backends"] = list(available_backends())
+    info["nccl_available"] = bool(torch.distributed.is_available() and torch.distributed.is_nccl_available())
+    if info["nccl_available"] and info["cuda_available"]:
+        info["nccl_version"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    """One time-boxed step: a command (``argv``) or an in-process ``action``. ``cap_s`` is the
+    most it may take, ``floor_s`` the least worth starting it with (kept free for it by the steps
+    before it unless it is ``optional``). ``signal_at`` = (logged training step, signal): send
+    the signal once ``watch_log`` shows that step."""
+    name: str
+    group: str
+    title: str
+    cap_s: float
+    floor_s: float
+    argv: Optional[list[str]] = None
+    action: Optional[Callable[["Context"], dict]] = None
+    optional: bool = False
+    needs: Optional[str] = None  # "cuda" or "xformers": skipped where the probe found it missing
+    signal_at: Optional[tuple[int, int]] = None
+    watch_log: Optional[Path] = None
+    outputs: dict[str, Path] = field(default_factory=dict)  # what the result is read from
+    note: str = ""
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    work: Path
+    output: Path
+    environment: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _sizes(smoke: bool) -> dict[str, Any]:
+    """Every number of the plan that differs between the GPU check and its toy-size smoke run."""
+    if smoke:
+        return dict(data=dict(train_per_class=8, val_per_class=4, size=32),
+                    bench_s=["--arch", "vit_pico", "--patch-size", "8", "--batch", "2", "--local-crops", "2",
+                             "--global-size", "32", "--local-size", "16", "--out-dim", "256", "--steps", "1",
+                             "--warmup", "1", "--matmul-size", "256", "--device", "auto"],
+                    bench_b=["--arch", "vit_tiny", "--patch-size", "8", "--batch", "2", "--local-crops", "2",
+                             "--global-size", "32", "--local-size", "16", "--out-dim", "256", "--steps", "1",
+                             "--warmup", "1", "--matmul-size", "256", "--device", "auto"],
+                    precision="auto", dino_config="configs/gpu_check/dino_smoke.yaml",
+                    clip_config="configs/gpu_check/clip_smoke.yaml", kill_at=15, term_at=25, total_steps=40,
+                    eval_batch="16", workers="1", caps=1.0)
+    return dict(data=dict(train_per_class=256, val_per_class=50, size=128),
+                bench_s=["--arch", "vit_small", "--patch-size", "16", "--batch", "64", "--local-crops", "10",
+                         "--global-size", "224", "--local-size", "96", "--steps", "10", "--warmup", "3",
+                         "--device", "cuda"],
+                bench_b=["--arch", "vit_base", "--patch-size", "16", "--batch", "64", "--local-crops", "10",
+                         "--global-size", "224", "--local-size", "96", "--steps", "8", "--warmup", "3",
+                         "--device", "cuda"],
+                precision="bf16", dino_config="configs/gpu_check/dino.yaml",
+                clip_config="configs/gpu_check/clip.yaml", kill_at=100, term_at=220, total_steps=320,
+                eval_batch="256", workers="12", caps=1.0)
+
+
+# the benchmark rows: (step name, title, our options, the reference's precision)
+BENCH_RUNS = (
+    ("bench-s16-packed", "ours xformers, packed crops / reference bf16", ["--attn-backend", "xformers", "--pack-crops"],
+     "bf16"),
+    ("bench-s16-packed-fp16ref", "ours xformers, packed crops / reference fp16 (as DINO v1 runs)",
+     ["--attn-backend", "xformers", "--pack-crops"], "fp16"),
+    ("bench-s16-xformers", "ours xformers, one forward per crop size / reference bf16",
+     ["--attn-backend", "xformers"], "bf16"),
+    ("bench-s16-sdpa", "ours SDPA, per crop size / reference bf16", ["--attn-backend", "sdpa"], "bf16"),
+    ("bench-s16-math", "ours explicit softmax attention, per crop size / reference bf16",
+     ["--attn-backend", "math"], "bf16"),
+)
+
+
+def build_plan(args: argparse.Namespace) -> list[Step]:
+    """Every step the check runs for ``args``, in order (``--steps`` chooses the groups)."""
+    sizes = _sizes(args.smoke)
+    work, py = Path(args.work_dir).resolve(), sys.executable
+    data = work / "data"
+    wanted = set(args.steps)
+    plan: list[Step] = []
+
+    if "install" in wanted:
+        plan.append(Step("install-project", "install", "pip install --no-deps -e . (no package index)", 120, 20,
+                         argv=[py, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation",
+                               "--disable-pip-version-check", "-q", "-e", str(ROOT)]))
+        wheels = find_wheels(args.wheels)
+        plan.append(Step("install-wheels", "install", f"pip install {len(wheels)} wheels from {args.wheels}", 120,
+                         15, argv=[py, "-m", "pip", "install", "--no-deps", "--no-index",
+                                   "--disable-pip-version-check", "-q", *map(str, wheels)] if wheels else None,
+                         note="" if wheels else "no wheels found: xformers, open_clip and submitit must be there"))
+    plan.append(Step("environment", "install", "torch, CUDA, xformers, k-NN backends, open_clip", 60, 10,
+                     argv=[py, "-m", "dino_sparo.gpu_check", "--probe-json", str(work / "environment.json")],
+                     outputs={"json": work / "environment.json"}))
+    plan.append(Step("nvidia-smi", "install", "the GPU, its driver and clocks", 20, 5, argv=["nvidia-smi"],
+                     optional=True, needs="cuda"))
+    plan.append(Step("xformers-info", "install", "python -m xformers.info (which kernels xformers has)", 30, 5,
+                     argv=[py, "-m", "xformers.info"], optional=True, needs="xformers"))
+
+    if "pytest" in wanted:
+        xml = work / "pytest_gpu.xml"
+        plan.append(Step("pytest-gpu", "pytest", "pytest -m gpu: xformers/SDPA/math, packed = per size, no host "
+                         "sync in bf16/fp16 steps, CUDA k-NN = CPU k-NN", 150, 40,
+                         argv=[py, "-m", "pytest", "-m", "gpu", "-v", "-rs", "-p", "no:cacheprovider",
+                               f"--junitxml={xml}", str(ROOT / "tests")], outputs={"xml": xml}))
+
+    if "bench" in wanted:
+        common = [*sizes["bench_s"], "--precision", sizes["precision"]]
+        for name, title, ours, ref in BENCH_RUNS:
+            out = work / "bench" / f"{name}.json"
+            plan.append(Step(name, "bench", f"ViT-S/16: {title}", 75, 25,
+                             argv=["dino-sparo-bench", *common, *ours, "--reference-precision",
+                                   ref if sizes["precision"] != "auto" else "same", "--json", str(out)],
+                             needs="xformers" if "xformers" in ours else None, outputs={"json": out}))
+        out = work / "bench" / "bench-b16-packed.json"
+        plan.append(Step("bench-b16-packed", "bench", "ViT-B/16: ours xformers, packed crops / reference bf16", 75,
+                         35, argv=["dino-sparo-bench", *sizes["bench_b"], "--precision", sizes["precision"],
+                                   "--attn-backend", "xformers", "--pack-crops", "--json", str(out)],
+                         optional=True, needs="xformers", outputs={"json": out}))
+
+    if "dino" in wanted:
+        run_dir = work / "dino"
+        train = ["dino-sparo-train", "--config", str(ROOT / sizes["dino_config"]), "--output-dir", str(run_dir),
+                 f"data.path={data}"]
+        plan.append(Step("shapes-data", "dino", "generate the image folder of ten shape classes", 60, 5,
+                         action=lambda ctx: make_shapes_folder(data, **sizes["data"])))
+        log = run_dir / "log.jsonl"
+        plan.append(Step("dino-train-killed", "dino", f"DINO training, SIGKILL once step {sizes['kill_at']} "
+                         "is logged", 90, 40, argv=list(train), signal_at=(sizes["kill_at"], signal.SIGKILL),
+                         watch_log=log))
+        plan.append(Step("dino-train-stopped", "dino", f"resumed, SIGTERM once step {sizes['term_at']} is logged "
+                         "(saves and stops)", 90, 40, argv=list(train), signal_at=(sizes["term_at"], signal.SIGTERM),
+                         watch_log=log))
+        plan.append(Step("dino-train-finish", "dino", f"resumed to the end (step {sizes['total_steps']})", 120, 40,
+                         argv=list(train), watch_log=log))
+        knn = ["--dataset", "imagefolder", "--data-path", str(data), "--device", "auto" if args.smoke else "cuda",
+               "--backend", "torch", "--ks", "10,20", "--batch-size", sizes["eval_batch"], "--num-workers",
+               sizes["workers"], "--no-cache", "--quiet"]
+        plan.append(Step("dino-knn", "dino", "k-NN of the trained teacher (torch backend on the GPU)", 60, 15,
+                         argv=["dino-sparo-knn", "--checkpoint", str(run_dir / "checkpoint.pth"), *knn,
+                               "--output-json", str(work / "knn.json")], outputs={"json": work / "knn.json"}))
+        plan.append(Step("dino-knn-init", "dino", "k-NN of the same network at initialisation", 45, 15,
+                         argv=["dino-sparo-knn", "--baseline", "init", "--config", str(ROOT / sizes["dino_config"]),
+                               *knn, "--output-json", str(work / "knn_init.json")],
+                         optional=True, outputs={"json": work / "knn_init.json"}))
+
+    if "clip" in wanted:
+        run_dir = work / "clip"
+        if "dino" not in wanted:
+            plan.append(Step("shapes-data", "clip", "generate the image folder of ten shape classes", 60, 5,
+                             action=lambda ctx: make_shapes_folder(data, **sizes["data"])))
+        plan.append(Step("clip-train", "clip", "CLIP training with zero-shot at each epoch's end", 90, 30,
+                         argv=["dino-sparo-train", "--config", str(ROOT / sizes["clip_config"]), "--output-dir",
+                               str(run_dir), f"clip.train_data={data / 'captions_train.csv'}",
+                               f"clip.zeroshot_data={data}"], watch_log=run_dir / "log.jsonl"))
+        plan.append(Step("clip-zeroshot", "clip", "zero-shot classification and retrieval of the CLIP checkpoint",
+                         60, 15, argv=["dino-sparo-zeroshot", "--checkpoint", str(run_dir / "checkpoint.pth"),
+                                       "--dataset", "imagefolder", "--data-path", str(data), "--split", "val",
+                                       "--retrieval", str(data / "captions_val.csv"), "--batch-size",
+                                       sizes["eval_batch"], "--num-workers", sizes["workers"], "--device",
+                                       "auto" if args.smoke else "cuda", "--output", str(work / "zeroshot.json")],
+                         outputs={"json": work / "zeroshot.json"}))
+
+    logs = [str(work / run / "log.jsonl") for run in ("dino", "clip") if run in wanted]
+    if logs:
+        plan.append(Step("curves", "plot", "training curves of the DINO and CLIP runs", 45, 10,
+                         argv=[py, str(ROOT / "tools" / "plot_log.py"), *logs, "--labels",
+                               *[run for run in ("dino", "clip") if run in wanted], "--title",
+                               "GPU check: training curves", "--output",
+                               str(Path(args.output).resolve() / OUTPUT_FILES[3])],
+                         optional=True))
+    return plan
+
+
+def find_wheels(folder: Optional[str]) -> list[Path]:
+    return sorted(Path(folder).glob("*.whl")) if folder and Path(folder).is_dir() else []
+
+
+def step_timeout(step: Step, later: list[Step], remaining_s: float) -> float:
+    """Seconds ``step`` may run: its cap, less what the mandatory steps after it need at least."""
+    reserved = sum(s.floor_s for s in later if not s.optional)
+    return min(step.cap_s, remaining_s - reserved)
+
+
+# --------------------------------------------------------------------------------------------
+# Running the steps
+# --------------------------------------------------------------------------------------------
+
+def scripts_dir() -> Path:
+    return Path(sysconfig.get_path("scripts"))
+
+
+def resolve_program(argv: list[str]) -> list[str]:
+    """A console script of this project by its path beside this interpreter (pip puts it there)."""
+    if argv[0].startswith("dino-sparo-"):
+        found = shutil.which(argv[0], path=os.pathsep.join([str(scripts_dir()), os.environ.get("PATH", "")]))
+        if found is None:
+            raise FileNotFoundError(f"console script {argv[0]} not found beside {sys.executable}: is the project "
+                                    "installed (the install step)?")
+        return [found, *argv[1:]]
+    return argv
+
+
+def last_logged_step(path: Optional[Path]) -> int:
+    if path is None or not path.is_file():
+        return 0
+    step = 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line being written
+            continue
+        if "loss" in row:
+            step = int(row["step"])
+    return step
+
+
+def _kill_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def run_command(step: Step, timeout_s: float, log_path: Path) -> dict[str, Any]:
+    """Run ``step.argv`` in its own process group, its output into ``log_path``; stop it (the
+    whole group, at once) when ``timeout_s`` is up, and send ``step.signal_at``'s signal when due."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="10")
+    start = time.monotonic()
+    result: dict[str, Any] = {}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(resolve_program(step.argv), cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        sent = False
+        while process.poll() is None:
+            elapsed = time.monotonic() - start
+            if elapsed > timeout_s:  # no grace period: the budget holds to the second
+                _kill_group(process, signal.SIGKILL)
+                process.wait()
+                result["timed_out"] = True
+                break
+            if step.signal_at and not sent and last_logged_step(step.watch_log) >= step.signal_at[0]:
+                at, sig = step.signal_at
+                result["signal"] = {"name": signal.Signals(sig).name, "after_s": round(elapsed, 1),
+                                    "at_logged_step": last_logged_step(step.watch_log)}
+                if sig == signal.SIGKILL:  # as a crash or a pre-emption: the loader workers too
+                    _kill_group(process, sig)
+                else:  # as a scheduler's warning: to the training process, which saves and stops
+                    process.send_signal(sig)
+                sent = True
+            time.sleep(0.2)
+        _kill_group(process, signal.SIGKILL)  # whatever it left behind
+    result.update(returncode=process.returncode, seconds=round(time.monotonic() - start, 1))
+    return result
+
+
+def _read_json(path: Optional[Path]) -> Optional[dict]:
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading each step's result
+# --------------------------------------------------------------------------------------------
+
+def read_pytest(xml_path: Path, output: str) -> dict[str, Any]:
+    """Outcome of each GPU test, from the JUnit XML (or the ``-v`` lines when pytest was stopped)."""
+    tests: list[dict[str, str]] = []
+    if xml_path.is_file():
+        for case in ElementTree.parse(xml_path).getroot().iter("testcase"):
+            outcome, message = "passed", ""
+            for child in case:
+                if child.tag in ("failure", "error", "skipped"):
+                    outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                    message = (child.get("message") or "")[:300]
+            tests.append({"name": f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}",
+                          "outcome": outcome, "message": message})
+    else:
+        for match in re.finditer(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", output, re.M):
+            tests.append({"name": match.group(1).split("/")[-1].replace(".py", ""),
+                          "outcome": match.group(2).lower().replace("error", "error"), "message": ""})
+    counts = {key: sum(t["outcome"] == key for t in tests) for key in ("passed", "failed", "error", "skipped")}
+    return {**counts, "tests": tests}
+
+
+def bench_row(figures: dict[str, Any]) -> dict[str, Any]:
+    ours, ref = figures["ours"], figures["reference"]
+    return {"ours_images_per_s": ours["images_per_s"], "reference_images_per_s": ref["images_per_s"],
+            "speed_ratio": figures["ratio"]["images_per_s"], "ours_peak_mem_mb": ours["peak_mem_mb"],
+            "reference_peak_mem_mb": ref["peak_mem_mb"], "mem_ratio": figures["ratio"]["peak_mem"],
+            "ours_fraction_of_matmul_peak": ours["fraction_of_matmul_peak"],
+            "reference_fraction_of_matmul_peak": ref["fraction_of_matmul_peak"],
+            "matmul_peak_tflops": figures["matmul_peak_flops_per_s"] / 1e12,
+            "precision": figures["environment"]["precision"],
+            "reference_precision": figures["environment"]["reference_precision"]}
+
+
+def read_training(output: str, log_rows: list[dict]) -> dict[str, Any]:
+    """What a training process said about resuming and stopping, and its last logged figures."""
+    info: dict[str, Any] = {}
+    if match := re.search(r"resumed from \S+ at step (\d+)", output):
+        info["resumed_at"] = int(match.group(1))
+    if match := re.search(r"stopped at step (\d+)", output):
+        info["stopped_at"] = int(match.group(1))
+    if match := re.search(r"finished (\d+) steps", output):
+        info["finished_steps"] = int(match.group(1))
+    rows = [r for r in log_rows if "loss" in r]
+    if rows:
+        info.update(last_step=rows[-1]["step"], last_loss=rows[-1]["loss"],
+                    images_per_s=sorted(r["images_per_s"] for r in rows)[len(rows) // 2])
+    evals = [r for r in log_rows if any(k.endswith("_top1") for k in r)]
+    if evals:
+        info["last_eval"] = evals[-1]
+    return info
+
+
+def read_log_rows(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def judge(step: Step, run: dict[str, Any], ctx: Context, output: str, previous: dict[str, dict]) -> dict[str, Any]:
+    """The step's figures and its status: ok, or failed with the reason."""
+    figures: dict[str, Any] = {}
+    problems: list[str] = []
+    if run.get("timed_out"):
+        problems.append(f"stopped at its time limit ({run['timeout_s']:.0f} s)")
+    name = step.name
+    if name == "environment":
+        figures = _read_json(step.outputs["json"]) or {}
+        ctx.environment = figures
+        if not figures.get("cuda_available") and not ctx.args.smoke:
+            problems.append("no CUDA device")
+    elif name == "pytest-gpu":
+        figures = read_pytest(step.outputs["xml"], output)
+        if figures["failed"] or figures["error"]:
+            problems.append(f"{figures['failed']} failed, {figures['error']} errors")
+        if not figures["tests"]:
+            problems.append("no GPU test ran")
+        elif figures["skipped"] and ctx.environment.get("cuda_available"):
+            problems.append(f"{figures['skipped']} skipped on a GPU")
+    elif name.startswith("bench-"):
+        bench = _read_json(step.outputs["json"])
+        if bench:
+            figures = {"row": bench_row(bench), "figures": bench}
+        else:
+            problems.append("no benchmark JSON")
+    elif name.startswith("dino-train") or name == "clip-train":
+        log_rows = read_log_rows(step.watch_log)
+        figures = read_training(output, log_rows)
+        if name == "dino-train-killed":
+            if not (run.get("signal") and run["returncode"] == -signal.SIGKILL):
+                problems.append("the training was not killed mid-run (it ended or failed first)")
+        elif name == "dino-train-stopped":
+            killed = previous.get("dino-train-killed", {}).get("figures", {})
+            if "resumed_at" not in figures:
+                problems.append("did not resume from the checkpoint")
+            elif killed.get("last_step") is not None and figures["resumed_at"] > killed["last_step"]:
+                problems.append(f"resumed at {figures['resumed_at']}, past the killed run's last step")
+            if figures.get("stopped_at") is None or run["returncode"] != 0:
+                problems.append("SIGTERM did not save and stop cleanly")
+        else:
+            stopped = previous.get("dino-train-stopped", {}).get("figures", {}).get("stopped_at")
+            if name == "dino-train-finish" and stopped is not None and figures.get("resumed_at") != stopped:
+                problems.append(f"resumed at {figures.get('resumed_at')}, not at the step SIGTERM saved ({stopped})")
+            if figures.get("finished_steps") is None:
+                problems.append("did not finish")
+            if not figures.get("last_eval"):
+                problems.append("no k-NN / zero-shot during training in log.jsonl")
+        if run["returncode"] not in (0, -signal.SIGKILL) and not run.get("timed_out"):
+            problems.append(f"exit code {run['returncode']}")
+        elif run["returncode"] == -signal.SIGKILL and name != "dino-train-killed" and not run.get("timed_out"):
+            problems.append("killed (out of memory?)")
+        if name in ("dino-train-finish", "clip-train"):
+            figures["log"] = log_rows
+    elif name in ("dino-knn", "dino-knn-init"):
+        result = _read_json(step.outputs["json"])
+        if result:
+            figures = {"top1_k20": result["knn"]["20"]["top1"], "top5_k20": result["knn"]["20"]["top5"],
+                       "backend": result.get("backend"), "num_train": result.get("num_train"),
+                       "num_test": result.get("num_test")}
+        else:
+            problems.append("no k-NN JSON")
+    elif name == "clip-zeroshot":
+        result = _read_json(step.outputs["json"])
+        if result and "zeroshot" in result:
+            figures = {"zeroshot": result["zeroshot"], "retrieval": result.get("retrieval", {})}
+        else:
+            problems.append("no zero-shot JSON")
+    training = name.startswith("dino-train") or name == "clip-train"
+    if run.get("returncode") not in (None, 0) and not training and not run.get("timed_out"):
+        problems.append(f"exit code {run['returncode']}")
+    return {"status": "failed" if problems else "ok", "problems": problems, "figures": figures}
+
+
+# --------------------------------------------------------------------------------------------
+# The summary
+# --------------------------------------------------------------------------------------------
+
+TARGETS = {"speed_ratio": 1.5, "mem_ratio": 0.7, "ours_fraction_of_matmul_peak": 0.35}
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    env, steps = report.get("environment", {}), report["steps"]
+    lines = [f"GPU check {report['started']}: {env.get('device_name', 'no CUDA device')}, torch {env.get('torch')} "
+             f"(CUDA {env.get('torch_cuda')}), xformers {env.get('xformers_version')} "
+             f"({'runs' if env.get('xformers_runs') else 'does not run'}), k-NN backends "
+             f"{','.join(env.get('knn_backends', []))}; {report['seconds']:.0f} s of a {report['budget_s']} s budget",
+             "", f"{'step':<26}{'status':<9}{'s':>6}  detail"]
+    for name, step in steps.items():
+        detail = "; ".join(step.get("problems", [])) or step.get("reason", "") or step.get("detail", "")
+        lines.append(f"{name:<26}{step['status']:<9}{step.get('seconds', 0):>6.0f}  {detail}"[:160])
+    tests = steps.get("pytest-gpu", {}).get("figures", {}).get("tests", [])
+    if tests:
+        lines += ["", "GPU tests:"] + [f"  {t['outcome']:<8}{t['name']}  {t['message']}"[:160] for t in tests]
+    rows = {name: s["figures"]["row"] for name, s in steps.items() if s.get("figures", {}).get("row")}
+    if rows:
+        precision = next(iter(rows.values()))["precision"]
+        lines += ["", f"{'benchmark (' + precision + ')':<27}{'ours im/s':>10}{'ref im/s':>10}{'speed':>7}"
+                      f"{'ours MiB':>10}{'ref MiB':>9}{'mem':>6}{'ours peak':>10}{'ref peak':>9}"]
+        for name, r in rows.items():
+            label = name.replace("bench-", "") + ("" if r["reference_precision"] == r["precision"]
+                                                  else f" (ref {r['reference_precision']})")
+            lines.append(f"{label[:27]:<27}{r['ours_images_per_s']:>10.0f}{r['reference_images_per_s']:>10.0f}"
+                         f"{r['speed_ratio']:>6.2f}×{r['ours_peak_mem_mb']:>10.0f}{r['reference_peak_mem_mb']:>9.0f}"
+                         f"{r['mem_ratio']:>5.2f}×{_pct(r['ours_fraction_of_matmul_peak']):>10}"
+                         f"{_pct(r['reference_fraction_of_matmul_peak']):>9}")
+        head = rows.get("bench-s16-packed")
+        if head:
+            verdicts = {key: "met" if ok else "NOT met" for key, ok in (
+                ("speed_ratio", head["speed_ratio"] >= TARGETS["speed_ratio"]),
+                ("mem_ratio", head["mem_ratio"] <= TARGETS["mem_ratio"]),
+                ("peak", head["ours_fraction_of_matmul_peak"] >= TARGETS["ours_fraction_of_matmul_peak"]))}
+            lines.append(f"targets (ViT-S/16 packed vs reference {head['reference_precision']}): speed "
+                         f"{head['speed_ratio']:.2f}× ≥ 1.5× {verdicts['speed_ratio']}; memory "
+                         f"{head['mem_ratio']:.2f}× ≤ 0.7× {verdicts['mem_ratio']}; "
+                         f"{_pct(head['ours_fraction_of_matmul_peak'])} of the {head['precision']} matmul peak "
+                         f"({head['matmul_peak_tflops']:.1f} TFLOP/s) ≥ 35% {verdicts['peak']}")
+    dino = {name: steps.get(name, {}).get("figures", {}) for name in
+            ("dino-train-killed", "dino-train-stopped", "dino-train-finish", "dino-knn", "dino-knn-init")}
+    if dino["dino-train-finish"] or dino["dino-train-killed"]:
+        killed, stopped, finish = dino["dino-train-killed"], dino["dino-train-stopped"], dino["dino-train-finish"]
+        lines += ["", f"DINO: killed after step {killed.get('last_step')}, resumed at {stopped.get('resumed_at')}, "
+                      f"SIGTERM saved at {stopped.get('stopped_at')}, resumed at {finish.get('resumed_at')}, finished "
+                      f"{finish.get('finished_steps')} steps; loss {finish.get('last_loss', float('nan')):.3f}, "
+                      f"{finish.get('images_per_s', 0):.0f} images/s (median of the logged windows)"]
+        knn, init = dino["dino-knn"], dino["dino-knn-init"]
+        if knn:
+            lines.append(f"DINO k-NN (k=20, {knn.get('backend')}, {knn.get('num_train')} train / {knn.get('num_test')} "
+                         f"val): top-1 {_pct(knn.get('top1_k20'))}, at initialisation {_pct(init.get('top1_k20'))}")
+    clip, zs = steps.get("clip-train", {}).get("figures", {}), steps.get("clip-zeroshot", {}).get("figures", {})
+    if clip or zs:
+        retrieval = zs.get("retrieval", {})
+        r1 = ", ".join(f"{k} {_pct(v)}" for k, v in retrieval.items() if k.endswith("R@1"))
+        lines += ["", f"CLIP: {clip.get('finished_steps')} steps, loss {clip.get('last_loss', float('nan')):.3f}; "
+                      f"zero-shot top-1 {_pct(zs.get('zeroshot', {}).get('top1'))} (10 classes); {r1}"]
+    lines += ["", f"status: {report['status']}; figures in {report['output']}: {', '.join(report['files'])}"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tools/gpu_check.sh",
+        description="One short run that proves the GPU paths on a GPU machine without a package registry: "
+                    "installs the project (pip install --no-deps -e .) and the wheels in --wheels, then runs "
+                    "pytest -m gpu, dino-sparo-bench (ViT-S/16 2x224 + 10x96, batch 64, bf16: packed, per size "
+                    "with xformers, SDPA, math; the reference in bf16 and fp16; ViT-B/16 if time is left), a "
+                    "DINO training killed and resumed with k-NN at the end, and CLIP steps with zero-shot. Each "
+                    "step is time-boxed within --budget; the figures go to --output.",
+        epilog="Examples:\n"
+               "  tools/gpu_check.sh --fetch-wheels            # on a machine that reaches the package index\n"
+               "  tools/gpu_check.sh --dry-run                 # what would run (any machine)\n"
+               "  tools/gpu_check.sh --wheels .gpu_wheels --output gpu_check_out   # on the GPU machine\n"
+               "  tools/gpu_check.sh --smoke --steps dino clip --skip-install      # the check itself, toy size",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--wheels", help=f"folder of wheels to install with pip --no-index --no-deps (default: "
+                                          f"{DEFAULT_WHEELS} in the repository; where it is missing, only the "
+                                          "project is installed)")
+    parser.add_argument("--output", help="folder for the figures and logs, a few files (default: $OUT when set, "
+                                         "else output/gpu_check in the repository)")
+    parser.add_argument("--work-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "dino_sparo_gpu_check"),
+                        help="scratch folder: generated data, checkpoints, step logs (default: "
+                             "$TMPDIR/dino_sparo_gpu_check, TMPDIR defaulting to /tmp)")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"seconds the whole run may take; each step gets its share (default: {DEFAULT_BUDGET_S})")
+    parser.add_argument("--steps", nargs="+", choices=GROUPS, default=list(GROUPS),
+                        help="the groups to run, in the fixed order install, pytest, bench, dino, clip (default: "
+                             "all); the environment probe always runs")
+    parser.add_argument("--skip-install", action="store_true", help="leave out the install group (already "
+                        "installed; same as --steps without install)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes on whatever device is there, a CPU too: checks the check itself "
+                             "(steps needing xformers or CUDA are skipped where they are missing)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    parser.add_argument("--fetch-wheels", action="store_true",
+                        help="download the wheels for Python 3.12 on x86-64 Linux into --wheels and exit "
+                             "(needs the package index)")
+    parser.add_argument("--probe-json", metavar="PATH",
+                        help="write the environment probe (torch, CUDA, xformers, k-NN backends, open_clip) as "
+                             "JSON to PATH and exit; the check runs this as its environment step")
+    return parser
+
+
+def fetch_wheels(folder: Path) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    platforms = [arg for p in WHEEL_PLATFORMS for arg in ("--platform", p)]
+    argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+            "--implementation", "cp", *platforms, "-d", str(folder), *WHEELS]
+    print(shlex.join(argv), flush=True)
+    code = subprocess.call(argv)
+    wheels = find_wheels(str(folder))
+    total = sum(w.stat().st_size for w in wheels) / 2**20
+    print(f"{len(wheels)} wheels, {total:.1f} MiB in {folder}")
+    return code
+
+
+def print_plan(plan: list[Step], args: argparse.Namespace) -> None:
+    wheels = find_wheels(args.wheels)
+    print(f"GPU check plan (budget {args.budget:.0f} s; output {args.output}; scratch {args.work_dir})")
+    print(f"wheels in {args.wheels}: " + (", ".join(w.name for w in wheels) if wheels else
+                                           "none (tools/gpu_check.sh --fetch-wheels brings them)"))
+    for step in plan:
+        flags = ", ".join(filter(None, [
+            "optional" if step.optional else "", f"needs {step.needs}" if step.needs else "",
+            f"{signal.Signals(step.signal_at[1]).name} at logged step {step.signal_at[0]}" if step.signal_at else ""]))
+        print(f"\n[{step.name}] {step.title} (at most {step.cap_s:.0f} s{'; ' + flags if flags else ''})")
+        if step.note:
+            print(f"  note: {step.note}")
+        print("  " + (shlex.join(step.argv) if step.argv else "(in-process)" if step.action else "(nothing to run)"))
+    print(f"\nwould write: {', '.join(str(Path(args.output) / f) for f in OUTPUT_FILES)}")
+
+
+def write_report(ctx: Context, report: dict[str, Any]) -> None:
+    report["files"] = [f for f in OUTPUT_FILES if f != "training_curves.png" or (ctx.output / f).is_file()]
+    (ctx.output / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (ctx.output / "summary.txt").write_text(format_summary(report) + "\n")
+
+
+def run_plan(plan: list[Step], ctx: Context) -> int:
+    start = time.monotonic()
+    deadline = start + ctx.args.budget - BOOKKEEPING_S
+    report: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budget_s": ctx.args.budget,
+                              "output": str(ctx.output), "status": "running", "seconds": 0.0, "steps": {},
+                              "smoke": ctx.args.smoke}
+    combined = ctx.output / "gpu_check.log"
+    combined.write_text("")
+    for index, step in enumerate(plan):
+        timeout = step_timeout(step, plan[index + 1:], deadline - time.monotonic())
+        entry: dict[str, Any] = {"title": step.title, "command": shlex.join(step.argv) if step.argv else None}
+        missing = step.needs and not (ctx.environment.get("cuda_available") if step.needs == "cuda"
+                                      else ctx.environment.get("xformers_runs"))
+        if missing:
+            entry.update(status="skipped", reason=f"{step.needs} is not available here (see environment)")
+        elif step.argv is None and step.action is None:
+            entry.update(status="skipped", reason=step.note or "nothing to run")
+        elif timeout < step.floor_s:
+            entry.update(status="skipped", reason=f"no time left ({max(timeout, 0):.0f} s for a step needing "
+                                                  f"{step.floor_s:.0f} s)")
+        else:
+            print(f"[{step.name}] {step.title} (up to {timeout:.0f} s)", flush=True)
+            step_log = ctx.work / "logs" / f"{step.name}.log"
+            if step.action is not None:
+                t0 = time.monotonic()
+                try:
+                    entry.update(status="ok", figures=step.action(ctx))
+                except Exception as exc:  # noqa: BLE001  recorded, and the check goes on
+                    entry.update(status="failed", problems=[f"{type(exc).__name__}: {exc}"])
+                entry["seconds"] = round(time.monotonic() - t0, 1)
+                output = ""
+            else:
+                try:
+                    run = run_command(step, timeout, step_log)
+                except FileNotFoundError as exc:
+                    run = {"returncode": None, "seconds": 0.0, "error": str(exc)}
+                run["timeout_s"] = timeout
+                output = step_log.read_text(errors="replace") if step_log.is_file() else run.get("error", "")
+                entry.update(run)
+                entry.update(judge(step, run, ctx, output, report["steps"]))
+                if run.get("error"):
+                    entry["problems"].append(run["error"])
+                    entry["status"] = "failed"
+            with combined.open("a") as handle:
+                handle.write(f"\n===== [{step.name}] {entry.get('command') or step.title}\n")
+                handle.write(output[-LOG_TAIL_BYTES:])
+            if entry["status"] == "failed" and "problems" in entry:
+                tail = output.strip().splitlines()[-3:]
+                print(f"[{step.name}] FAILED: {'; '.join(entry['problems'])}" +
+                      "".join(f"\n    {line[:200]}" for line in tail), flush=True)
+        entry.setdefault("seconds", 0.0)
+        report["steps"][step.name] = entry
+        report["environment"] = ctx.environment
+        report["seconds"] = time.monotonic() - start
+        write_report(ctx, report)  # after every step: a run cut short still leaves its figures
+        if step.name == "environment" and not ctx.environment.get("cuda_available") and not ctx.args.smoke:
+            report["status"] = "failed"
+            write_report(ctx, report)
+            print("error: no CUDA device here (the environment step found none); --dry-run shows the plan and "
+                  "--smoke checks the check on a CPU", file=sys.stderr)
+            return 2
+    failed = [n for n, s in report["steps"].items() if s["status"] == "failed"
+              or (s["status"] == "skipped" and not next(p for p in plan if p.name == n).optional
+                  and not (ctx.args.smoke and "available" in s.get("reason", "")))]
+    report["status"] = f"{len(failed)} step(s) failed or skipped: {', '.join(failed)}" if failed else "all steps ok"
+    report["seconds"] = time.monotonic() - start
+    write_report(ctx, report)
+    print("\n" + format_summary(report))
+    return 1 if failed else 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.probe_json:
+        Path(args.probe_json).parent.mkdir(parents=True, exist_ok=True)
+        info = probe_environment()
+        Path(args.probe_json).write_text(json.dumps(info, indent=1))
+        print(json.dumps(info, indent=1))
+        return 0
+    if args.fetch_wheels:
+        return fetch_wheels(Path(args.wheels or ROOT / DEFAULT_WHEELS))
+    if args.skip_install:
+        args.steps = [g for g in args.steps if g != "install"]
+    args.steps = [g for g in GROUPS if g in args.steps]
+    if args.budget <= 0:
+        print(f"error: --budget must be positive, got {args.budget}", file=sys.stderr)
+        return 2
+    if args.wheels is not None and not Path(args.wheels).is_dir() and not args.dry_run:
+        print(f"error: --wheels {args.wheels}: no such folder", file=sys.stderr)
+        return 2
+    args.wheels = str(Path(args.wheels).resolve() if args.wheels else ROOT / DEFAULT_WHEELS)
+    args.output = str(Path(args.output or os.environ.get("OUT") or ROOT / "output" / "gpu_check").resolve())
+    args.work_dir = str(Path(args.work_dir).resolve())
+    plan = build_plan(args)
+    if args.dry_run:
+        print_plan(plan, args)
+        return 0
+    output, work = Path(args.output).resolve(), Path(args.work_dir).resolve()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot create {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    for run in ("dino", "clip"):  # a fresh training each time: the kill and resume start from nothing
+        shutil.rmtree(work / run, ignore_errors=True)
+    return run_plan(plan, Context(args=args, work=work, output=output))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

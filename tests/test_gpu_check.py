@@ -1,0 +1,195 @@
+"""The GPU check (tools/gpu_check.sh): its dry run, every command it would run against the real
+command lines, its time boxes against the budget, and the data it generates."""
+
+import filecmp
+import importlib
+import importlib.metadata
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dino_sparo import gpu_check
+from dino_sparo.data.datasets import build_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plan_for(*argv):
+    args = gpu_check.build_parser().parse_args(list(argv))
+    args.steps = [g for g in gpu_check.GROUPS if g in args.steps]
+    return args, gpu_check.build_plan(args)
+
+
+def test_dry_run_prints_every_step_and_writes_nothing(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    for extra in ([], ["--smoke", "--steps", "dino", "clip"]):
+        done = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--dry-run", "--output", str(out),
+                               "--work-dir", str(work), *extra], env=dict(os.environ, PYTHON=sys.executable),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        _, plan = plan_for("--output", str(out), "--work-dir", str(work), *extra)
+        for step in plan:
+            assert f"[{step.name}]" in done.stdout
+            if step.argv:
+                assert str(step.argv[-1]) in done.stdout
+        assert not out.exists() and not work.exists()
+    assert "dino-train-stopped" in done.stdout and "bench-s16-packed" not in done.stdout  # --steps chooses
+
+
+def test_a_missing_wheel_folder_is_one_clear_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "dino_sparo.gpu_check", "--wheels", str(tmp_path / "none"),
+                           "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: --wheels {tmp_path / 'none'}: no such folder"
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def _console_scripts() -> dict:
+    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")
+            if ep.name.startswith("dino-sparo-")}
+
+
+def _help_text(argv: list[str]) -> str:
+    done = subprocess.run([*argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _options(argv: list[str]) -> list[str]:
+    return [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+
+
+def check_command(step: gpu_check.Step, scripts: dict, help_cache: dict) -> None:
+    argv = step.argv
+    if argv[0] in scripts:  # a console script of this project: its own parser takes the options
+        module = importlib.import_module(scripts[argv[0]].split(":")[0])
+        try:
+            parsed = module.build_parser().parse_args(argv[1:])
+        except SystemExit:
+            pytest.fail(f"{step.name}: {argv[0]} refuses {argv[1:]}")
+        if argv[0] == "dino-sparo-train":  # the config file and every override load
+            cfg = module.config_from_args(parsed)
+            assert Path(cfg.output_dir) == Path(argv[argv.index("--output-dir") + 1])
+            assert cfg.mode == ("clip" if step.group == "clip" else "dino")
+        if argv[0] == "dino-sparo-knn" and parsed.config:
+            assert Path(parsed.config).is_file()
+        return
+    assert argv[0] == sys.executable or argv[0] == "nvidia-smi", f"{step.name}: unknown program {argv[0]}"
+    if argv[0] == "nvidia-smi" or argv[1:3] == ["-m", "xformers.info"]:
+        return  # programs of the GPU machine's own
+    if argv[1:3] == ["-m", "dino_sparo.gpu_check"]:
+        gpu_check.build_parser().parse_args(argv[3:])
+    elif argv[1:3] == ["-m", "pip"]:
+        text = help_cache.setdefault("pip", _help_text(argv[:4]))
+        assert all(option in text for option in _options(argv)), step.name
+        if "-e" in argv:
+            assert (Path(argv[argv.index("-e") + 1]) / "setup.py").is_file()
+    elif argv[1:3] == ["-m", "pytest"]:  # the exact options, and -m gpu selects the GPU tests
+        done = subprocess.run([*argv, "--collect-only", "-q", "-q"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        selected = [line for line in done.stdout.splitlines() if "::" in line]
+        assert any("test_perf_paths.py::test_gpu_packed_loss_equals_per_size_loss" in line for line in selected)
+        assert all(name in " ".join(selected) for name in ("test_attention.py", "test_knn.py", "test_losses.py"))
+    elif argv[1].endswith(".py"):  # a script in tools/
+        assert Path(argv[1]).is_file()
+        text = _help_text(argv[:2])
+        assert all(option in text for option in _options(argv)), step.name
+    else:
+        pytest.fail(f"{step.name}: no check for {argv[:3]}")
+
+
+def test_every_command_of_the_plan_is_accepted_by_the_real_command_line(tmp_path):
+    scripts = _console_scripts()
+    assert {"dino-sparo-train", "dino-sparo-bench", "dino-sparo-knn", "dino-sparo-zeroshot"} <= set(scripts)
+    help_cache: dict = {}
+    seen = set()
+    for extra in ([], ["--smoke"]):
+        _, plan = plan_for("--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), *extra)
+        for step in plan:
+            if step.argv is None:
+                continue
+            key = (step.argv[0], tuple(step.argv[1:3])) if step.argv[0] == sys.executable else step.name
+            if key in seen and step.argv[0] == sys.executable:
+                continue  # one collection / help run per program
+            seen.add(key)
+            check_command(step, scripts, help_cache)
+
+
+def test_the_plan_measures_what_the_issue_asks_for(tmp_path):
+    _, plan = plan_for("--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"))
+    bench = {s.name: s.argv for s in plan if s.group == "bench"}
+    for argv in bench.values():
+        values = dict(zip(argv[1::2], argv[2::2]))
+        assert values["--batch"] == "64" and values["--local-crops"] == "10" and values["--precision"] == "bf16"
+        assert values["--global-size"] == "224" and values["--local-size"] == "96" and values["--device"] == "cuda"
+    kinds = {(argv[argv.index("--attn-backend") + 1], "--pack-crops" in argv,
+              argv[argv.index("--reference-precision") + 1] if "--reference-precision" in argv else "same",
+              argv[argv.index("--arch") + 1]) for argv in bench.values()}
+    assert kinds == {("xformers", True, "bf16", "vit_small"), ("xformers", True, "fp16", "vit_small"),
+                     ("xformers", False, "bf16", "vit_small"), ("sdpa", False, "bf16", "vit_small"),
+                     ("math", False, "bf16", "vit_small"), ("xformers", True, "same", "vit_base")}
+    signals = [s.signal_at[1] for s in plan if s.signal_at]
+    assert signals == [signal.SIGKILL, signal.SIGTERM]  # killed, then stopped, then resumed to the end
+    assert [s.name for s in plan if s.group == "dino"][-3:-1] == ["dino-train-finish", "dino-knn"]
+
+
+# --------------------------------------------------------------------------- the time boxes
+
+
+def worst_case(plan: list, budget: float) -> tuple[float, list[str]]:
+    """Seconds taken when every step runs until it is stopped, and the steps left out."""
+    remaining, left_out = budget, []
+    for i, step in enumerate(plan):
+        timeout = gpu_check.step_timeout(step, plan[i + 1:], remaining)
+        if timeout < step.floor_s:
+            left_out.append(step.name)
+        else:
+            remaining -= timeout
+    return budget - remaining, left_out
+
+
+def test_time_boxes_end_the_run_within_its_budget_and_starve_no_required_step(tmp_path):
+    _, plan = plan_for("--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"))
+    required = [s.name for s in plan if not s.optional]
+    budget = gpu_check.DEFAULT_BUDGET_S - gpu_check.BOOKKEEPING_S
+    taken, left_out = worst_case(plan, budget)
+    assert taken <= budget and not set(left_out) & set(required), left_out
+    assert gpu_check.DEFAULT_BUDGET_S <= 8 * 60
+    taken, left_out = worst_case(plan, 200)  # too small a budget: steps are left out, the bound holds
+    assert taken <= 200 and left_out
+
+
+# --------------------------------------------------------------------------- the generated data
+
+
+def test_generated_shapes_are_reproducible_and_read_by_the_image_folder(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for root, seed in ((a, 0), (b, 0), (c, 1)):
+        gpu_check.make_shapes_folder(root, train_per_class=3, val_per_class=2, size=32, seed=seed)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))
+    assert len(files) == 10 * 5
+    assert all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+    assert not all(filecmp.cmp(a / f, c / f, shallow=False) for f in files)
+    stamp = (a / "generated.json").stat().st_mtime_ns
+    gpu_check.make_shapes_folder(a, train_per_class=3, val_per_class=2, size=32, seed=0)  # kept as it is
+    assert (a / "generated.json").stat().st_mtime_ns == stamp
+
+    for split, per_class in (("train", 3), ("val", 2)):
+        data = build_dataset(SimpleNamespace(dataset="imagefolder", path=str(a), limit=None, corrupt_images="error"),
+                             split)
+        assert sorted(data.classes) == sorted(gpu_check.SHAPES) and len(data) == 10 * per_class
+        image, label = data[0]
+        assert image.size == (32, 32)
+        rows = (a / f"captions_{split}.csv").read_text().splitlines()
+        assert rows[0] == "path,caption" and len(rows) == 1 + 10 * per_class
+        for row in rows[1:]:
+            path, caption = row.split(",")
+            assert (a / path).is_file() and Path(path).parent.name in caption
