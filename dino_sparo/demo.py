@@ -18,11 +18,13 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from dino_sparo.config import load_config
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST
 from dino_sparo.data.transforms import eval_transform, normalization_for
-from dino_sparo.evaluation.knn_cli import evaluate_knn
+from dino_sparo.evaluation.frozen_features import FeatureSpec, feature_fn
+from dino_sparo.evaluation.knn import knn_evaluate
 from dino_sparo.models.build import build_backbone, load_backbone_from_checkpoint
 from dino_sparo.train import seed_everything, train
 from dino_sparo.visualize import plot_slot_attention
@@ -55,6 +57,25 @@ def _check_data(path: Optional[str]) -> None:
             "pass data.path=/that/folder")
 
 
+@torch.inference_mode()
+def features_in_one_pass(networks: dict[str, Optional[torch.nn.Module]], dataset: Dataset,
+                         batch_size: int = 500) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each network's embedding (``None``: the raw pixels) of every image, with the labels; every
+    image is read and transformed once for all of them."""
+    fns = {name: feature_fn(net, FeatureSpec("embedding") if net is not None else FeatureSpec("pixels", grayscale=True))
+           for name, net in networks.items()}
+    for net in networks.values():
+        if net is not None:
+            net.eval()
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in networks}
+    labels = []
+    for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        for name, fn in fns.items():
+            features[name].append(fn(images).float())
+        labels.append(torch.as_tensor(targets))
+    return {name: torch.cat(rows) for name, rows in features.items()}, torch.cat(labels)
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -76,13 +97,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     seed_everything(cfg.seed)  # train() seeds the same way before building the student first
     initial = build_backbone(cfg.model).eval()
 
+    networks = {"DINO+SPARO (trained teacher)": trained, "same network at initialisation": initial,
+                "raw pixels": None}
+    logger.info("k-NN: features of the %d train and %d test images (one pass for all three)",
+                len(train_set), len(test_set))
+    train_features, train_labels = features_in_one_pass(networks, train_set)
+    test_features, test_labels = features_in_one_pass(networks, test_set)
     results = {}
-    for name, backbone in (("DINO+SPARO (trained teacher)", trained), ("same network at initialisation", initial),
-                           ("raw pixels", None)):
-        logger.info("k-NN: %s", name)
-        res = evaluate_knn(backbone, train_set, test_set, ks=(20,), temperature=0.07, batch_size=500,
-                           num_workers=0, device="cpu", progress=False)
-        results[name] = res["knn"]["20"]["top1"]
+    for name in networks:
+        knn = knn_evaluate(train_features[name], train_labels, test_features[name], test_labels,
+                           num_classes=10, ks=(20,), temperature=0.07, device="cpu")
+        results[name] = knn[20]["top1"]
     picture = output_dir / "slot_attention.png"
     if trained.sparo is not None:
         raw = FashionMNIST(root, "test")
