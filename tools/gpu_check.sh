@@ -6,8 +6,12 @@
 #   tools/gpu_check.sh --fetch-wheels     # beforehand, where the package index is reachable
 #   tools/gpu_check.sh --dry-run          # what would run, on any machine
 #   tools/gpu_check.sh --output DIR       # on the GPU machine (wheels from .gpu_wheels)
-# PYTHON names the interpreter that holds torch (default: python3).
+# PYTHON names the interpreter, one that holds torch (default: the repository's .venv where there is
+# one, as `make install` makes it, else python3).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
+fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m dino_sparo.gpu_check "$@"
+exec "$PYTHON" -m dino_sparo.gpu_check "$@"
