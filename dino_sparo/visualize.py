@@ -244,8 +244,8 @@ def build_parser() -> "argparse.ArgumentParser":
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+def run(args: Any) -> dict[str, Any]:
+    """What ``main`` does with parsed options: write the pictures, print their paths; returns the result."""
     result = visualize_checkpoint(args.checkpoint, args.images, args.output, slots=args.slots,
                                   num_slots=args.num_slots, caption=args.caption, key=args.key,
                                   fashion_mnist_root=args.data_path)
@@ -254,3 +254,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             print(f"{name}: {result[name]}")
     print(f"slots: {result['slots']}")
     return result
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The console script: exit status 0 on success; a user's mistake is one line on stderr, status 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, KeyError, IndexError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError quotes its text
+        raise SystemExit(f"dino-sparo-visualize: error: {message}") from None

@@ -27,3 +27,11 @@ def checkpoint(tmp_path_factory):
     from tiny_checkpoint import tiny_checkpoint
 
     return tiny_checkpoint(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def clip_checkpoint(tmp_path_factory):
+    """A tiny CLIP+SPARO checkpoint (28-px images) made once per session by the real training code."""
+    from tiny_checkpoint import tiny_clip_checkpoint
+
+    return tiny_clip_checkpoint(tmp_path_factory.getbasetemp())

@@ -424,8 +424,10 @@ def test_clip_mode_trains_resumes_and_beats_chance_at_zero_shot(tmp_path):
     assert len(evals) == 1 and evals[0]["step"] == 32 and evals[0]["epoch"] == 3
     assert 0.2 < evals[0]["zeroshot_top1"] <= evals[0]["zeroshot_top5"] <= 1.0  # chance: 0.1 and 0.5
 
-    result = zeroshot_cli.main(["--checkpoint", str(out / "checkpoint.pth"), "--limit", "500", "--slot-selection",
-                                "--selection-size", "100", "--num-workers", "0", "--output", str(tmp_path / "z.json")])
+    args = zeroshot_cli.build_parser().parse_args([
+        "--checkpoint", str(out / "checkpoint.pth"), "--limit", "500", "--slot-selection", "--selection-size", "100",
+        "--num-workers", "0", "--output", str(tmp_path / "z.json")])
+    result = zeroshot_cli.run(args)
     saved = json.loads((tmp_path / "z.json").read_text())
     assert saved["zeroshot"]["num_images"] == 500 and saved["zeroshot"]["top1"] == result["zeroshot"]["top1"]
     assert saved["zeroshot"]["num_classes"] == 10 and len(saved["slot_alignment_classes"]["matched"]) == 4

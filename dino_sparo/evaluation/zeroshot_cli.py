@@ -50,19 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``main`` does with parsed options: evaluate, print the table, write the JSON; returns the result."""
     from dino_sparo.data.captions import CaptionTable, clip_eval_transform  # noqa: PLC0415
     from dino_sparo.data.datasets import build_dataset  # noqa: PLC0415
     from dino_sparo.models.clip import load_clip_model  # noqa: PLC0415
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
     try:
         model, cfg, tokenizer = load_clip_model(args.checkpoint, device)
-    except (FileNotFoundError, KeyError, RuntimeError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except RuntimeError as exc:  # a state dict that does not fit the config
+        raise ValueError(str(exc)) from None
     transform = clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)
     dataset_name = args.dataset or ("fashion_mnist" if cfg.clip.dataset == "fashion_mnist" else "none")
     kwargs: dict[str, Any] = {}
@@ -74,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                       templates=load_templates(args.templates, cfg.clip.templates))
         if args.slot_selection:
             if model.slot_layout() is None:
-                raise SystemExit("error: --slot-selection needs a model with SPARO read-outs on both towers")
+                raise ValueError("--slot-selection needs a model with SPARO read-outs on both towers")
             sel_cfg = argparse.Namespace(dataset=dataset_name, path=path, limit=args.selection_size,
                                          corrupt_images="error")
             kwargs["selection_set"] = build_dataset(sel_cfg, "train", transform)
@@ -82,7 +83,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         kwargs["retrieval_set"] = CaptionTable(args.retrieval, transform, tokenizer, cfg.clip.image_column,
                                                cfg.clip.caption_column)
     if not kwargs:
-        raise SystemExit("error: nothing to evaluate: give --dataset and/or --retrieval")
+        raise ValueError("nothing to evaluate: give --dataset and/or --retrieval")
     result = evaluate(model, tokenizer, max_slots=args.max_slots, batch_size=args.batch_size,
                       num_workers=args.num_workers, device=device, progress=True, **kwargs)
     result["checkpoint"] = str(args.checkpoint)
@@ -92,6 +93,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     output.write_text(json.dumps(result, indent=2))
     logger.info("wrote %s", output)
     return result
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The console script: exit status 0 on success; a user's mistake is one line on stderr, status 1."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, KeyError, IndexError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError quotes its text
+        raise SystemExit(f"dino-sparo-zeroshot: error: {message}") from None
 
 
 if __name__ == "__main__":
