@@ -183,6 +183,9 @@ class Step:
     most it may take, ``floor_s`` the least worth starting it with (kept free for it by the steps
     before it unless it is ``optional``). ``signal_at`` = (logged training step, signal): send
     the signal once ``watch_log`` shows that step."""
+
+    def command(self, xformers_runs: bool) -> Optional[list[str]]:
+        return None if self.argv is None else self.argv + (self.xformers_argv if xformers_runs else [])
     name: str
     group: str
     title: str
@@ -194,6 +197,7 @@ class Step:
     needs: Optional[str] = None  # "cuda" or "xformers": skipped where the probe found it missing
     signal_at: Optional[tuple[int, int]] = None
     watch_log: Optional[Path] = None
+    xformers_argv: list[str] = field(default_factory=list)  # appended where the probe found xformers running
     outputs: dict[str, Path] = field(default_factory=dict)  # what the result is read from
     note: str = ""
 
@@ -299,14 +303,15 @@ def build_plan(args: argparse.Namespace) -> list[Step]:
         plan.append(Step("shapes-data", "dino", "generate the image folder of ten shape classes", 60, 5,
                          action=lambda ctx: make_shapes_folder(data, **sizes["data"])))
         log = run_dir / "log.jsonl"
+        packed = ["model.attn_backend=xformers", "model.pack_crops=true"]  # all crop sizes in one forward
         plan.append(Step("dino-train-killed", "dino", f"DINO training, SIGKILL once step {sizes['kill_at']} "
                          "is logged", 90, 40, argv=list(train), signal_at=(sizes["kill_at"], signal.SIGKILL),
-                         watch_log=log))
+                         watch_log=log, xformers_argv=packed))
         plan.append(Step("dino-train-stopped", "dino", f"resumed, SIGTERM once step {sizes['term_at']} is logged "
                          "(saves and stops)", 90, 40, argv=list(train), signal_at=(sizes["term_at"], signal.SIGTERM),
-                         watch_log=log))
+                         watch_log=log, xformers_argv=packed))
         plan.append(Step("dino-train-finish", "dino", f"resumed to the end (step {sizes['total_steps']})", 120, 40,
-                         argv=list(train), watch_log=log))
+                         argv=list(train), watch_log=log, xformers_argv=packed))
         knn = ["--dataset", "imagefolder", "--data-path", str(data), "--device", "auto" if args.smoke else "cuda",
                "--backend", "torch", "--ks", "10,20", "--batch-size", sizes["eval_batch"], "--num-workers",
                sizes["workers"], "--no-cache", "--quiet"]
@@ -396,15 +401,15 @@ def _kill_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def run_command(step: Step, timeout_s: float, log_path: Path) -> dict[str, Any]:
-    """Run ``step.argv`` in its own process group, its output into ``log_path``; stop it (the
+def run_command(argv: list[str], step: Step, timeout_s: float, log_path: Path) -> dict[str, Any]:
+    """Run ``argv`` (``step``'s command) in its own process group, its output into ``log_path``; stop it (the
     whole group, at once) when ``timeout_s`` is up, and send ``step.signal_at``'s signal when due."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="10")
     start = time.monotonic()
     result: dict[str, Any] = {}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
-        process = subprocess.Popen(resolve_program(step.argv), cwd=ROOT, env=env, stdout=log,
+        process = subprocess.Popen(resolve_program(argv), cwd=ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         sent = False
         while process.poll() is None:
@@ -415,7 +420,7 @@ def run_command(step: Step, timeout_s: float, log_path: Path) -> dict[str, Any]:
                 result["timed_out"] = True
                 break
             if step.signal_at and not sent and last_logged_step(step.watch_log) >= step.signal_at[0]:
-                at, sig = step.signal_at
+                sig = step.signal_at[1]
                 result["signal"] = {"name": signal.Signals(sig).name, "after_s": round(elapsed, 1),
                                     "at_logged_step": last_logged_step(step.watch_log)}
                 if sig == signal.SIGKILL:  # as a crash or a pre-emption: the loader workers too
@@ -457,7 +462,7 @@ def read_pytest(xml_path: Path, output: str) -> dict[str, Any]:
     else:
         for match in re.finditer(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", output, re.M):
             tests.append({"name": match.group(1).split("/")[-1].replace(".py", ""),
-                          "outcome": match.group(2).lower().replace("error", "error"), "message": ""})
+                          "outcome": match.group(2).lower(), "message": ""})
     counts = {key: sum(t["outcome"] == key for t in tests) for key in ("passed", "failed", "error", "skipped")}
     return {**counts, "tests": tests}
 
@@ -514,7 +519,9 @@ def judge(step: Step, run: dict[str, Any], ctx: Context, output: str, previous: 
     if name == "environment":
         figures = _read_json(step.outputs["json"]) or {}
         ctx.environment = figures
-        if not figures.get("cuda_available") and not ctx.args.smoke:
+        if not figures:
+            problems.append("the probe wrote nothing (is the project installed? see gpu_check.log)")
+        elif not figures.get("cuda_available") and not ctx.args.smoke:
             problems.append("no CUDA device")
     elif name == "pytest-gpu":
         figures = read_pytest(step.outputs["xml"], output)
@@ -720,6 +727,8 @@ def print_plan(plan: list[Step], args: argparse.Namespace) -> None:
         if step.note:
             print(f"  note: {step.note}")
         print("  " + (shlex.join(step.argv) if step.argv else "(in-process)" if step.action else "(nothing to run)"))
+        if step.xformers_argv:
+            print(f"  where xformers runs, also: {shlex.join(step.xformers_argv)}")
     print(f"\nwould write: {', '.join(str(Path(args.output) / f) for f in OUTPUT_FILES)}")
 
 
@@ -739,7 +748,8 @@ def run_plan(plan: list[Step], ctx: Context) -> int:
     combined.write_text("")
     for index, step in enumerate(plan):
         timeout = step_timeout(step, plan[index + 1:], deadline - time.monotonic())
-        entry: dict[str, Any] = {"title": step.title, "command": shlex.join(step.argv) if step.argv else None}
+        argv = step.command(bool(ctx.environment.get("xformers_runs")))
+        entry: dict[str, Any] = {"title": step.title, "command": shlex.join(argv) if argv else None}
         missing = step.needs and not (ctx.environment.get("cuda_available") if step.needs == "cuda"
                                       else ctx.environment.get("xformers_runs"))
         if missing:
@@ -762,7 +772,8 @@ def run_plan(plan: list[Step], ctx: Context) -> int:
                 output = ""
             else:
                 try:
-                    run = run_command(step, timeout, step_log)
+                    run = run_command(step.command(bool(ctx.environment.get("xformers_runs"))), step, timeout,
+                                      step_log)
                 except FileNotFoundError as exc:
                     run = {"returncode": None, "seconds": 0.0, "error": str(exc)}
                 run["timeout_s"] = timeout
@@ -784,11 +795,11 @@ def run_plan(plan: list[Step], ctx: Context) -> int:
         report["environment"] = ctx.environment
         report["seconds"] = time.monotonic() - start
         write_report(ctx, report)  # after every step: a run cut short still leaves its figures
-        if step.name == "environment" and not ctx.environment.get("cuda_available") and not ctx.args.smoke:
+        if step.name == "environment" and entry["status"] != "ok":
             report["status"] = "failed"
             write_report(ctx, report)
-            print("error: no CUDA device here (the environment step found none); --dry-run shows the plan and "
-                  "--smoke checks the check on a CPU", file=sys.stderr)
+            print(f"error: environment: {'; '.join(entry.get('problems', []))}; the other steps need it "
+                  "(--dry-run shows the plan, --smoke checks the check on a CPU)", file=sys.stderr)
             return 2
     failed = [n for n, s in report["steps"].items() if s["status"] == "failed"
               or (s["status"] == "skipped" and not next(p for p in plan if p.name == n).optional

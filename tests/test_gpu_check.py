@@ -67,7 +67,7 @@ def _options(argv: list[str]) -> list[str]:
 
 
 def check_command(step: gpu_check.Step, scripts: dict, help_cache: dict) -> None:
-    argv = step.argv
+    argv = step.command(xformers_runs=True)  # the longer of the two
     if argv[0] in scripts:  # a console script of this project: its own parser takes the options
         module = importlib.import_module(scripts[argv[0]].split(":")[0])
         try:
@@ -136,6 +136,10 @@ def test_the_plan_measures_what_the_issue_asks_for(tmp_path):
     assert kinds == {("xformers", True, "bf16", "vit_small"), ("xformers", True, "fp16", "vit_small"),
                      ("xformers", False, "bf16", "vit_small"), ("sdpa", False, "bf16", "vit_small"),
                      ("math", False, "bf16", "vit_small"), ("xformers", True, "same", "vit_base")}
+    trainings = [s for s in plan if s.name.startswith("dino-train")]
+    assert len(trainings) == 3 and all(s.command(True)[:len(s.argv)] == s.argv for s in trainings)
+    assert all("model.pack_crops=true" in s.command(True) and "model.pack_crops=true" not in s.command(False)
+               for s in trainings)  # packed crops where xformers runs, else the per-size forward
     signals = [s.signal_at[1] for s in plan if s.signal_at]
     assert signals == [signal.SIGKILL, signal.SIGTERM]  # killed, then stopped, then resumed to the end
     assert [s.name for s in plan if s.group == "dino"][-3:-1] == ["dino-train-finish", "dino-knn"]
