@@ -201,3 +201,44 @@ def test_evaluate_knn_in_process_and_errors(checkpoint, tmp_path):
         run_knn(checkpoint, tmp_path, "--ks", "500")
     with pytest.raises(SystemExit, match="slot ids|slots must be distinct"):
         run_knn(checkpoint, tmp_path, "--slots", "0,9")
+
+
+# --------------------------------------------------------------------------- a CLIP checkpoint
+
+
+def test_knn_and_linear_of_a_clip_checkpoint_use_its_image_size_and_normalisation(clip_checkpoint, tmp_path):
+    """A CLIP run evaluates at its own 28 px with clip.image_mean/std, the view its training-time
+    evaluations use (data.captions.clip_eval_transform), not at DINO's default crop size of 224."""
+    from dino_sparo.data.captions import clip_eval_transform
+    from dino_sparo.evaluation import linear_cli, sources
+    from tiny_checkpoint import CLIP_IMAGE_SIZE
+
+    backbone, cfg = load_backbone_from_checkpoint(clip_checkpoint, "model")
+    assert cfg.model.img_size == CLIP_IMAGE_SIZE != cfg.crops.global_crops_size
+    view = clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)
+    args = knn_cli.build_parser().parse_args(["--checkpoint", str(clip_checkpoint), "--train-limit", str(TRAIN_LIMIT),
+                                              "--test-limit", str(TEST_LIMIT)])
+    data = sources.data_from_args(args, sources.load_source(clip_checkpoint))
+    assert data.info["image_size"] == CLIP_IMAGE_SIZE
+    splits = {}
+    for split, dataset in (("train", data.train), ("test", data.test)):
+        raw = FashionMNIST(split=split, limit=len(dataset))
+        images = torch.stack([view(raw[i][0]) for i in range(len(raw))])
+        assert images.shape[-2:] == (CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE)
+        for i in (0, len(raw) // 2, len(raw) - 1):  # the very pixels the evaluation feeds the model
+            torch.testing.assert_close(dataset[i][0], images[i], rtol=0, atol=1e-6)
+        with torch.no_grad():
+            splits[split] = (backbone(images).numpy(), np.asarray(raw.targets))
+
+    result = run_knn(clip_checkpoint, tmp_path)
+    expected = reference_knn(*splits["train"], *splits["test"], KS)
+    assert result["source"] == "model" and result["data"]["image_size"] == CLIP_IMAGE_SIZE
+    for k in KS:  # top-1 only: two steps of training leave near-ties between classes further down
+        assert result["knn"][str(k)]["top1"] == pytest.approx(expected[str(k)]["top1"], abs=1.5 / TEST_LIMIT)
+
+    linear = linear_cli.linear_from_checkpoint(clip_checkpoint, train_limit=TRAIN_LIMIT, test_limit=TEST_LIMIT,
+                                               cache_dir=None, device="cpu", epochs=1, lrs=(0.01,), progress=False,
+                                               augment=True, num_workers=0)
+    assert linear["data"]["image_size"] == CLIP_IMAGE_SIZE
+    normalise = linear_cli.probe_train_transform("fashion_mnist", CLIP_IMAGE_SIZE, cfg=cfg).transforms[-1]
+    assert tuple(normalise.mean) == tuple(cfg.clip.image_mean) and tuple(normalise.std) == tuple(cfg.clip.image_std)

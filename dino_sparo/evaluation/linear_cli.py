@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from torchvision import transforms
 
 from dino_sparo import distributed
-from dino_sparo.data.transforms import normalization_for
 from dino_sparo.evaluation.frozen_features import FeatureSpec, feature_fn, resolve_spec, slot_layout
 from dino_sparo.evaluation.knn import as_label_tensor
 from dino_sparo.evaluation.linear import (
@@ -43,6 +42,7 @@ from dino_sparo.evaluation.sources import (
     add_source_arguments,
     cache_dir_from_args,
     data_from_args,
+    eval_normalization,
     extract_splits,
     frozen,
     is_grayscale,
@@ -63,10 +63,12 @@ def _to_rgb(image: Any) -> Any:
     return image.convert("RGB")
 
 
-def probe_train_transform(dataset: str, image_size: int, scale: tuple[float, float] = (0.08, 1.0)) -> Any:
-    """DINO's linear-probe training view: RandomResizedCrop + horizontal flip, then normalise
-    (grayscale images become three equal channels, as in the evaluation transform)."""
-    mean, std, grayscale = normalization_for(dataset)
+def probe_train_transform(dataset: str, image_size: int, scale: tuple[float, float] = (0.08, 1.0),
+                          cfg: Optional[Any] = None) -> Any:
+    """DINO's linear-probe training view: RandomResizedCrop + horizontal flip, then normalise as the
+    evaluation transform does (a CLIP run's own mean and std; grayscale images become three equal
+    channels)."""
+    mean, std, grayscale = eval_normalization(cfg, dataset)
     steps: list[Any] = [transforms.Grayscale(num_output_channels=3) if grayscale else transforms.Lambda(_to_rgb)]
     steps += [
         transforms.RandomResizedCrop(image_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
@@ -257,7 +259,7 @@ def linear_from_checkpoint(
 
 def _augment_split(args: argparse.Namespace, source: Any, data: Any, crop_scale: tuple[float, float]) -> Dataset:
     """The train split again, with the probe's training transform (same images, same order)."""
-    transform = probe_train_transform(data.dataset, data.info["image_size"], crop_scale)
+    transform = probe_train_transform(data.dataset, data.info["image_size"], crop_scale, source.cfg)
     return data_from_args(args, source, transform=transform).train
 
 

@@ -128,13 +128,38 @@ class EvalData:
     info: dict = field(default_factory=dict)
 
 
-def eval_transform_for(dataset: str, image_size: int, resize_ratio: Optional[float] = None) -> Any:
+def eval_transform_for(
+    dataset: str,
+    image_size: int,
+    resize_ratio: Optional[float] = None,
+    cfg: Optional[TrainConfig] = None,
+) -> Any:
     """DINO's evaluation view (resize the short side by 256/224, centre-crop) for image folders;
-    the whole image (ratio 1) for Fashion-MNIST, whose 28-px images the model saw whole."""
-    mean, std, grayscale = normalization_for(dataset)
+    the whole image (ratio 1) for Fashion-MNIST, whose 28-px images the model saw whole. With the
+    ``cfg`` of a CLIP run: CLIP's view (ratio 1) and the run's ``clip.image_mean`` / ``image_std``."""
+    mean, std, grayscale = eval_normalization(cfg, dataset)
     if resize_ratio is None:
-        resize_ratio = 1.0 if dataset == "fashion_mnist" else 256 / 224
+        resize_ratio = 1.0 if dataset == "fashion_mnist" or is_clip(cfg) else 256 / 224
     return eval_transform(image_size, mean, std, resize_ratio=resize_ratio, grayscale_input=grayscale)
+
+
+def is_clip(cfg: Optional[TrainConfig]) -> bool:
+    return cfg is not None and cfg.mode == "clip"
+
+
+def eval_image_size(cfg: TrainConfig) -> int:
+    """The side a run's network was trained at, which its evaluations use: ``model.img_size`` for
+    CLIP (its only image size), the global crops' ``crops.global_crops_size`` for DINO."""
+    return int(cfg.model.img_size if is_clip(cfg) else cfg.crops.global_crops_size)
+
+
+def eval_normalization(cfg: Optional[TrainConfig], dataset: str) -> tuple[Any, Any, bool]:
+    """Mean, std and grayscale-ness of the evaluation images: a CLIP run's own ``clip.image_mean`` /
+    ``clip.image_std`` (whatever the dataset), else the dataset's (as DINO trains)."""
+    mean, std, grayscale = normalization_for(dataset)
+    if is_clip(cfg):
+        return tuple(cfg.clip.image_mean), tuple(cfg.clip.image_std), grayscale
+    return mean, std, grayscale
 
 
 def load_eval_data(
@@ -146,10 +171,12 @@ def load_eval_data(
     resize_ratio: Optional[float] = None,
     corrupt_images: str = "error",
     transform: Any = None,
+    cfg: Optional[TrainConfig] = None,
 ) -> EvalData:
     """Train split and the ``val`` split (Fashion-MNIST's test set; an image folder's ``val/``, or
-    ``test/``), class-balanced subsets when limits are given."""
-    transform = transform if transform is not None else eval_transform_for(dataset, image_size, resize_ratio)
+    ``test/``), class-balanced subsets when limits are given. ``cfg`` (the run's config) chooses
+    the normalisation (see :func:`eval_transform_for`)."""
+    transform = transform if transform is not None else eval_transform_for(dataset, image_size, resize_ratio, cfg)
     splits = {}
     for split, limit in (("train", train_limit), ("val", test_limit)):
         data_cfg = DataConfig(dataset=dataset, path=data_path, limit=limit, corrupt_images=corrupt_images)
@@ -347,10 +374,12 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--train-limit", type=int, help="use a class-balanced subset of this many train images")
     data.add_argument("--test-limit", type=int, help="use a class-balanced subset of this many test images")
     data.add_argument("--image-size", type=int,
-                      help="evaluation crop size (default: the checkpoint's global crop size; 224 without one)")
+                      help="evaluation crop size (default: the size the checkpoint was trained at: model.img_size for "
+                           "CLIP, crops.global_crops_size for DINO; without a checkpoint 28 for Fashion-MNIST, "
+                           "else 224)")
     data.add_argument("--resize-ratio", type=float,
                       help="resize the short side to size × ratio before the centre crop "
-                           "(default 256/224 as DINO; 1 for Fashion-MNIST)")
+                           "(default 256/224 as DINO; 1 for Fashion-MNIST and for CLIP checkpoints, as CLIP)")
     data.add_argument("--corrupt-images", choices=["error", "skip"], default="error",
                       help="what an unreadable image in an image folder does")
     ext = parser.add_argument_group("feature extraction")
@@ -413,11 +442,11 @@ def data_from_args(args: argparse.Namespace, source: EvalSource, transform: Any 
     if args.image_size is not None:
         size = args.image_size
     elif cfg is not None:
-        size = cfg.crops.global_crops_size
+        size = eval_image_size(cfg)
     else:
         size = 28 if dataset == "fashion_mnist" else 224
     return load_eval_data(dataset, data_path, size, args.train_limit, args.test_limit, args.resize_ratio,
-                          args.corrupt_images, transform)
+                          args.corrupt_images, transform, cfg)
 
 
 def open_for_evaluation(
