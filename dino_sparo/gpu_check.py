@@ -266,6 +266,7 @@ def build_plan(args: argparse.Namespace) -> list[Step]:
         plan.append(Step("install-wheels", "install", f"pip install {len(wheels)} wheels from {args.wheels}", 120,
                          15, argv=[py, "-m", "pip", "install", "--no-deps", "--no-index",
                                    "--disable-pip-version-check", "-q", *map(str, wheels)] if wheels else None,
+                         optional=not wheels,  # then the steps needing them say what is missing
                          note="" if wheels else "no wheels found: xformers, open_clip and submitit must be there"))
     plan.append(Step("environment", "install", "torch, CUDA, xformers, k-NN backends, open_clip", 60, 10,
                      argv=[py, "-m", "dino_sparo.gpu_check", "--probe-json", str(work / "environment.json")],
