@@ -26,7 +26,8 @@ ARMS: dict[str, list[str]] = {
 
 # the metrics aggregated over seeds (dotted paths into a run's JSON)
 METRICS: tuple[str, ...] = ("knn_top1", "linear_top1", "selected_knn_top1", "num_selected_slots",
-                            "backbone_params", "train_seconds")
+                            "backbone_params", "train_seconds", "init_knn_top1", "init_linear_top1",
+                            "knn_gain", "linear_gain")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ BUDGETS: dict[str, Budget] = {
                     knn_train_limit=6000, test_limit=2000, linear_epochs=30),
     # the demo config's own schedule and full evaluation (60k train / 10k test images)
     "demo": Budget([], knn_train_limit=None, test_limit=None, linear_epochs=100),
+    # the same for any base config: its own schedule (e.g. configs/dino/fashion_mnist_sparo.yaml), full evaluation
+    "recipe": Budget([], knn_train_limit=None, test_limit=None, linear_epochs=100),
 }
 
 
@@ -100,6 +103,7 @@ def run_one(config: str | Path, arm: str, seed: int, budget: Budget, output_dir:
                                     extract_batch_size=budget.eval_batch_size, seed=seed, **common)
     eval_s = time.perf_counter() - t1
     selection = knn.get("slot_selection")
+    init = run_baseline("init", arm, seed, budget, output_dir, device)  # this seed's network before training
     return {
         "arm": arm, "seed": seed, "config": str(config), "overrides": overrides,
         "backbone_params": params, "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
@@ -110,6 +114,9 @@ def run_one(config: str | Path, arm: str, seed: int, budget: Budget, output_dir:
         "num_selected_slots": len(selection["selected"]) if selection else None,
         "linear_top1": linear["test_top1"], "linear_features": linear["features"],
         "linear_epochs": budget.linear_epochs, "linear_selected": linear["selected"],
+        "init_knn_top1": init["knn_top1"], "init_linear_top1": init["linear_top1"],
+        "knn_gain": knn["knn"]["20"]["top1"] - init["knn_top1"],  # what training adds
+        "linear_gain": linear["test_top1"] - init["linear_top1"],
         "checkpoint": str(checkpoint),
     }
 
@@ -184,6 +191,12 @@ def format_summary(summary: dict[str, dict[str, Any]]) -> str:
             f"{cell(entry.get('linear_top1'))} | {cell(entry.get('selected_knn_top1'))} | "
             f"{cell(entry.get('num_selected_slots'), percent=False, digits=1)} |"
             if params else f"| {arm} | {len(entry['seeds'])} | — | — | — | — | — |")
+    if any(entry.get("knn_gain") for entry in summary.values()):
+        lines += ["", "What training adds (trained − the same seed's network at initialisation, points):", "",
+                  "| read-out | k-NN at init | k-NN gain | linear at init | linear gain |", "|---|---|---|---|---|"]
+        for arm, entry in summary.items():
+            lines.append(f"| {arm} | {cell(entry.get('init_knn_top1'))} | {cell(entry.get('knn_gain'))} | "
+                         f"{cell(entry.get('init_linear_top1'))} | {cell(entry.get('linear_gain'))} |")
     return "\n".join(lines)
 
 

@@ -2,10 +2,12 @@
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
 from dino_sparo import study
+from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 
 
 def _fake_run(arm, seed, knn, linear, selected=None, slots=None):
@@ -72,3 +74,31 @@ def test_study_keeps_its_base_config_and_refuses_a_changed_one(tmp_path, monkeyp
     with pytest.raises(ValueError, match="base_config.yaml"):
         study.run_study(base, [1], "smoke", tmp_path / "results", tmp_path / "out")
     study.run_study(snapshot, [1], "smoke", tmp_path / "results", tmp_path / "out")  # the copy continues it
+
+
+def test_gain_table_is_trained_minus_the_same_seeds_initialisation(tmp_path):
+    runs = []
+    for seed, (knn, init) in enumerate([(0.80, 0.70), (0.84, 0.71), (0.82, 0.69)]):
+        run = dict(_fake_run("sparo", seed, knn, 0.8), init_knn_top1=init, init_linear_top1=0.75,
+                   knn_gain=knn - init, linear_gain=0.05)
+        runs.append(run)
+    summary = study.aggregate(runs)
+    gains = [0.80 - 0.70, 0.84 - 0.71, 0.82 - 0.69]
+    assert summary["sparo"]["knn_gain"]["mean"] == pytest.approx(statistics.mean(gains))
+    table = study.format_summary(summary)
+    assert "What training adds" in table
+    assert f"| sparo | 70.00 ± 1.00 | {100 * statistics.mean(gains):.2f} ± {100 * statistics.stdev(gains):.2f} |" in table
+
+
+@pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(), reason="Fashion-MNIST not installed (make data)")
+def test_a_real_smoke_run_reports_its_initialisation_and_the_gain(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "precision: fp32\nmodel: {arch: vit_pico, depth: 2, patch_size: 4, img_size: 28, drop_path_rate: 0.0,\n"
+        "  sparo: {num_slots: 4, slot_dim: 8}}\ndata: {dataset: fashion_mnist}\n"
+        "crops: {global_crops_size: 28, local_crops_number: 2, local_crops_size: 12}\n"
+        "dino: {out_dim: 64, head_hidden_dim: 32, head_bottleneck_dim: 16}\n")
+    run = study.run_one(tmp_path / "base.yaml", "sparo", 0, study.BUDGETS["smoke"], tmp_path / "run")
+    init = study.run_baseline("init", "sparo", 0, study.BUDGETS["smoke"], tmp_path / "run")
+    assert run["init_knn_top1"] == init["knn_top1"]  # the same seed's untrained network, same protocol
+    assert run["knn_gain"] == pytest.approx(run["knn_top1"] - run["init_knn_top1"])
+    assert run["linear_gain"] == pytest.approx(run["linear_top1"] - run["init_linear_top1"])
