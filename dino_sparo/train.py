@@ -29,6 +29,8 @@ from tqdm import tqdm
 from dino_sparo import distributed
 from dino_sparo.checkpoint import load_checkpoint, save_checkpoint
 from dino_sparo.config import OptimConfig, TrainConfig, load_config, save_config, to_dict
+from dino_sparo.data.datasets import CorruptImageError
+from dino_sparo.data.loaders import STOP_SIGNALS, LoaderWorkers, leave_stop_signals_to_main_process
 from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods import build_method
 from dino_sparo.methods.base import Method
@@ -271,7 +273,7 @@ class _StopRequest:
     exits. Ranks vote on the flags, so all of them stop after the same step even when only one
     process received the signal; ``agreed`` holds the signals that stopped the run."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.received: set[str] = set()
@@ -304,13 +306,6 @@ class _StopRequest:
             self._votes.close()  # the vote in flight; a finished run ignores it
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _leave_signals_to_main_process(worker_id: int) -> None:
-    """Loader workers ignore the stop signals: the main process finishes its step and shuts them
-    down; a signal sent to the whole process group (Ctrl-C, SLURM) would otherwise kill them."""
-    for sig in _StopRequest.SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def setup_logging(output_dir: Path, is_main: bool) -> None:
@@ -357,7 +352,7 @@ def train(cfg: TrainConfig) -> dict:
         SeededSamples(dataset, cfg.seed), batch_size=batch, sampler=sampler, num_workers=cfg.data.num_workers,
         collate_fn=method.collate_fn, pin_memory=device.type == "cuda", drop_last=True,
         persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed),
-        worker_init_fn=_leave_signals_to_main_process,
+        worker_init_fn=leave_stop_signals_to_main_process,
     )
     iters_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.optim.epochs * iters_per_epoch
@@ -456,11 +451,11 @@ def train(cfg: TrainConfig) -> dict:
                 "fp16 overflow (use bf16), no gradient clipping.")
 
     stopping = False
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, LoaderWorkers() as workers:  # workers shut down on an error too
         while step < end_step:
             epoch = step // iters_per_epoch
             sampler.set_epoch(epoch, start_batch=step % iters_per_epoch)
-            for batch_data in loader:
+            for batch_data in workers.iterate(loader):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_schedule[step]
                     if group["apply_wd"]:
@@ -529,6 +524,13 @@ def train(cfg: TrainConfig) -> dict:
     return metrics
 
 
+def corrupt_image_message(exc: CorruptImageError) -> str:
+    """The one line that names the file: a loader worker's error arrives with the worker's traceback."""
+    last = str(exc).strip().splitlines()[-1]
+    name, _, message = last.partition(": ")
+    return message if name.endswith(CorruptImageError.__name__) and message else last
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dino-sparo-train",
@@ -573,6 +575,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         train(cfg)
     except NonFiniteLossError as exc:
         logger.error("%s", exc)
+        raise SystemExit(1) from None
+    except CorruptImageError as exc:
+        logger.error("%s; data.corrupt_images=skip skips such files (with a warning naming each)",
+                     corrupt_image_message(exc))
         raise SystemExit(1) from None
     finally:
         distributed.cleanup()

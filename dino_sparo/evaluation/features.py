@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 
+from dino_sparo.data.loaders import LoaderWorkers
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -160,8 +162,8 @@ def _write_shard(
     out: np.ndarray | None = None
     labels = np.empty(num_samples, dtype=np.int64)
     pos = 0
-    batches = tqdm(loader, desc="features", unit="batch", disable=not progress)
-    with torch.inference_mode():
+    with torch.inference_mode(), LoaderWorkers() as workers:  # workers shut down on an error too
+        batches = tqdm(workers.iterate(loader), total=len(loader), desc="features", unit="batch", disable=not progress)
         for step, batch in enumerate(batches):
             images, targets = _split_batch(batch)
             if device is not None:
