@@ -242,3 +242,54 @@ def test_knn_and_linear_of_a_clip_checkpoint_use_its_image_size_and_normalisatio
     assert linear["data"]["image_size"] == CLIP_IMAGE_SIZE
     normalise = linear_cli.probe_train_transform("fashion_mnist", CLIP_IMAGE_SIZE, cfg=cfg).transforms[-1]
     assert tuple(normalise.mean) == tuple(cfg.clip.image_mean) and tuple(normalise.std) == tuple(cfg.clip.image_std)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _image_folder(root, classes=("a", "b"), per_class=6, seed=0):
+    """Class folders of small PNGs whose brightness depends on the class (so k-NN has signal)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(60 + 120 * c, 30, (12, 12, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def _pixel_knn(*args):
+    return knn_cli.run(knn_cli.build_parser().parse_args(
+        ["--baseline", "pixels", "--dataset", "imagefolder", "--image-size", "8", "--ks", "3", "--backend", "torch",
+         "--num-workers", "0", "--no-cache", "--quiet", "--device", "cpu", *args]))
+
+
+def test_image_folder_without_train_and_val_is_refused_unless_both_paths_are_given(tmp_path, capsys):
+    from dino_sparo.evaluation import linear_cli
+
+    flat = _image_folder(tmp_path / "flat")
+    common = ["--baseline", "pixels", "--dataset", "imagefolder", "--data-path", str(flat), "--image-size", "8",
+              "--no-cache", "--quiet", "--num-workers", "0", "--device", "cpu"]
+    for main, extra in ((knn_cli.main, ["--ks", "3"]), (linear_cli.main, ["--epochs", "1", "--lrs", "0.01"])):
+        with pytest.raises(SystemExit) as error:
+            main(common + extra)
+        message = str(error.value)
+        assert str(flat) in message and "train/" in message and "val/" in message and "--train-path" in message
+    only_train = tmp_path / "only_train"
+    _image_folder(only_train / "train")
+    with pytest.raises(ValueError, match=r"no val/ \(or test/\) sub-folder"):
+        _pixel_knn("--data-path", str(only_train))
+    with pytest.raises(ValueError, match="give both --train-path and --test-path"):
+        _pixel_knn("--train-path", str(flat))
+
+    # the proper layout, and the same two folders named explicitly: the same held-out result
+    split = tmp_path / "split"
+    _image_folder(split / "train", seed=1)
+    _image_folder(split / "val", per_class=3, seed=2)
+    layout = _pixel_knn("--data-path", str(split))
+    explicit = _pixel_knn("--train-path", str(split / "train"), "--test-path", str(split / "val"))
+    assert layout["num_train"] == explicit["num_train"] == 12 and layout["num_test"] == explicit["num_test"] == 6
+    assert layout["knn"] == explicit["knn"]
+    assert explicit["data"]["train_path"] == str(split / "train")

@@ -224,6 +224,8 @@ def knn_from_checkpoint(
     config: Optional[str | Path] = None,
     dataset: Optional[str] = None,
     data_path: Optional[str] = None,
+    train_path: Optional[str] = None,
+    test_path: Optional[str] = None,
     train_limit: Optional[int] = None,
     test_limit: Optional[int] = None,
     image_size: Optional[int] = None,
@@ -237,7 +239,8 @@ def knn_from_checkpoint(
     :func:`evaluate_knn` (``ks``, ``temperature``, ``slots``...)."""
     args, dev, source, data = open_for_evaluation(
         checkpoint, checkpoint_key, baseline, config, dataset=dataset, data_path=data_path, train_limit=train_limit,
-        test_limit=test_limit, image_size=image_size, resize_ratio=resize_ratio, cache_dir=cache_dir, device=device)
+        test_limit=test_limit, image_size=image_size, resize_ratio=resize_ratio, cache_dir=cache_dir, device=device,
+        train_path=train_path, test_path=test_path)
     result = evaluate_knn(source.backbone, data.train, data.test, cache_dir=cache_dir_from_args(args),
                           device=dev, **options)
     return labelled_result(result, args, source, data)

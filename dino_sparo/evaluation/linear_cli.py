@@ -236,6 +236,8 @@ def linear_from_checkpoint(
     config: Optional[str | Path] = None,
     dataset: Optional[str] = None,
     data_path: Optional[str] = None,
+    train_path: Optional[str] = None,
+    test_path: Optional[str] = None,
     train_limit: Optional[int] = None,
     test_limit: Optional[int] = None,
     image_size: Optional[int] = None,
@@ -250,7 +252,8 @@ def linear_from_checkpoint(
     ``cache_dir="auto"`` caches beside the checkpoint. ``options`` go to :func:`evaluate_linear`."""
     args, dev, source, data = open_for_evaluation(
         checkpoint, checkpoint_key, baseline, config, dataset=dataset, data_path=data_path, train_limit=train_limit,
-        test_limit=test_limit, image_size=image_size, resize_ratio=resize_ratio, cache_dir=cache_dir, device=device)
+        test_limit=test_limit, image_size=image_size, resize_ratio=resize_ratio, cache_dir=cache_dir, device=device,
+        train_path=train_path, test_path=test_path)
     augment_dataset = _augment_split(args, source, data, crop_scale) if augment else None
     result = evaluate_linear(source.backbone, data.train, data.test, augment=augment, augment_dataset=augment_dataset,
                              cache_dir=cache_dir_from_args(args), device=dev, **options)

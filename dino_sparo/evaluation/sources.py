@@ -172,14 +172,18 @@ def load_eval_data(
     corrupt_images: str = "error",
     transform: Any = None,
     cfg: Optional[TrainConfig] = None,
+    train_path: Optional[str] = None,
+    test_path: Optional[str] = None,
 ) -> EvalData:
     """Train split and the ``val`` split (Fashion-MNIST's test set; an image folder's ``val/``, or
     ``test/``), class-balanced subsets when limits are given. ``cfg`` (the run's config) chooses
-    the normalisation (see :func:`eval_transform_for`)."""
+    the normalisation (see :func:`eval_transform_for`). ``train_path`` and ``test_path`` name the
+    two class folders of an image-folder evaluation explicitly, in place of ``data_path``."""
     transform = transform if transform is not None else eval_transform_for(dataset, image_size, resize_ratio, cfg)
+    paths = split_paths(dataset, data_path, train_path, test_path)
     splits = {}
     for split, limit in (("train", train_limit), ("val", test_limit)):
-        data_cfg = DataConfig(dataset=dataset, path=data_path, limit=limit, corrupt_images=corrupt_images)
+        data_cfg = DataConfig(dataset=dataset, path=paths[split], limit=limit, corrupt_images=corrupt_images)
         splits[split] = build_dataset(data_cfg, split, transform)
     train, test = splits["train"], splits["val"]
     if train.num_classes != test.num_classes:
@@ -188,8 +192,40 @@ def load_eval_data(
     _, _, grayscale = normalization_for(dataset)
     info = {"dataset": dataset, "path": data_path, "train_limit": train_limit, "test_limit": test_limit,
             "image_size": image_size, "num_train": len(train), "num_test": len(test)}
+    if train_path is not None:
+        info.update(train_path=train_path, test_path=test_path)
     return EvalData(train, test, dataset, data_path, train.num_classes, grayscale, transform,
                     train_limit, test_limit, info)
+
+
+IMAGEFOLDER_TEST_SPLITS = ("val", "test")  # the evaluation split's sub-folder, first found
+
+
+def split_paths(dataset: str, data_path: Optional[str], train_path: Optional[str] = None,
+                test_path: Optional[str] = None) -> dict[str, Optional[str]]:
+    """The folders of the train (memory) and val (query) splits. An image folder must hold ``train/``
+    and ``val/`` (or ``test/``) sub-folders, unless both splits are named explicitly: evaluating on
+    the images the memory holds would report a meaningless (near-perfect) accuracy."""
+    if (train_path is None) != (test_path is None):
+        raise ValueError("give both --train-path and --test-path (the class folders of the two splits), or neither")
+    if train_path is not None:
+        if dataset != "imagefolder":
+            raise ValueError(f"--train-path and --test-path name image folders; the dataset is {dataset!r} "
+                             "(add --dataset imagefolder)")
+        if Path(train_path).expanduser().resolve() == Path(test_path).expanduser().resolve():
+            logger.warning("--train-path and --test-path are the same folder %s: the test images are also in "
+                           "the memory, so the accuracy is not a held-out one", train_path)
+        return {"train": train_path, "val": test_path}
+    if dataset == "imagefolder" and data_path not in (None, ""):
+        root = Path(os.path.expanduser(str(data_path)))
+        has_test = any((root / name).is_dir() for name in IMAGEFOLDER_TEST_SPLITS)
+        if root.is_dir() and not ((root / "train").is_dir() and has_test):
+            missing = " and ".join(n for n, ok in (("train/", (root / "train").is_dir()), ("val/ (or test/)", has_test))
+                                   if not ok)
+            raise ValueError(f"image folder {root} has no {missing} sub-folder: evaluation needs "
+                             f"{root}/train/<class>/... and {root}/val/<class>/..., or the two class folders "
+                             "given as --train-path and --test-path")
+    return {"train": data_path, "val": data_path}
 
 
 def dataset_targets(dataset: Dataset) -> np.ndarray:
@@ -369,8 +405,11 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=["fashion_mnist", "imagefolder"],
                       help="evaluation dataset (default: the one the checkpoint was trained on)")
-    data.add_argument("--data-path", help="image folder with train/ and val/ sub-folders, or the folder of the "
-                                          "four Fashion-MNIST files (default: the checkpoint's data.path)")
+    data.add_argument("--data-path", help="image folder with train/ and val/ (or test/) sub-folders, or the folder "
+                                          "of the four Fashion-MNIST files (default: the checkpoint's data.path)")
+    data.add_argument("--train-path", help="instead of --data-path: the class folder of the train split (the "
+                                           "memory of k-NN, the fit of the probe); needs --test-path")
+    data.add_argument("--test-path", help="instead of --data-path: the class folder of the test split")
     data.add_argument("--train-limit", type=int, help="use a class-balanced subset of this many train images")
     data.add_argument("--test-limit", type=int, help="use a class-balanced subset of this many test images")
     data.add_argument("--image-size", type=int,
@@ -433,7 +472,9 @@ def cache_dir_from_args(args: argparse.Namespace) -> Optional[Path]:
 def data_from_args(args: argparse.Namespace, source: EvalSource, transform: Any = None) -> EvalData:
     """The datasets the options name, defaulting to the checkpoint's own dataset and crop size."""
     cfg = source.cfg
-    dataset = args.dataset or (cfg.data.dataset if cfg is not None else None)
+    train_path, test_path = getattr(args, "train_path", None), getattr(args, "test_path", None)
+    dataset = args.dataset or ("imagefolder" if train_path or test_path else None) or (
+        cfg.data.dataset if cfg is not None else None)
     if dataset is None:
         raise ValueError("--dataset is required when there is no checkpoint or config to take it from")
     data_path = args.data_path
@@ -445,8 +486,10 @@ def data_from_args(args: argparse.Namespace, source: EvalSource, transform: Any 
         size = eval_image_size(cfg)
     else:
         size = 28 if dataset == "fashion_mnist" else 224
+    if train_path is not None or test_path is not None:
+        data_path = None
     return load_eval_data(dataset, data_path, size, args.train_limit, args.test_limit, args.resize_ratio,
-                          args.corrupt_images, transform, cfg)
+                          args.corrupt_images, transform, cfg, train_path, test_path)
 
 
 def open_for_evaluation(
@@ -454,13 +497,15 @@ def open_for_evaluation(
     config: Optional[str | os.PathLike], *, dataset: Optional[str], data_path: Optional[str],
     train_limit: Optional[int], test_limit: Optional[int], image_size: Optional[int],
     resize_ratio: Optional[float], cache_dir: Optional[str | os.PathLike], device: Optional[str | torch.device],
+    train_path: Optional[str] = None, test_path: Optional[str] = None,
 ) -> tuple[argparse.Namespace, torch.device, EvalSource, EvalData]:
     """What the Python entry points (``knn_from_checkpoint``, ``linear_from_checkpoint``) share: the
     options as the command line would hold them, the device, the network and its datasets.
     ``cache_dir="auto"`` caches beside the checkpoint, None caches nothing."""
     args = argparse.Namespace(
         checkpoint=str(checkpoint) if checkpoint is not None else None, baseline=baseline, dataset=dataset,
-        data_path=data_path, train_limit=train_limit, test_limit=test_limit, image_size=image_size,
+        data_path=data_path, train_path=train_path, test_path=test_path, train_limit=train_limit,
+        test_limit=test_limit, image_size=image_size,
         resize_ratio=resize_ratio, corrupt_images="error", no_cache=cache_dir is None,
         cache_dir=None if cache_dir in (None, "auto") else str(cache_dir),
     )
