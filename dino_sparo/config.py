@@ -328,11 +328,129 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
-                cls: type = TrainConfig) -> Any:
-    """Defaults, then the YAML file (with its ``_base_``), then the overrides: validated."""
+                cls: type = TrainConfig, validate: bool = True) -> Any:
+    """Defaults, then the YAML file (with its ``_base_``), then the overrides: types checked, and
+    (``validate``) the values of a ``TrainConfig`` too (:func:`validate_config`)."""
     values = _read_yaml(Path(path)) if path is not None else {}
     values = deep_merge(values, parse_overrides(overrides or []))
-    return _build(cls, values)
+    cfg = _build(cls, values)
+    if validate and isinstance(cfg, TrainConfig):
+        validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: TrainConfig) -> TrainConfig:
+    """Refuse values that have the right type but that the program cannot use, naming the key and
+    what is allowed, before anything is built (instead of an error at the first forward)."""
+    from dino_sparo.models.vit import ARCHS  # noqa: PLC0415 (torch and timm only when validating)
+    from dino_sparo.sparo import NORMS  # noqa: PLC0415
+
+    def need(key: str, ok: bool, allowed: str) -> None:
+        if not ok:
+            value: Any = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"config key '{key}' must be {allowed}, got {value!r}")
+
+    def at_least(key: str, low: int, optional: bool = False) -> None:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        need(key, (optional and value is None) or (value is not None and value >= low),
+             f"an integer >= {low}" + (" or null" if optional else ""))
+
+    def scale(key: str) -> None:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        need(key, 0 < value[0] <= value[1] <= 1, "[low, high] with 0 < low <= high <= 1")
+
+    model, sparo, data, crops, dino, optim, clip, evals = (cfg.model, cfg.model.sparo, cfg.data, cfg.crops,
+                                                            cfg.dino, cfg.optim, cfg.clip, cfg.eval)
+    at_least("log_every", 1)
+    at_least("save_every_epochs", 0)
+    at_least("max_steps", 1, optional=True)
+    # model
+    need("model.arch", model.arch in ARCHS, f"one of {sorted(ARCHS)}")
+    for key in ("patch_size", "in_chans"):
+        at_least(f"model.{key}", 1)
+    for key in ("embed_dim", "depth", "num_heads", "reduce_depth"):
+        at_least(f"model.{key}", 0 if key == "reduce_depth" else 1, optional=True)
+    need("model.img_size", model.img_size >= model.patch_size and model.img_size % model.patch_size == 0,
+         f"a multiple of model.patch_size ({model.patch_size})")
+    width, depth, heads = ARCHS[model.arch]
+    width, depth, heads = model.embed_dim or width, model.depth or depth, model.num_heads or heads
+    if model.embed_dim is not None:
+        need("model.embed_dim", width % heads == 0, f"a multiple of the number of heads ({heads})")
+    else:
+        need("model.num_heads", width % heads == 0, f"a divisor of {model.arch}'s width ({width})")
+    if model.reduce_depth is not None:
+        need("model.reduce_depth", model.reduce_depth < depth, f"in [0, {depth - 1}] (model.depth - 1)")
+    else:  # the read-out's default: one block removed before SPARO, none before the class token
+        need("model.depth", depth > int(model.readout == "sparo"),
+             f"> {int(model.readout == 'sparo')} for model.readout {model.readout}")
+    need("model.drop_path_rate", 0 <= model.drop_path_rate < 1, "in [0, 1)")
+    for key in ("num_slots", "slot_dim"):
+        at_least(f"model.sparo.{key}", 1)
+    for key in ("attn_dim", "value_dim", "num_heads"):
+        at_least(f"model.sparo.{key}", 1, optional=True)
+    need("model.sparo.norm", sparo.norm in NORMS, f"one of {list(NORMS)}")
+    need("model.sparo.num_slots", sparo.num_heads is None or sparo.num_slots % sparo.num_heads == 0,
+         f"a multiple of model.sparo.num_heads ({sparo.num_heads})")
+    # data
+    at_least("data.batch_size_per_gpu", 1)
+    at_least("data.num_workers", 0)
+    at_least("data.limit", 0, optional=True)
+    # optimisation
+    at_least("optim.epochs", 1)
+    need("optim.lr", optim.lr > 0, "> 0")
+    for key in ("min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
+        need(f"optim.{key}", getattr(optim, key) >= 0, ">= 0")
+    for key in ("warmup_steps", "freeze_last_layer"):
+        at_least(f"optim.{key}", 0)
+    at_least("optim.warmup_epochs", 0)
+    if not optim.warmup_steps:  # warmup_steps > 0 replaces warmup_epochs
+        need("optim.warmup_epochs", optim.warmup_epochs <= optim.epochs,
+             f"in [0, optim.epochs ({optim.epochs})] (or set optim.warmup_steps)")
+    # evaluation during training
+    at_least("eval.knn_every", 0)
+    at_least("eval.knn_k", 1)
+    need("eval.knn_temperature", evals.knn_temperature > 0, "> 0")
+    at_least("eval.knn_train_limit", 1, optional=True)
+    at_least("eval.knn_test_limit", 1, optional=True)
+    if cfg.mode == "dino":
+        need("crops.global_crops_number", crops.global_crops_number == 2, "2 (DINO's loss pairs two global crops)")
+        at_least("crops.local_crops_number", 0)
+        need("crops.global_crops_size", crops.global_crops_size % model.patch_size == 0,
+             f"a multiple of model.patch_size ({model.patch_size})")
+        at_least("crops.global_crops_size", model.patch_size)
+        if crops.local_crops_number:
+            need("crops.local_crops_size", crops.local_crops_size % model.patch_size == 0,
+                 f"a multiple of model.patch_size ({model.patch_size})")
+            at_least("crops.local_crops_size", model.patch_size)
+        scale("crops.global_crops_scale")
+        scale("crops.local_crops_scale")
+        for key in ("out_dim", "head_hidden_dim", "head_bottleneck_dim"):
+            at_least(f"dino.{key}", 1)
+        for key in ("momentum_teacher", "center_momentum"):
+            need(f"dino.{key}", 0 <= getattr(dino, key) <= 1, "in [0, 1]")
+        for key in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
+            need(f"dino.{key}", getattr(dino, key) > 0, "> 0")
+        need("dino.warmup_teacher_temp_epochs", 0 <= dino.warmup_teacher_temp_epochs <= optim.epochs,
+             f"in [0, optim.epochs ({optim.epochs})]")
+        need("dino.koleo_weight", dino.koleo_weight >= 0, ">= 0")
+    else:
+        for key in ("text_width", "text_depth", "text_heads", "embed_dim"):
+            at_least(f"clip.{key}", 1)
+        need("clip.text_width", clip.text_width % clip.text_heads == 0,
+             f"a multiple of clip.text_heads ({clip.text_heads})")
+        at_least("clip.context_length", 2)
+        need("clip.accum_steps", clip.accum_steps >= 1 and data.batch_size_per_gpu % clip.accum_steps == 0,
+             f"an integer >= 1 that divides data.batch_size_per_gpu ({data.batch_size_per_gpu})")
+        need("clip.init_temperature", clip.init_temperature > 0, "> 0")
+        scale("clip.crop_scale")
+        at_least("clip.zeroshot_every_epochs", 0)
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

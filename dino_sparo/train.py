@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from dino_sparo import distributed
 from dino_sparo.checkpoint import load_checkpoint, save_checkpoint
-from dino_sparo.config import OptimConfig, TrainConfig, load_config, save_config, to_dict
+from dino_sparo.config import (ConfigError, OptimConfig, TrainConfig, load_config, save_config, to_dict,
+                               validate_config)
 from dino_sparo.data.datasets import CorruptImageError
 from dino_sparo.data.loaders import STOP_SIGNALS, LoaderWorkers, leave_stop_signals_to_main_process
 from dino_sparo.evaluation.periodic_knn import PeriodicKnn
@@ -151,7 +152,7 @@ class ResumableSampler(Sampler):
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.batches_per_epoch = dataset_len // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the dataset has {dataset_len} images, fewer than one global batch "
+            raise ConfigError(f"the dataset has {dataset_len} images, fewer than one global batch "
                              f"({batch_size} × {world_size} processes): lower data.batch_size_per_gpu")
         self.epoch, self.start_batch = 0, 0
 
@@ -267,6 +268,11 @@ def train_step(method: Method, batch: Any, step: int, epoch: int, optimizer: tor
 # The program
 # --------------------------------------------------------------------------------------------
 
+# Exit codes of dino-sparo-train (listed in the README's Training section)
+EXIT_FAILED = 1  # the run failed: a non-finite loss, a corrupt image, or an error shown with its traceback
+EXIT_USER_ERROR = 2  # a configuration the program cannot use (one line naming the key); nothing was trained
+
+
 class _StopRequest:
     """SIGINT, SIGTERM and SIGUSR2 (the warning SLURM sends before a time limit or on preemption,
     as submitit asks for it) set a flag; the loop saves a checkpoint at the end of the step and
@@ -340,6 +346,7 @@ def train(cfg: TrainConfig) -> dict:
     if device.type == "cuda":
         device = torch.device("cuda", distributed.local_device_index(info.local_rank))
     setup_logging(output_dir, info.is_main)
+    validate_config(cfg)  # also when built in code (from_dict): refused here, with the key, into train.log
     autocast_dtype = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts the student only)
     method = build_method(cfg, device)
@@ -378,7 +385,7 @@ def train(cfg: TrainConfig) -> dict:
         saved_world = len(state["rng"])  # one RNG state per process that wrote it
         saved_global = state["config"]["data"]["batch_size_per_gpu"] * saved_world
         if saved_global != global_batch:  # steps per epoch and the schedules depend on it
-            raise ValueError(f"{checkpoint_path} was written with a global batch of {saved_global} ({saved_world} "
+            raise ConfigError(f"{checkpoint_path} was written with a global batch of {saved_global} ({saved_world} "
                              f"process(es)); this run has {global_batch} ({info.world_size} process(es) × "
                              f"data.batch_size_per_gpu {batch}): resume with the same global batch, or start a "
                              "new output_dir")
@@ -552,21 +559,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, validate: bool = True) -> TrainConfig:
     overrides = list(args.overrides)
     if args.mode:
         overrides.append(f"mode={args.mode}")
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, validate=validate)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A configuration the program cannot use: a ``ConfigError``, or a ``ValueError`` that names
+    its config key as the project's errors do (``config key 'x.y' ...``). Anything else is a bug
+    and keeps its traceback."""
+    return isinstance(exc, ConfigError) or (isinstance(exc, ValueError) and str(exc).startswith("config key '"))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, validate=False)  # values are validated by train(), into train.log
+        if args.print_config:
+            validate_config(cfg)
     except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
     if args.print_config:
         import yaml
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -575,11 +592,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         train(cfg)
     except NonFiniteLossError as exc:
         logger.error("%s", exc)
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_FAILED) from None
     except CorruptImageError as exc:
         logger.error("%s; data.corrupt_images=skip skips such files (with a warning naming each)",
                      corrupt_image_message(exc))
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_FAILED) from None
+    except ValueError as exc:
+        if not is_user_error(exc):
+            raise
+        logger.error("error: %s", exc)
+        raise SystemExit(EXIT_USER_ERROR) from None
     finally:
         distributed.cleanup()
 

@@ -6,7 +6,7 @@ from dino_sparo.config import ConfigError, load_config, save_config, to_dict, fr
 
 
 def test_yaml_base_and_overrides(tmp_path):
-    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.001\n  epochs: 5\nmodel:\n  arch: vit_tiny\n")
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.001\n  epochs: 5\n  warmup_epochs: 1\nmodel:\n  arch: vit_tiny\n")
     (tmp_path / "exp.yaml").write_text("_base_: base.yaml\noptim:\n  epochs: 7\n")
     cfg = load_config(tmp_path / "exp.yaml", ["model.readout=cls", "optim.min_lr=1e-5",
                                               "crops.local_crops_scale=[0.1,0.3]"])
@@ -82,6 +82,60 @@ def test_warmup_longer_than_the_run_is_refused_naming_the_key():
     cfg = load_config(None, ["optim.epochs=2", "optim.warmup_steps=50"])
     with pytest.raises(ValueError, match="optim.warmup_steps"):
         build_lr_schedule(cfg.optim, 256, iters_per_epoch=10)
-    cfg = load_config(None, ["optim.epochs=2", "optim.warmup_epochs=3"])
+    with pytest.raises(ConfigError, match="'optim.warmup_epochs' must be in"):  # refused at load
+        load_config(None, ["optim.epochs=2", "optim.warmup_epochs=3"])
+    cfg = load_config(None, ["optim.epochs=2", "optim.warmup_epochs=3"], validate=False)
     with pytest.raises(ValueError, match="optim.warmup_epochs"):
         build_lr_schedule(cfg.optim, 256, iters_per_epoch=10)
+
+
+# value refused at load -> the key named in the message, and what is allowed
+BAD_VALUES = [
+    ("data.batch_size_per_gpu=0", "'data.batch_size_per_gpu' must be an integer >= 1, got 0"),
+    ("data.batch_size_per_gpu=-4", "'data.batch_size_per_gpu' must be an integer >= 1, got -4"),
+    ("data.num_workers=-1", "'data.num_workers' must be an integer >= 0"),
+    ("model.patch_size=5", r"'model.img_size' must be a multiple of model.patch_size \(5\), got 224"),
+    ("crops.global_crops_size=200", r"'crops.global_crops_size' must be a multiple of model.patch_size \(16\)"),
+    ("crops.local_crops_size=100", r"'crops.local_crops_size' must be a multiple of model.patch_size \(16\)"),
+    ("crops.global_crops_number=3", r"'crops.global_crops_number' must be 2 \(DINO's loss"),
+    ("model.arch=vit_huge", r"'model.arch' must be one of \['vit_base', 'vit_large', 'vit_pico'"),
+    ("model.num_heads=5", r"'model.num_heads' must be a divisor of vit_small's width \(384\)"),
+    ("model.depth=1", "'model.depth' must be > 1 for model.readout sparo"),
+    ("model.reduce_depth=12", r"'model.reduce_depth' must be in \[0, 11\]"),
+    ("model.sparo.norm=cont", "'model.sparo.norm' must be one of"),
+    ("model.sparo.num_slots=0", "'model.sparo.num_slots' must be an integer >= 1"),
+    ("crops.local_crops_scale=[0.5,0.1]", "'crops.local_crops_scale' must be \\[low, high\\] with 0 < low <= high <= 1"),
+    ("optim.epochs=0", "'optim.epochs' must be an integer >= 1"),
+    ("optim.lr=0", "'optim.lr' must be > 0"),
+    ("optim.warmup_epochs=101", r"'optim.warmup_epochs' must be in \[0, optim.epochs \(100\)\]"),
+    ("dino.teacher_temp=0", "'dino.teacher_temp' must be > 0"),
+    ("dino.momentum_teacher=1.5", r"'dino.momentum_teacher' must be in \[0, 1\]"),
+    ("log_every=0", "'log_every' must be an integer >= 1"),
+    ("eval.knn_k=0", "'eval.knn_k' must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES)
+def test_unusable_values_are_refused_at_load_naming_key_and_allowed_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    load_config(None, [override], validate=False)  # the type is right: only the value is refused
+
+
+@pytest.mark.parametrize("overrides", [
+    ["data.batch_size_per_gpu=1", "data.num_workers=0"],
+    ["model.patch_size=8", "crops.global_crops_size=96", "crops.local_crops_size=32"],
+    ["model.patch_size=7", "model.img_size=28", "crops.global_crops_size=28", "crops.local_crops_number=0",
+     "crops.local_crops_size=3"],  # no local crops: their size is not used
+    ["model.depth=1", "model.readout=cls"],
+    ["model.depth=2", "model.reduce_depth=1"],
+    ["mode=clip", "crops.global_crops_number=3"],  # CLIP has no multi-crop
+])
+def test_values_at_the_limits_are_accepted(overrides):
+    load_config(None, overrides)
+
+
+def test_clip_accumulation_must_divide_the_batch():
+    with pytest.raises(ConfigError, match=r"'clip.accum_steps' must be .* divides data.batch_size_per_gpu \(64\)"):
+        load_config(None, ["mode=clip", "clip.accum_steps=3"])
+    load_config(None, ["mode=clip", "clip.accum_steps=4"])

@@ -117,8 +117,11 @@ def test_sampler_shards_and_resumes():
 
 
 def test_cli_refuses_bad_keys_and_missing_data(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="unknown config key 'optim.learning_rate'"):
+    with pytest.raises(SystemExit) as stopped:
         main(TINY + [f"output_dir={tmp_path}", "optim.learning_rate=0.1"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown config key 'optim.learning_rate'") and "\n" not in err
     with pytest.raises(FileNotFoundError, match="nowhere"):
         main(TINY + [f"output_dir={tmp_path}", f"data.path={tmp_path / 'nowhere'}"])
     with pytest.raises(SystemExit):
@@ -129,3 +132,35 @@ def test_cli_refuses_bad_keys_and_missing_data(tmp_path, capsys):
 def test_config_types_are_checked_at_load(tmp_path):
     with pytest.raises(ConfigError, match="data.batch_size_per_gpu"):
         tiny(tmp_path, "data.batch_size_per_gpu=many")
+
+
+def run_train_cli(*args, timeout=120):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "dino_sparo.train", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("data.batch_size_per_gpu=0", "data.batch_size_per_gpu"),
+    ("model.patch_size=5", "model.img_size"),
+    ("crops.global_crops_number=3", "crops.global_crops_number"),
+    ("model.arch=vit_huge", "model.arch"),
+])
+def test_a_config_error_is_one_line_on_stderr_and_in_train_log_with_exit_2(tmp_path, override, key):
+    done = run_train_cli(*TINY, f"output_dir={tmp_path}", override)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"config key '{key}'" in lines[0], done.stderr[-3000:]
+    assert lines[0].split(" ERROR ", 1)[1] in (tmp_path / "train.log").read_text()
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
+def test_user_errors_are_told_from_bugs():
+    from dino_sparo.train import is_user_error
+    assert is_user_error(ConfigError("anything"))
+    assert is_user_error(ValueError("config key 'precision': fp16 needs a GPU"))
+    assert not is_user_error(ValueError("operands could not be broadcast together"))
+    assert not is_user_error(ZeroDivisionError("division by zero"))
