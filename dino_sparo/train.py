@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from dino_sparo import distributed
 from dino_sparo.checkpoint import load_checkpoint, save_checkpoint
-from dino_sparo.config import (ConfigError, OptimConfig, TrainConfig, load_config, save_config, to_dict,
-                               validate_config)
+from dino_sparo.config import (ConfigError, OptimConfig, TrainConfig, from_dict, load_config, save_config,
+                               to_dict, validate_config)
 from dino_sparo.data.datasets import CorruptImageError
 from dino_sparo.data.loaders import STOP_SIGNALS, LoaderWorkers, leave_stop_signals_to_main_process
 from dino_sparo.evaluation.periodic_knn import PeriodicKnn
@@ -338,6 +338,56 @@ def setup_logging(output_dir: Path, is_main: bool) -> None:
     root.setLevel(level)
 
 
+# What a resumed run may change. Keys that shape the trained state cannot change (the weights would
+# not fit); keys that only say how to run (where, on what, how often to log, when to stop) change
+# freely; any other change (the recipe: lr, epochs, temperatures, crops, seed...) is allowed with a
+# warning in train.log, since the run then no longer follows one recipe from start to end.
+ARCHITECTURE_KEYS = (
+    "mode", "model.arch", "model.patch_size", "model.img_size", "model.in_chans", "model.embed_dim",
+    "model.depth", "model.num_heads", "model.readout", "model.reduce_depth", "model.sparo.",
+    "dino.out_dim", "dino.head_hidden_dim", "dino.head_bottleneck_dim", "dino.use_bn_in_head",
+    "dino.norm_last_layer", "clip.text_width", "clip.text_depth", "clip.text_heads", "clip.text_mlp_ratio",
+    "clip.context_length", "clip.text_readout", "clip.text_reduce_depth", "clip.share_queries", "clip.embed_dim",
+)
+RUN_KEYS = (
+    "output_dir", "device", "precision", "compile", "grad_checkpointing", "log_every", "save_every_epochs",
+    "max_steps", "model.attn_backend", "model.pack_crops", "data.path", "data.num_workers",
+    "data.corrupt_images", "eval.", "clip.zeroshot_",
+    "data.batch_size_per_gpu",  # the global batch it makes is checked apart: it must not change
+)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith((".", "_")) and key.startswith(p)) for p in patterns)
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, checkpoint_path: Path) -> list[str]:
+    """Compare the config a checkpoint was written with to this run's: refuse a changed architecture
+    (naming the keys), return one line per changed recipe key (for a warning)."""
+    try:
+        saved = to_dict(from_dict(saved))  # the defaults of keys added since the checkpoint was written
+    except ValueError:
+        pass
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    changed = {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
+    described = {key: f"{key} {a!r} -> {b!r}" for key, (a, b) in changed.items()}
+    refused = [described[key] for key in changed if _matches(key, ARCHITECTURE_KEYS)]
+    if refused:
+        raise ConfigError(f"{checkpoint_path} holds another architecture than this config: {', '.join(refused)}; "
+                          "resume with the run's own values (its config.yaml) or start a new output_dir")
+    return [described[key] for key in changed if not _matches(key, RUN_KEYS)]
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) as ``cfg`` says; returns the last logged metrics."""
     output_dir = Path(cfg.output_dir)
@@ -382,6 +432,8 @@ def train(cfg: TrainConfig) -> dict:
     start_step = 0
     if checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, map_location=device)
+        for change in check_resumable(state["config"], cfg, checkpoint_path):
+            logger.warning("resuming with a changed recipe: %s (the run so far followed the old value)", change)
         saved_world = len(state["rng"])  # one RNG state per process that wrote it
         saved_global = state["config"]["data"]["batch_size_per_gpu"] * saved_world
         if saved_global != global_batch:  # steps per epoch and the schedules depend on it

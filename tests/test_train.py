@@ -164,3 +164,21 @@ def test_user_errors_are_told_from_bugs():
     assert is_user_error(ValueError("config key 'precision': fp16 needs a GPU"))
     assert not is_user_error(ValueError("operands could not be broadcast together"))
     assert not is_user_error(ZeroDivisionError("division by zero"))
+
+
+def test_resume_refuses_another_architecture_naming_the_keys(tmp_path):
+    train(tiny(tmp_path, "max_steps=2"))
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    with pytest.raises(ConfigError, match=r"another architecture .*dino.out_dim 128 -> 64, model.depth 2 -> 3"):
+        train(tiny(tmp_path, "max_steps=4", "model.depth=3", "dino.out_dim=64"))
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+
+
+def test_resume_with_a_changed_recipe_warns_naming_each_key(tmp_path):
+    train(tiny(tmp_path, "max_steps=2"))
+    train(tiny(tmp_path, "max_steps=3", "optim.lr=0.002", "optim.epochs=4", "data.num_workers=1", "log_every=2"))
+    log = (tmp_path / "train.log").read_text()
+    warned = [line for line in log.splitlines() if "resuming with a changed recipe" in line]
+    assert len(warned) == 2, warned  # not for max_steps, num_workers or log_every: they do not change the recipe
+    assert "optim.epochs 3 -> 4" in warned[0] and "optim.lr 0.005 -> 0.002" in warned[1]
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 3
