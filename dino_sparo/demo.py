@@ -26,7 +26,7 @@ from dino_sparo.data.transforms import eval_transform, normalization_for
 from dino_sparo.evaluation.frozen_features import FeatureSpec, feature_fn
 from dino_sparo.evaluation.knn import knn_evaluate
 from dino_sparo.models.build import build_backbone, load_backbone_from_checkpoint
-from dino_sparo.train import seed_everything, train
+from dino_sparo.train import seed_everything, stopped_exit_code, train
 from dino_sparo.visualize import plot_slot_attention
 
 logger = logging.getLogger("dino_sparo.demo")
@@ -86,7 +86,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     output_dir = Path(cfg.output_dir)
 
     start = time.perf_counter()
-    train(cfg)
+    stopped_by = train(cfg).get("stopped_by")
+    if stopped_by:  # a stop request (Ctrl-C, SIGTERM) ends the demo, not only its training
+        raise SystemExit(stopped_exit_code(stopped_by))
     train_s = time.perf_counter() - start
 
     mean, std, grayscale = normalization_for(cfg.data.dataset)

@@ -271,6 +271,15 @@ def train_step(method: Method, batch: Any, step: int, epoch: int, optimizer: tor
 # Exit codes of dino-sparo-train (listed in the README's Training section)
 EXIT_FAILED = 1  # the run failed: a non-finite loss, a corrupt image, or an error shown with its traceback
 EXIT_USER_ERROR = 2  # a configuration the program cannot use (one line naming the key); nothing was trained
+# stopped by a signal before the end, after saving a checkpoint: 128 + the signal's number, as a shell
+# reports a process killed by it (see stopped_exit_code)
+
+
+def stopped_exit_code(signal_names: list[str]) -> int:
+    """128 + the number of the signal that stopped the run: 130 for SIGINT, 143 for SIGTERM, 140 for
+    SIGUSR2 (Linux numbers); with several, the first of that list."""
+    first = next(sig for sig in STOP_SIGNALS if sig.name in signal_names)
+    return 128 + int(first)
 
 
 class _StopRequest:
@@ -641,7 +650,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return
     try:
-        train(cfg)
+        metrics = train(cfg)
     except NonFiniteLossError as exc:
         logger.error("%s", exc)
         raise SystemExit(EXIT_FAILED) from None
@@ -656,6 +665,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(EXIT_USER_ERROR) from None
     finally:
         distributed.cleanup()
+    if metrics.get("stopped_by"):  # stopped before the end: a script can tell it from a finished run
+        raise SystemExit(stopped_exit_code(metrics["stopped_by"]))
 
 
 if __name__ == "__main__":

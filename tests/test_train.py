@@ -182,3 +182,29 @@ def test_resume_with_a_changed_recipe_warns_naming_each_key(tmp_path):
     assert len(warned) == 2, warned  # not for max_steps, num_workers or log_every: they do not change the recipe
     assert "optim.epochs 3 -> 4" in warned[0] and "optim.lr 0.005 -> 0.002" in warned[1]
     assert load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 3
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(tmp_path, sig, code):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "dino_sparo.train", *TINY, "optim.epochs=50",
+                                f"output_dir={tmp_path}"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "log.jsonl").exists() or not (tmp_path / "log.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    process.send_signal(getattr(signal, sig))
+    try:
+        _, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"still running 120 s after {sig}: {process.communicate()[1][-2000:]}")
+    assert process.returncode == code == 128 + getattr(signal, sig), err[-3000:]
+    step = load_checkpoint(tmp_path / "checkpoint.pth")["step"]
+    assert 0 < step < 50 * 8 and f"stopped at step {step} by {sig}" in err
