@@ -397,6 +397,28 @@ def check_resumable(saved: dict, cfg: TrainConfig, checkpoint_path: Path) -> lis
     return [described[key] for key in changed if not _matches(key, RUN_KEYS)]
 
 
+def truncate_log(log_file: Path, step: int) -> int:
+    """Drop the rows of ``log.jsonl`` past ``step`` (and a torn last line), which a process killed
+    after logging a step but before saving it left behind; returns how many. Rewritten atomically."""
+    if not log_file.is_file():
+        return 0
+    lines = log_file.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:  # only the last line can be torn: a kill while it was written
+            continue
+        if row_step <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return 0
+    partial = log_file.with_name(log_file.name + ".tmp")
+    partial.write_text("".join(line + "\n" for line in kept))
+    partial.replace(log_file)
+    return len(lines) - len(kept)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) as ``cfg`` says; returns the last logged metrics."""
     output_dir = Path(cfg.output_dir)
@@ -458,6 +480,11 @@ def train(cfg: TrainConfig) -> dict:
         start_step = state["step"]
         set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
         logger.info("resumed from %s at step %d (epoch %d)", checkpoint_path, start_step, state["epoch"])
+        if info.is_main:
+            dropped = truncate_log(output_dir / "log.jsonl", start_step)
+            if dropped:
+                logger.info("log.jsonl: dropped %d row(s) written after the checkpoint's step %d (they are "
+                            "logged again as the run repeats those steps)", dropped, start_step)
     if info.world_size > 1:  # every rank must have read the same checkpoint
         steps = torch.tensor([start_step, -start_step], device=distributed.collective_device())
         distributed.all_reduce_max(steps)
@@ -479,7 +506,11 @@ def train(cfg: TrainConfig) -> dict:
         for line in method.describe():
             logger.info(line)
 
+    saved_step = start_step if checkpoint_path.is_file() else None  # what checkpoint.pth holds, for messages
+
     def save(step: int) -> None:
+        nonlocal saved_step
+        saved_step = step
         if not info.is_main:
             return
         state = {name: module.state_dict() for name, module in method.modules().items()}
@@ -515,8 +546,10 @@ def train(cfg: TrainConfig) -> dict:
         if bad >= 0:
             raise NonFiniteLossError(
                 f"non-finite loss at step {bad} (epoch {bad // iters_per_epoch}); stopping without saving. "
-                f"The last good checkpoint ({checkpoint_path}) is kept. Usual causes: too high a learning rate, "
-                "fp16 overflow (use bf16), no gradient clipping.")
+                + (f"The last good checkpoint, {checkpoint_path} at step {saved_step}, is kept (re-running resumes "
+                   "from it). " if saved_step is not None else
+                   f"No checkpoint was written yet (the first comes at the end of epoch 0, step {iters_per_epoch}). ")
+                + "Usual causes: too high a learning rate, fp16 overflow (use bf16), no gradient clipping.")
 
     stopping = False
     with _StopRequest() as stop, LoaderWorkers() as workers:  # workers shut down on an error too

@@ -208,3 +208,47 @@ def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(tmp_path, sig,
     assert process.returncode == code == 128 + getattr(signal, sig), err[-3000:]
     step = load_checkpoint(tmp_path / "checkpoint.pth")["step"]
     assert 0 < step < 50 * 8 and f"stopped at step {step} by {sig}" in err
+
+
+@pytest.mark.parametrize("bad_step,says", [(10, "checkpoint.pth at step 8, is kept"),
+                                            (3, "No checkpoint was written yet")])
+def test_non_finite_loss_message_says_which_checkpoint_exists(tmp_path, monkeypatch, bad_step, says):
+    from dino_sparo.methods.dino import DinoMethod
+    original = DinoMethod.loss
+
+    def poisoned(self, batch, step, epoch):
+        loss, stats = original(self, batch, step, epoch)
+        return (loss * float("nan") if step == bad_step else loss), stats
+
+    monkeypatch.setattr(DinoMethod, "loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=says):
+        train(tiny(tmp_path))
+    assert (tmp_path / "checkpoint.pth").is_file() == (bad_step > 8)
+
+
+def test_resume_after_sigkill_drops_the_log_rows_past_the_checkpoint(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    run, reference = tmp_path / "killed", tmp_path / "reference"
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # as this process: identical sums
+    process = subprocess.Popen([sys.executable, "-m", "dino_sparo.train", *TINY, f"output_dir={run}"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run / "log.jsonl").exists() or len(read_log_lines(run)) < 10:  # a row past the step-8 checkpoint
+        assert process.poll() is None and time.monotonic() < deadline, "training did not get past step 9"
+        time.sleep(0.005)
+    process.kill()  # SIGKILL just after a log row
+    process.wait()
+    saved = load_checkpoint(run / "checkpoint.pth")["step"]
+    assert json.loads(read_log_lines(run)[-1])["step"] > saved  # rows the resumed run writes again
+    train(tiny(run))
+    train(tiny(reference))
+    steps = [row["step"] for row in read_log(run)]
+    assert steps == sorted(set(steps)) == list(range(1, 3 * 8 + 1))
+    assert [row["loss"] for row in read_log(run)] == [row["loss"] for row in read_log(reference)]
+
+
+def read_log_lines(path):
+    return [line for line in (path / "log.jsonl").read_text().splitlines() if line.endswith("}")]
