@@ -18,85 +18,103 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 
+def option(default: Any = dataclasses.MISSING, meaning: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its one-line meaning, which ``dino-sparo-train --help-config`` lists."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"meaning": meaning})
+    return field(default=default, metadata={"meaning": meaning})
+
+
 @dataclass
 class SparoConfig:
-    num_slots: int = 64  # L
-    slot_dim: int = 64  # V
-    attn_dim: Optional[int] = None  # d_a; None = the backbone's head width
-    value_dim: Optional[int] = None  # d_v; None = d_a
-    num_heads: Optional[int] = None  # key/value projections; None = one per slot
-    share_kv: bool = True
-    norm: str = "cont:const"
+    num_slots: int = option(64, "L, the number of slots read out")
+    slot_dim: int = option(64, "V, the width of each slot")
+    attn_dim: Optional[int] = option(None, "d_a, the key width; null = the backbone's head width")
+    value_dim: Optional[int] = option(None, "d_v, the value width; null = d_a")
+    num_heads: Optional[int] = option(None, "key/value projections; null = one per slot")
+    share_kv: bool = option(True, "one projection for keys and values (needs value_dim == attn_dim)")
+    norm: str = option(
+        "cont:const",
+        "slot normalisation, representation:weighting (cont|sem|sqrtsem : const|norm|softmax|sqrtsoftmax)")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"  # vit_pico | vit_tiny | vit_small | vit_base | vit_large
-    patch_size: int = 16
-    img_size: int = 224  # the size position embeddings are stored for
-    in_chans: int = 3
-    embed_dim: Optional[int] = None  # None = the arch's width
-    depth: Optional[int] = None  # None = the arch's depth
-    num_heads: Optional[int] = None  # None = the arch's heads
-    drop_path_rate: float = 0.1
-    readout: Literal["sparo", "cls"] = "sparo"
-    reduce_depth: Optional[int] = None  # blocks removed at the end; None = 1 for sparo, 0 for cls
-    attn_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
-    pack_crops: bool = False  # all crop sizes in one forward (xformers block-diagonal attention, GPU)
-    sparo: SparoConfig = field(default_factory=SparoConfig)
+    arch: str = option("vit_small", "ViT size: vit_pico | vit_tiny | vit_small | vit_base | vit_large")
+    patch_size: int = option(16, "patch side in pixels; must divide the image and crop sizes")
+    img_size: int = option(224, "the size position embeddings are stored for (CLIP: the training image size)")
+    in_chans: int = option(3, "input channels")
+    embed_dim: Optional[int] = option(None, "transformer width; null = the arch's")
+    depth: Optional[int] = option(None, "transformer blocks; null = the arch's")
+    num_heads: Optional[int] = option(None, "attention heads; null = the arch's")
+    drop_path_rate: float = option(0.1, "stochastic depth of the student (the teacher has none)")
+    readout: Literal["sparo", "cls"] = option("sparo", "sparo: SPARO slots; cls: the class token (the baseline)")
+    reduce_depth: Optional[int] = option(None, "blocks removed at the end; null = 1 for sparo, 0 for cls")
+    attn_backend: Literal["auto", "xformers", "sdpa", "math"] = option(
+        "auto", "attention kernel; auto picks by device and dtype (and logs its choice)")
+    pack_crops: bool = option(False, "all crop sizes in one forward (xformers block-diagonal attention, GPU)")
+    sparo: SparoConfig = option(meaning="the SPARO read-out", factory=SparoConfig)
 
 
 @dataclass
 class DataConfig:
-    dataset: Literal["imagefolder", "fashion_mnist"] = "imagefolder"
-    path: Optional[str] = None  # image-folder root, or a folder with the four Fashion-MNIST files
-    corrupt_images: Literal["error", "skip"] = "error"
-    limit: Optional[int] = None  # use only this many training images (class-balanced)
-    batch_size_per_gpu: int = 64  # per process; the global batch is this × world size
-    num_workers: int = 8
+    dataset: Literal["imagefolder", "fashion_mnist"] = option(
+        "imagefolder", "imagefolder (root/<class>/<image>) or fashion_mnist (its IDX files)")
+    path: Optional[str] = option(None, "image-folder root, or a folder with the four Fashion-MNIST files")
+    corrupt_images: Literal["error", "skip"] = option(
+        "error", "error: stop, naming the file; skip: warn, naming it, and take the next image")
+    limit: Optional[int] = option(None, "use only this many training images (class-balanced)")
+    batch_size_per_gpu: int = option(64, "per process; the global batch is this × world size")
+    num_workers: int = option(8, "DataLoader worker processes per training process (0 = load in the main process)")
 
 
 @dataclass
 class CropsConfig:
-    global_crops_number: int = 2
-    global_crops_size: int = 224
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_number: int = 8
-    local_crops_size: int = 96
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    global_crops_number: int = option(2, "global crops per image, seen by student and teacher (DINO's loss needs 2)")
+    global_crops_size: int = option(224, "global crop side in pixels")
+    global_crops_scale: tuple[float, float] = option(
+        (0.4, 1.0), "area range of the global crops (RandomResizedCrop scale)")
+    local_crops_number: int = option(8, "local crops per image, seen by the student only (0 = none)")
+    local_crops_size: int = option(96, "local crop side in pixels")
+    local_crops_scale: tuple[float, float] = option(
+        (0.05, 0.4), "area range of the local crops (RandomResizedCrop scale)")
 
 
 @dataclass
 class DinoConfig:
-    out_dim: int = 65536  # prototypes of the DINO head
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    use_bn_in_head: bool = False
-    norm_last_layer: bool = True
-    momentum_teacher: float = 0.996  # cosine schedule to 1
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    centering: Literal["center", "sinkhorn_knopp"] = "center"  # DINO v1's EMA centre | DINOv2's Sinkhorn-Knopp (3 iterations)
-    koleo_weight: float = 0.0  # DINOv2's KoLeo regulariser on the student's global-crop embeddings (0 = off)
+    out_dim: int = option(65536, "K, the prototypes of the DINO head")
+    head_hidden_dim: int = option(2048, "hidden width of the head's MLP")
+    head_bottleneck_dim: int = option(256, "width before the head's weight-normalised last layer")
+    use_bn_in_head: bool = option(False, "batch norm in the head's MLP")
+    norm_last_layer: bool = option(
+        True, "last layer weight-normalised with its norm fixed (steadier; false can score higher)")
+    momentum_teacher: float = option(0.996, "teacher EMA momentum at the start, on a cosine schedule to 1")
+    warmup_teacher_temp: float = option(0.04, "teacher temperature at the start of its warm-up")
+    teacher_temp: float = option(0.04, "teacher temperature after the warm-up")
+    warmup_teacher_temp_epochs: int = option(0, "epochs of linear teacher-temperature warm-up")
+    student_temp: float = option(0.1, "student softmax temperature")
+    center_momentum: float = option(0.9, "EMA momentum of the teacher centre")
+    centering: Literal["center", "sinkhorn_knopp"] = option(
+        "center", "DINO v1's EMA centre | DINOv2's Sinkhorn-Knopp (3 iterations)")
+    koleo_weight: float = option(0.0, "DINOv2's KoLeo regulariser on the student's global-crop embeddings (0 = off)")
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 100
-    lr: float = 0.0005  # at a global batch of 256, scaled linearly with it (see lr_scaling)
-    lr_scaling: Literal["linear", "none"] = "linear"  # linear: lr × global batch / 256 (DINO); none: lr as given
-    min_lr: float = 1e-6
-    warmup_epochs: int = 10
-    warmup_steps: int = 0  # > 0: warm up for this many optimiser steps instead of warmup_epochs (open_clip)
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0  # 0 disables clipping
-    clip_mode: Literal["per_param", "global"] = "per_param"  # DINO v1 clips each tensor apart
-    freeze_last_layer: int = 1  # epochs during which the head's last layer is not trained
-    fused: Literal["auto", "on", "off"] = "auto"
+    epochs: int = option(100, "training epochs; every schedule spans them")
+    lr: float = option(0.0005, "peak learning rate at a global batch of 256, scaled with it (see lr_scaling)")
+    lr_scaling: Literal["linear", "none"] = option(
+        "linear", "linear: lr × global batch / 256 (DINO); none: lr as given")
+    min_lr: float = option(1e-6, "learning rate at the end of the cosine schedule")
+    warmup_epochs: int = option(10, "epochs of linear learning-rate warm-up")
+    warmup_steps: int = option(0, "> 0: warm up for this many optimiser steps instead of warmup_epochs (open_clip)")
+    weight_decay: float = option(0.04, "weight decay at the start, on a cosine schedule to weight_decay_end")
+    weight_decay_end: float = option(0.4, "weight decay at the end")
+    clip_grad: float = option(3.0, "gradient norm clipped at this (see clip_mode); 0 = no clipping")
+    clip_mode: Literal["per_param", "global"] = option(
+        "per_param", "per_param: each tensor apart (DINO v1); global: one norm over all (DINOv2)")
+    freeze_last_layer: int = option(1, "epochs during which the head's last layer is not trained")
+    fused: Literal["auto", "on", "off"] = option("auto", "fused AdamW kernel; auto = on for CUDA and CPU")
 
 
 # OpenAI CLIP's image normalisation (the SPARO reference trains with it)
@@ -116,73 +134,82 @@ class ClipConfig:
     """CLIP mode: the text tower, the contrastive loss and the image–caption data. The image tower
     is ``model``; the text SPARO uses ``model.sparo`` too, so both towers read out the same L slots."""
     # text tower (CLIP's: width 512, 8 heads, 12 layers, BPE context of 77 tokens)
-    text_width: int = 512
-    text_depth: int = 12
-    text_heads: int = 8
-    text_mlp_ratio: float = 4.0
-    context_length: int = 77
-    text_readout: Optional[Literal["sparo", "eot"]] = None  # None = sparo if model.readout is sparo, else eot
-    text_reduce_depth: Optional[int] = None  # None = 1 for sparo, 0 for eot
-    share_queries: bool = False  # tie the text SPARO's queries to the image SPARO's
-    embed_dim: int = 512  # joint width of the plain-CLIP projections (SPARO embeddings are L·V wide)
+    text_width: int = option(512, "text tower width")
+    text_depth: int = option(12, "text tower blocks")
+    text_heads: int = option(8, "text tower attention heads")
+    text_mlp_ratio: float = option(4.0, "text MLP width / text width")
+    context_length: int = option(77, "BPE tokens per caption, start and end included")
+    text_readout: Optional[Literal["sparo", "eot"]] = option(
+        None, "text read-out; null = sparo if model.readout is sparo, else eot")
+    text_reduce_depth: Optional[int] = option(None, "text blocks removed at the end; null = 1 for sparo, 0 for eot")
+    share_queries: bool = option(False, "tie the text SPARO's queries to the image SPARO's")
+    embed_dim: int = option(512, "joint width of the plain-CLIP projections (SPARO embeddings are L·V wide)")
     # contrastive loss
-    init_temperature: float = 0.07  # the logit scale starts at ln(1 / 0.07)
-    max_logit_scale: float = 100.0  # and is clamped at ln(100)
-    local_loss: bool = False  # logits of local rows against all columns only (open_clip's, scales)
-    gather_with_grad: bool = False  # gradients flow through the features gathered from other ranks
-    accum_steps: int = 1  # micro-batches per step; the loss still sees all of their negatives
+    init_temperature: float = option(0.07, "the logit scale starts at ln(1 / this)")
+    max_logit_scale: float = option(100.0, "the logit scale is clamped at ln(this)")
+    local_loss: bool = option(False, "logits of local rows against all columns only (open_clip's, scales)")
+    gather_with_grad: bool = option(False, "gradients flow through the features gathered from other ranks")
+    accum_steps: int = option(1, "micro-batches per step; the loss still sees all of their negatives")
     # AdamW settings of CLIP (DINO keeps torch's defaults)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas (CLIP's)")
+    eps: float = option(1e-6, "AdamW epsilon (CLIP's)")
     # data
-    dataset: Literal["fashion_mnist", "table", "webdataset"] = "fashion_mnist"
-    train_data: Optional[str] = None  # table (.csv/.tsv), shards ("x/{00000..00099}.tar"), Fashion-MNIST folder
-    image_column: str = "path"  # table column with image paths, relative to the table's folder
-    caption_column: str = "caption"
-    shard_image_keys: str = "jpg;jpeg;png;webp"  # WebDataset: the image member of a sample, first found
-    shard_caption_key: str = "txt"  # WebDataset: the caption member
-    templates: list[str] = field(default_factory=lambda: list(DEFAULT_CAPTION_TEMPLATES))  # Fashion-MNIST captions
-    crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop scale of the training images
-    image_mean: tuple[float, float, float] = CLIP_MEAN
-    image_std: tuple[float, float, float] = CLIP_STD
+    dataset: Literal["fashion_mnist", "table", "webdataset"] = option(
+        "fashion_mnist", "fashion_mnist (captions from templates), table (.csv/.tsv) or webdataset (.tar shards)")
+    train_data: Optional[str] = option(None, "table (.csv/.tsv), shards ('x/{00000..00099}.tar'), Fashion-MNIST folder")
+    image_column: str = option("path", "table column with image paths, relative to the table's folder")
+    caption_column: str = option("caption", "table column with the captions")
+    shard_image_keys: str = option("jpg;jpeg;png;webp", "WebDataset: the image member of a sample, first found")
+    shard_caption_key: str = option("txt", "WebDataset: the caption member")
+    templates: list[str] = option(
+        meaning="templates of the Fashion-MNIST captions ({} = the class name)",
+        factory=lambda: list(DEFAULT_CAPTION_TEMPLATES))
+    crop_scale: tuple[float, float] = option((0.9, 1.0), "RandomResizedCrop scale of the training images")
+    image_mean: tuple[float, float, float] = option(CLIP_MEAN, "image normalisation mean (OpenAI CLIP's)")
+    image_std: tuple[float, float, float] = option(CLIP_STD, "image normalisation std (OpenAI CLIP's)")
     # zero-shot classification during training (every N epochs, 0 = never); fashion_mnist or a folder
-    zeroshot_every_epochs: int = 0
-    zeroshot_data: Optional[str] = None  # "fashion_mnist" (default) or an image folder (with val/ or the classes)
-    zeroshot_classnames: Optional[str] = None  # "imagenet" (open_clip's names for wnid folders), a file, or folder names
-    zeroshot_templates: str = "config"  # "config" (clip.templates), "simple", "openai" (CLIP's 80), or a file
+    zeroshot_every_epochs: int = option(0, "zero-shot accuracy every N epochs during training (0 = never)")
+    zeroshot_data: Optional[str] = option(
+        None, "'fashion_mnist' (default) or an image folder (with val/ or the classes)")
+    zeroshot_classnames: Optional[str] = option(
+        None, "'imagenet' (open_clip's names for wnid folders), a file, or folder names")
+    zeroshot_templates: str = option("config", "'config' (clip.templates), 'simple', 'openai' (CLIP's 80), or a file")
 
 
 @dataclass
 class EvalConfig:
     """Evaluation during training: DINO's weighted k-NN on the method's image backbone (the
     teacher's in DINO mode), at the end of every ``knn_every``-th epoch, logged to log.jsonl."""
-    knn_every: int = 0  # epochs between k-NN evaluations (0 = never)
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    knn_train_limit: Optional[int] = 10000  # class-balanced subset of the train split (null = all)
-    knn_test_limit: Optional[int] = 2000  # class-balanced subset of the evaluated split (null = all)
-    knn_split: Literal["test", "val"] = "test"  # Fashion-MNIST: its test set; image folders: test/ or val/
+    knn_every: int = option(0, "epochs between k-NN evaluations (0 = never)")
+    knn_k: int = option(20, "neighbours in the weighted vote")
+    knn_temperature: float = option(0.07, "temperature of the vote's similarity weights")
+    knn_train_limit: Optional[int] = option(10000, "class-balanced subset of the train split (null = all)")
+    knn_test_limit: Optional[int] = option(2000, "class-balanced subset of the evaluated split (null = all)")
+    knn_split: Literal["test", "val"] = option("test", "Fashion-MNIST: its test set; image folders: test/ or val/")
 
 
 @dataclass
 class TrainConfig:
-    mode: Literal["dino", "clip"] = "dino"
-    output_dir: str = "output"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU and on CPUs with native bf16 (avx512_bf16/amx_bf16), else fp32
-    compile: bool = False  # torch.compile the backbone
-    grad_checkpointing: bool = False
-    log_every: int = 20  # steps between log.jsonl lines
-    save_every_epochs: int = 0  # also keep checkpoint_epochNNNN.pth every N epochs (0 = never)
-    max_steps: Optional[int] = None  # stop after this many steps in total (for tests and smoke runs)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    crops: CropsConfig = field(default_factory=CropsConfig)
-    dino: DinoConfig = field(default_factory=DinoConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    clip: ClipConfig = field(default_factory=ClipConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    mode: Literal["dino", "clip"] = option("dino", "dino: self-distillation; clip: image-text contrastive training")
+    output_dir: str = option(
+        "output", "where config.yaml, checkpoint.pth, log.jsonl and train.log go; re-running resumes")
+    seed: int = option(0, "seeds the initial weights, the data order and every augmentation")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available, else cpu")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "autocast dtype; auto = bf16 on GPU and on CPUs with native bf16, fp32 on other CPUs")
+    compile: bool = option(False, "torch.compile the backbone")
+    grad_checkpointing: bool = option(False, "recompute each block in backward: less memory, more time")
+    log_every: int = option(20, "steps between log.jsonl lines")
+    save_every_epochs: int = option(0, "also keep checkpoint_epochNNNN.pth every N epochs (0 = never)")
+    max_steps: Optional[int] = option(
+        None, "stop after this many steps in total (tests, smoke runs); null = the whole run")
+    model: ModelConfig = option(meaning="the image backbone", factory=ModelConfig)
+    data: DataConfig = option(meaning="the training images", factory=DataConfig)
+    crops: CropsConfig = option(meaning="DINO's multi-crop augmentation", factory=CropsConfig)
+    dino: DinoConfig = option(meaning="DINO's head, teacher and loss", factory=DinoConfig)
+    optim: OptimConfig = option(meaning="AdamW and its schedules", factory=OptimConfig)
+    clip: ClipConfig = option(meaning="CLIP mode", factory=ClipConfig)
+    eval: EvalConfig = option(meaning="evaluation during training", factory=EvalConfig)
 
 
 class ConfigError(ValueError):
@@ -201,11 +228,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in options:
             return None
         errors = []
-        for option in options:
-            if option is type(None):
+        for choice in options:
+            if choice is type(None):
                 continue
             try:
-                return _coerce(value, option, key)
+                return _coerce(value, choice, key)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else
@@ -451,6 +478,61 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         scale("clip.crop_scale")
         at_least("clip.zeroshot_every_epochs", 0)
     return cfg
+
+
+def _describe_type(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe_type(a) for a in args)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin is tuple:
+        return "[" + ", ".join(_describe_type(a) for a in args) + "]"
+    if origin is list:
+        return f"list of {_describe_type(args[0])}"
+    return _type_name(tp)
+
+
+def _describe_value(value: Any, in_list: bool = False) -> str:
+    """As one would write it in YAML or on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_describe_value(v, in_list=True) for v in value) + "]"
+    if isinstance(value, str) and in_list:
+        return '"' + value.replace('"', '\\"') + '"'
+    return str(value)
+
+
+def config_reference(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every config key as ``(key, type, default, meaning)``, in the dataclasses' order, read from
+    their annotations, defaults and ``option(meaning=...)``: the reference cannot drift from the code.
+    A section (a nested dataclass) comes as one row with an empty type, before its keys."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key, tp, meaning = prefix + f.name, hints[f.name], f.metadata.get("meaning", "")
+        if dataclasses.is_dataclass(tp):
+            rows.append((key, "", "", meaning))
+            rows.extend(config_reference(tp, key + "."))
+        else:
+            rows.append((key, _describe_type(tp), _describe_value(getattr(defaults, f.name)), meaning))
+    return rows
+
+
+def format_config_reference(cls: type = TrainConfig) -> str:
+    """The text of ``dino-sparo-train --help-config``: one line per key, sections as headings."""
+    lines = ["Config keys: set them in the YAML file, or on the command line as key.sub=value.",
+             "key = default  (type)  meaning"]
+    for key, tp, default, meaning in config_reference(cls):
+        if not tp:
+            lines += ["", f"{key}: {meaning}"]
+        else:
+            lines.append(f"  {key} = {default}  ({tp})  {meaning}")
+    return "\n".join(lines)
 
 
 def to_dict(cfg: Any) -> dict:

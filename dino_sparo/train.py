@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from dino_sparo import distributed
 from dino_sparo.checkpoint import load_checkpoint, save_checkpoint
-from dino_sparo.config import (ConfigError, OptimConfig, TrainConfig, from_dict, load_config, save_config,
-                               to_dict, validate_config)
+from dino_sparo.config import (ConfigError, OptimConfig, TrainConfig, format_config_reference, from_dict,
+                               load_config, save_config, to_dict, validate_config)
 from dino_sparo.data.datasets import CorruptImageError
 from dino_sparo.data.loaders import STOP_SIGNALS, LoaderWorkers, leave_stop_signals_to_main_process
 from dino_sparo.evaluation.periodic_knn import PeriodicKnn
@@ -640,14 +640,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n  dino-sparo-train --config configs/dino/demo_fashion_mnist.yaml\n"
                "  dino-sparo-train --config configs/dino/vit_small16_vanilla_sparo.yaml data.path=/data/imagenet "
                "optim.epochs=300\n  torchrun --nproc_per_node 8 -m dino_sparo.train --config FILE\n"
-               "Every config key (see dino_sparo/config.py) can be overridden as key.sub=value.",
+               "Every config key (listed by --help-config) can be overridden as key.sub=value.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML config file (keys not given keep the defaults in dino_sparo/config.py)")
+    parser.add_argument("--config", help="YAML config file (keys not given keep their defaults: see --help-config)")
     parser.add_argument("--mode", choices=["dino", "clip"], help="training method; overrides 'mode' in the config")
     parser.add_argument("--output-dir", help="where config.yaml, checkpoint.pth and log.jsonl go "
                                              "(overrides 'output_dir')")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its type, default and meaning, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="config overrides, e.g. optim.lr=0.001 model.readout=cls")
     return parser
@@ -671,6 +673,9 @@ def is_user_error(exc: BaseException) -> bool:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.help_config:
+        print(format_config_reference())
+        return
     try:
         cfg = config_from_args(args, validate=False)  # values are validated by train(), into train.log
         if args.print_config:

@@ -139,3 +139,27 @@ def test_clip_accumulation_must_divide_the_batch():
     with pytest.raises(ConfigError, match=r"'clip.accum_steps' must be .* divides data.batch_size_per_gpu \(64\)"):
         load_config(None, ["mode=clip", "clip.accum_steps=3"])
     load_config(None, ["mode=clip", "clip.accum_steps=4"])
+
+
+def _leaf_keys(values, prefix=""):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def test_help_config_lists_every_key_with_type_default_and_meaning(capsys):
+    from dino_sparo.config import TrainConfig, config_reference
+    from dino_sparo.train import main
+    main(["--help-config"])
+    text = capsys.readouterr().out
+    listed = {line.split(" = ", 1)[0].strip(): line for line in text.splitlines() if line.startswith("  ")}
+    rows = {key: (tp, default, meaning) for key, tp, default, meaning in config_reference() if tp}
+    defaults = dict(_leaf_keys(to_dict(TrainConfig())))
+    assert set(listed) == set(rows) == set(defaults)  # every key, and only keys
+    for key, value in defaults.items():
+        tp, default, meaning = rows[key]
+        assert meaning and tp, key  # a field added without option(meaning=...) fails here
+        assert load_config(None, [f"{key}={default}"]) == TrainConfig(), key  # the default, as a user would write it
+        assert listed[key] == f"  {key} = {default}  ({tp})  {meaning}"
