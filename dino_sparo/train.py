@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dino_sparo import distributed
 from dino_sparo.checkpoint import load_checkpoint, save_checkpoint
@@ -552,7 +553,8 @@ def train(cfg: TrainConfig) -> dict:
                 + "Usual causes: too high a learning rate, fp16 overflow (use bf16), no gradient clipping.")
 
     stopping = False
-    with _StopRequest() as stop, LoaderWorkers() as workers:  # workers shut down on an error too
+    # log lines go through tqdm.write above the bar instead of breaking it; the bar closes on an error too
+    with _StopRequest() as stop, LoaderWorkers() as workers, logging_redirect_tqdm(), progress:
         while step < end_step:
             epoch = step // iters_per_epoch
             sampler.set_epoch(epoch, start_batch=step % iters_per_epoch)

@@ -252,3 +252,32 @@ def test_resume_after_sigkill_drops_the_log_rows_past_the_checkpoint(tmp_path):
 
 def read_log_lines(path):
     return [line for line in (path / "log.jsonl").read_text().splitlines() if line.endswith("}")]
+
+
+def test_log_lines_during_training_do_not_break_the_progress_bar(tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "dino_sparo.train", *TINY, "optim.epochs=50",
+                                f"output_dir={tmp_path}"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "log.jsonl").exists() or not (tmp_path / "log.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # logged from the middle of the loop, while the bar is drawn
+    try:
+        _, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("still running 120 s after SIGTERM")
+    # what a terminal shows of each line: the text after its last carriage return
+    shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
+    logged = [line for line in shown if re.search(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ", line)]
+    assert any("received SIGTERM" in line for line in logged), err[-3000:]
+    broken = [line for line in logged if not re.match(r"\d\d:\d\d:\d\d ", line)]  # glued to a bar
+    assert not broken, broken
