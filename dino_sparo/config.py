@@ -53,6 +53,8 @@ class ModelConfig:
     attn_backend: Literal["auto", "xformers", "sdpa", "math"] = option(
         "auto", "attention kernel; auto picks by device and dtype (and logs its choice)")
     pack_crops: bool = option(False, "all crop sizes in one forward (xformers block-diagonal attention, GPU)")
+    pretrained: Optional[str] = option(
+        None, "backbone weights to start from: a timm or DINO ViT file or a dino_sparo checkpoint; null = random")
     sparo: SparoConfig = option(meaning="the SPARO read-out", factory=SparoConfig)
 
 

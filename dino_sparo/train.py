@@ -36,6 +36,8 @@ from dino_sparo.data.loaders import STOP_SIGNALS, LoaderWorkers, leave_stop_sign
 from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods import build_method
 from dino_sparo.methods.base import Method
+from dino_sparo.models.build import load_pretrained_file
+from dino_sparo.models.vit import VisionTransformer
 from dino_sparo.schedules import cosine_schedule
 
 logger = logging.getLogger("dino_sparo")
@@ -398,6 +400,33 @@ def check_resumable(saved: dict, cfg: TrainConfig, checkpoint_path: Path) -> lis
     return [described[key] for key in changed if not _matches(key, RUN_KEYS)]
 
 
+def load_pretrained(method: Method, path: str) -> None:
+    """``model.pretrained``: the file's weights into every image backbone of the method (DINO: the
+    student's and the teacher's), strictly, with a report of what was loaded and what was not."""
+    backbones = {f"{name}.{sub}" if sub else name: module
+                 for name, top in method.modules().items() for sub, module in top.named_modules()
+                 if isinstance(module, VisionTransformer)}
+    try:
+        reports = {name: load_pretrained_file(backbone, path) for name, backbone in backbones.items()}
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise ConfigError(f"config key 'model.pretrained' ({path}): {' '.join(str(message).split())}") from exc
+    report = next(iter(reports.values()))
+    parameters = sum(tensor.numel() for key, tensor in next(iter(backbones.values())).state_dict().items()
+                     if key in report.loaded)
+    logger.info("model.pretrained: %s from %s: %d tensors (%s values) loaded into %s", report.kind, path,
+                len(report.loaded), f"{parameters:,}", " and ".join(backbones))
+    initialised = sorted({key.split(".")[0] + ".*" for key in report.initialised})
+    others = sorted({f"{name}.{child}" for name, top in method.modules().items() for child, _ in top.named_children()
+                     if not any(b == f"{name}.{child}" or b.startswith(f"{name}.{child}.") for b in backbones)
+                     and any(p.numel() for p in getattr(top, child).parameters())})
+    logger.info("model.pretrained: newly initialised: %s", ", ".join(
+        ([f"the backbone's {', '.join(initialised)}"] if initialised else []) + others) or "nothing")
+    if report.dropped:
+        logger.info("model.pretrained: not used from the file: %d keys (%s)", len(report.dropped),
+                    ", ".join(sorted({".".join(k.split(".")[:2]) for k in report.dropped})[:8]))
+
+
 def truncate_log(log_file: Path, step: int) -> int:
     """Drop the rows of ``log.jsonl`` past ``step`` (and a torn last line), which a process killed
     after logging a step but before saving it left behind; returns how many. Rewritten atomically."""
@@ -432,6 +461,11 @@ def train(cfg: TrainConfig) -> dict:
     autocast_dtype = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts the student only)
     method = build_method(cfg, device)
+    if cfg.model.pretrained:
+        if (output_dir / "checkpoint.pth").is_file():
+            logger.info("model.pretrained is not loaded: the run resumes from its checkpoint")
+        else:
+            load_pretrained(method, cfg.model.pretrained)
     seed_everything(cfg.seed + info.rank)  # rank-specific randomness from here on (drop path)
     dataset = method.train_dataset()
     batch = cfg.data.batch_size_per_gpu

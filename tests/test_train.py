@@ -281,3 +281,77 @@ def test_log_lines_during_training_do_not_break_the_progress_bar(tmp_path):
     assert any("received SIGTERM" in line for line in logged), err[-3000:]
     broken = [line for line in logged if not re.match(r"\d\d:\d\d:\d\d ", line)]  # glued to a bar
     assert not broken, broken
+
+
+PRETRAINED_RUN = ["max_steps=1", "dino.momentum_teacher=1.0"]  # a teacher that keeps its starting weights
+
+
+def timm_vit(embed_dim=48):
+    import timm
+    return timm.models.vision_transformer.VisionTransformer(img_size=28, patch_size=4, embed_dim=embed_dim, depth=2,
+                                                            num_heads=3, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def fresh_teacher(tmp_path_factory):
+    """The teacher of the same run without model.pretrained: what the newly initialised parts must equal."""
+    output = tmp_path_factory.mktemp("fresh")
+    train(tiny(output, *PRETRAINED_RUN))
+    return load_checkpoint(output / "checkpoint.pth")["teacher"]
+
+
+def _layout(state, layout):
+    if layout == "timm":
+        return state
+    if layout == "dino_release":  # dino_deitsmall16_pretrain.pth: the backbone only
+        return {k: v for k, v in state.items() if not k.startswith("head.")}
+    if layout == "wrapped":  # DeiT's and timm's training checkpoints
+        return {"model": state, "epoch": 300}
+    head = {"head.mlp.0.weight": torch.zeros(3, 48)}  # DINO's training checkpoint: the wrapper's keys
+    return {"teacher": {**{f"backbone.{k}": v for k, v in state.items()}, **head},
+            "student": {**{f"module.backbone.{k}": v for k, v in state.items()}}, "epoch": 3}
+
+
+@pytest.mark.parametrize("layout", ["timm", "safetensors", "wrapped", "dino_release", "dino_checkpoint"])
+def test_pretrained_backbone_from_timm_or_dino_is_loaded_and_the_rest_initialised(tmp_path, fresh_teacher, layout):
+    source = timm_vit().state_dict()
+    weights = tmp_path / ("weights.safetensors" if layout == "safetensors" else "weights.pth")
+    if layout == "safetensors":
+        from safetensors.torch import save_file
+        save_file(source, str(weights))
+    else:
+        torch.save(_layout(source, layout), weights)
+    train(tiny(tmp_path / "run", *PRETRAINED_RUN, f"model.pretrained={weights}"))
+    teacher = load_checkpoint(tmp_path / "run" / "checkpoint.pth")["teacher"]
+    backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
+    for key, value in backbone.items():
+        if key.startswith("sparo."):  # the read-out the file has none of: as in a run without it
+            assert torch.equal(value, fresh_teacher[f"backbone.{key}"]), key
+        else:
+            assert torch.equal(value, source[key]), key
+    for key, value in teacher.items():
+        if key.startswith("head."):
+            assert torch.equal(value, fresh_teacher[key]), key
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "loaded into student.backbone and teacher.backbone" in log
+    assert "newly initialised: the backbone's sparo.*, student.head, teacher.head" in log
+
+
+def test_pretrained_from_a_dino_sparo_checkpoint_brings_its_read_out(tmp_path, fresh_teacher):
+    train(tiny(tmp_path / "first", "max_steps=2"))
+    first = load_checkpoint(tmp_path / "first" / "checkpoint.pth")["teacher"]
+    train(tiny(tmp_path / "run", *PRETRAINED_RUN, f"model.pretrained={tmp_path / 'first' / 'checkpoint.pth'}"))
+    teacher = load_checkpoint(tmp_path / "run" / "checkpoint.pth")["teacher"]
+    for key, value in teacher.items():
+        expected = first[key] if key.startswith("backbone.") else fresh_teacher[key]  # the head starts anew
+        assert torch.equal(value, expected), key
+    assert "newly initialised: student.head, teacher.head" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_pretrained_weights_that_do_not_fit_are_refused_naming_the_key(tmp_path):
+    torch.save(timm_vit(embed_dim=96).state_dict(), tmp_path / "wide.pth")
+    with pytest.raises(ConfigError, match=r"config key 'model.pretrained' \(.*wide.pth\).*cls_token \[1, 1, 96\] in the "
+                                          r"file, \[1, 1, 48\] here"):
+        train(tiny(tmp_path / "run", "max_steps=1", f"model.pretrained={tmp_path / 'wide.pth'}"))
+    with pytest.raises(ConfigError, match="config key 'model.pretrained'.*no such file"):
+        train(tiny(tmp_path / "run", "max_steps=1", f"model.pretrained={tmp_path / 'missing.pth'}"))

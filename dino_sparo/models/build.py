@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,17 @@ _IGNORED_PREFIXES = ("head.", "fc_norm.", "head_drop.", "mask_token")
 _KEY_MAP = {"module.": "", "backbone.": "", "encoder.": ""}
 
 
+def _our_names(state_dict: dict) -> dict:
+    """Source keys renamed as ours (``module.``, ``backbone.``, ``encoder.`` prefixes removed)."""
+    mapped = {}
+    for key, value in state_dict.items():
+        for old, new in _KEY_MAP.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+        mapped[key] = value
+    return mapped
+
+
 def load_pretrained_backbone(model: VisionTransformer, state_dict: dict, source: str = "auto") -> list[str]:
     """Load timm or DINO ViT weights into ``model`` strictly, except for what ours lacks on purpose.
 
@@ -51,12 +64,7 @@ def load_pretrained_backbone(model: VisionTransformer, state_dict: dict, source:
     depend on it), timm's otherwise. Any other missing or unexpected key is an error naming it.
     Returns the dropped source keys.
     """
-    mapped = {}
-    for key, value in state_dict.items():
-        for old, new in _KEY_MAP.items():
-            if key.startswith(old):
-                key = new + key[len(old):]
-        mapped[key] = value
+    mapped = _our_names(state_dict)
     kept_blocks = len(model.blocks)
     dropped = [k for k in mapped if k.startswith(_IGNORED_PREFIXES)
                or (k.startswith("blocks.") and int(k.split(".")[1]) >= kept_blocks)]
@@ -86,7 +94,7 @@ def load_pretrained_backbone(model: VisionTransformer, state_dict: dict, source:
     result = model.load_state_dict(mapped, strict=False)
     assert set(result.missing_keys) <= readout_keys  # checked above; kept as an invariant
     if dropped:
-        logger.info("pretrained weights: dropped %d keys not used by this backbone (%s…)", len(dropped), dropped[0])
+        logger.debug("pretrained weights: dropped %d keys not used by this backbone (%s…)", len(dropped), dropped[0])
     return dropped
 
 
@@ -137,3 +145,66 @@ def load_backbone_from_checkpoint(
     backbone.load_state_dict(weights, strict=True)
     backbone.requires_grad_(False)
     return backbone.to(device).eval(), cfg
+
+
+@dataclass
+class PretrainedLoad:
+    """What :func:`load_pretrained_file` did: the file's kind, and the backbone's keys by fate."""
+
+    kind: str  # e.g. "dino_sparo checkpoint (its teacher)"
+    loaded: list[str]  # backbone keys set from the file
+    initialised: list[str]  # backbone keys the file has none for (the read-out): kept as initialised
+    dropped: list[str]  # file keys this backbone has no place for (a classifier, removed blocks)
+
+
+def read_pretrained(path: str | Path) -> tuple[dict, str, str]:
+    """The ViT weights in ``path``: ``(state dict, kind, source)``, ``source`` being how position
+    embeddings are resampled (see :func:`load_pretrained_backbone`). Understands a dino_sparo
+    checkpoint (its teacher, or a CLIP run's image tower), a DINO training checkpoint (its teacher),
+    DINO's released backbones (``dino_deitsmall16_pretrain.pth``: a flat state dict), timm state dicts
+    (``.pth`` / ``.bin``, or ``.safetensors``) and checkpoints wrapping one in ``state_dict`` or ``model``."""
+    from dino_sparo.checkpoint import load_checkpoint, strip_prefix  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # noqa: PLC0415 (a dependency of timm)
+        return load_file(str(path)), "timm weights (safetensors)", "timm"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # our checkpoints hold NumPy RNG states: unpickled as when resuming
+        state = load_checkpoint(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of weights")
+    if "config" in state and any(k in state for k in CHECKPOINT_BACKBONE_PREFIXES):
+        key = next(k for k in CHECKPOINT_BACKBONE_PREFIXES if k in state)
+        return strip_prefix(state[key], CHECKPOINT_BACKBONE_PREFIXES[key]), f"dino_sparo checkpoint (its {key})", "ours"
+    if isinstance(state.get("teacher"), dict):
+        return state["teacher"], "DINO training checkpoint (its teacher)", "dino"
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state.get(wrapper), dict):
+            return state[wrapper], f"ViT weights (under '{wrapper}')", "timm"
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is neither a state dict nor a checkpoint holding one (keys: {sorted(state)[:8]})")
+    has_classifier = any(k.startswith("head.") for k in state)
+    return state, "timm ViT weights" if has_classifier else "ViT backbone weights (DINO's release layout)", (
+        "timm" if has_classifier else "dino")
+
+
+def load_pretrained_file(model: VisionTransformer, path: str | Path) -> PretrainedLoad:
+    """Load the backbone weights of ``path`` (:func:`read_pretrained`) into ``model`` strictly: every
+    key of the backbone must come from the file except its read-out, which a file without one leaves
+    as initialised; position embeddings are resampled to the model's grid."""
+    weights, kind, source = read_pretrained(path)
+    own = model.state_dict()
+    differ = [f"{key} {list(value.shape)} in the file, {list(own[key].shape)} here"
+              for key, value in _our_names(weights).items()
+              if key in own and key != "pos_embed" and value.shape != own[key].shape]  # pos_embed is resampled
+    if differ:
+        raise ValueError(f"{len(differ)} tensor(s) have other shapes than this backbone's (another model.arch, "
+                         f"embed_dim, patch_size or read-out?): {'; '.join(differ[:4])}{'…' if len(differ) > 4 else ''}")
+    dropped = load_pretrained_backbone(model, weights, source="dino" if source == "dino" else "auto")
+    given = set(_our_names(weights)) - set(dropped)
+    names = list(model.state_dict())
+    return PretrainedLoad(kind, [k for k in names if k in given], [k for k in names if k not in given], dropped)
