@@ -28,6 +28,7 @@ setup(
         "gpu": ["xformers>=0.0.35", "faiss-gpu>=1.8"],
         "clip": ["open_clip_torch>=2.24", "webdataset>=0.2"],
         "dev": ["pytest>=8", "pytest-timeout>=2.2"],
+        "tensorboard": ["tensorboard>=2.14"],
     },
     entry_points={
         "console_scripts": [

@@ -191,6 +191,12 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """Logs besides log.jsonl and train.log."""
+    tensorboard: bool = option(False, "also write log.jsonl's scalars to output_dir/tensorboard (needs tensorboard)")
+
+
+@dataclass
 class TrainConfig:
     mode: Literal["dino", "clip"] = option("dino", "dino: self-distillation; clip: image-text contrastive training")
     output_dir: str = option(
@@ -212,6 +218,7 @@ class TrainConfig:
     optim: OptimConfig = option(meaning="AdamW and its schedules", factory=OptimConfig)
     clip: ClipConfig = option(meaning="CLIP mode", factory=ClipConfig)
     eval: EvalConfig = option(meaning="evaluation during training", factory=EvalConfig)
+    log: LogConfig = option(meaning="logs besides log.jsonl and train.log", factory=LogConfig)
 
 
 class ConfigError(ValueError):

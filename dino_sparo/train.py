@@ -366,6 +366,7 @@ RUN_KEYS = (
     "max_steps", "model.attn_backend", "model.pack_crops", "data.path", "data.num_workers",
     "data.corrupt_images", "eval.", "clip.zeroshot_",
     "data.batch_size_per_gpu",  # the global batch it makes is checked apart: it must not change
+    "log.",
 )
 
 
@@ -425,6 +426,38 @@ def load_pretrained(method: Method, path: str) -> None:
     if report.dropped:
         logger.info("model.pretrained: not used from the file: %d keys (%s)", len(report.dropped),
                     ", ".join(sorted({".".join(k.split(".")[:2]) for k in report.dropped})[:8]))
+
+
+class MetricsLog:
+    """``log.jsonl`` rows, for machines; with ``log.tensorboard`` the same scalars in TensorBoard
+    (``output_dir/tensorboard``), as ``train/<key>`` and ``eval/<key>`` at the row's step."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool, resumed_at: int = 0) -> None:
+        self.path, self.writer = output_dir / "log.jsonl", None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (an optional dependency)
+            except ImportError:
+                raise ConfigError("config key 'log.tensorboard' needs the tensorboard package: pip install "
+                                  "tensorboard (or the project's [tensorboard] extra)") from None
+            # resumed: the events past the checkpoint's step are dropped, as log.jsonl's rows are
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"),
+                                        purge_step=resumed_at + 1 if resumed_at else None)
+
+    def write(self, row: dict, group: str) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{group}/{key}", value, row["step"])
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def truncate_log(log_file: Path, step: int) -> int:
@@ -567,7 +600,7 @@ def train(cfg: TrainConfig) -> dict:
     end_step = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # device-side NaN watch
     metrics: dict[str, float] = {}
-    log_file = output_dir / "log.jsonl"
+    metrics_log = MetricsLog(output_dir, tensorboard=cfg.log.tensorboard and info.is_main, resumed_at=start_step)
     progress = tqdm(total=end_step, initial=start_step, disable=not info.is_main, dynamic_ncols=True,
                     desc=f"{cfg.mode} train", unit="step")
     method.train_module.train()
@@ -588,7 +621,7 @@ def train(cfg: TrainConfig) -> dict:
 
     stopping = False
     # log lines go through tqdm.write above the bar instead of breaking it; the bar closes on an error too
-    with _StopRequest() as stop, LoaderWorkers() as workers, logging_redirect_tqdm(), progress:
+    with _StopRequest() as stop, LoaderWorkers() as workers, logging_redirect_tqdm(), progress, metrics_log:
         while step < end_step:
             epoch = step // iters_per_epoch
             sampler.set_epoch(epoch, start_batch=step % iters_per_epoch)
@@ -619,8 +652,7 @@ def train(cfg: TrainConfig) -> dict:
                                "images_per_s": window_images / max(elapsed, 1e-9), "global_batch_size": global_batch}
                     window_start, window_images = time.perf_counter(), 0
                     if info.is_main:
-                        with log_file.open("a") as handle:
-                            handle.write(json.dumps(metrics) + "\n")
+                        metrics_log.write(metrics, "train")
                         postfix = dict(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                        img_s=f"{metrics['images_per_s']:.0f}")
                         progress.set_postfix(**postfix, **eval_postfix)
@@ -641,8 +673,7 @@ def train(cfg: TrainConfig) -> dict:
                         eval_metrics.update(method.periodic_eval(step // iters_per_epoch))
                     metrics.update(eval_metrics)
                     if eval_metrics and info.is_main:
-                        with log_file.open("a") as handle:
-                            handle.write(json.dumps({"step": step, "epoch": epoch, **eval_metrics}) + "\n")
+                        metrics_log.write({"step": step, "epoch": epoch, **eval_metrics}, "eval")
                         eval_postfix = {key.split("_")[0]: f"{100 * value:.1f}%" for key, value in eval_metrics.items()
                                        if key.endswith("_top1")}
                         progress.set_postfix(**postfix, **eval_postfix)

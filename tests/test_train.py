@@ -355,3 +355,42 @@ def test_pretrained_weights_that_do_not_fit_are_refused_naming_the_key(tmp_path)
         train(tiny(tmp_path / "run", "max_steps=1", f"model.pretrained={tmp_path / 'wide.pth'}"))
     with pytest.raises(ConfigError, match="config key 'model.pretrained'.*no such file"):
         train(tiny(tmp_path / "run", "max_steps=1", f"model.pretrained={tmp_path / 'missing.pth'}"))
+
+
+def _tensorboard_scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_the_scalars_of_log_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    train(tiny(tmp_path, "max_steps=10", "log.tensorboard=true", "eval.knn_every=1", "eval.knn_k=5",
+               "eval.knn_train_limit=50", "eval.knn_test_limit=20"))
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    expected: dict = {}
+    for row in read_log(tmp_path):
+        group = "train" if "loss" in row else "eval"
+        for key, value in row.items():
+            if key not in ("step", "epoch"):
+                expected.setdefault(f"{group}/{key}", []).append((row["step"], value))
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/teacher_entropy", "eval/knn_top1"} <= set(expected)
+    assert set(scalars) == set(expected)
+    for tag, points in expected.items():
+        assert [step for step, _ in scalars[tag]] == [step for step, _ in points], tag
+        assert [value for _, value in scalars[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag
+
+
+def test_tensorboard_missing_is_one_line_naming_the_key(tmp_path):
+    import os
+    import subprocess
+    import sys
+    blocked = "import sys; sys.modules['tensorboard'] = None; from dino_sparo.train import main; main()"  # not installed
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", blocked, *TINY, "max_steps=1", "log.tensorboard=true",
+                           f"output_dir={tmp_path}"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "config key 'log.tensorboard' needs the tensorboard package" in errors[0]
+    assert "Traceback" not in done.stderr
