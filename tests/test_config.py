@@ -6,7 +6,7 @@ from dino_sparo.config import ConfigError, load_config, save_config, to_dict, fr
 
 
 def test_yaml_base_and_overrides(tmp_path):
-    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.001\n  epochs: 5\n  warmup_epochs: 1\nmodel:\n  arch: vit_tiny\n")
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.001\n  epochs: 5\nmodel:\n  arch: vit_tiny\n")
     (tmp_path / "exp.yaml").write_text("_base_: base.yaml\noptim:\n  epochs: 7\n")
     cfg = load_config(tmp_path / "exp.yaml", ["model.readout=cls", "optim.min_lr=1e-5",
                                               "crops.local_crops_scale=[0.1,0.3]"])
@@ -82,9 +82,7 @@ def test_warmup_longer_than_the_run_is_refused_naming_the_key():
     cfg = load_config(None, ["optim.epochs=2", "optim.warmup_steps=50"])
     with pytest.raises(ValueError, match="optim.warmup_steps"):
         build_lr_schedule(cfg.optim, 256, iters_per_epoch=10)
-    with pytest.raises(ConfigError, match="'optim.warmup_epochs' must be in"):  # refused at load
-        load_config(None, ["optim.epochs=2", "optim.warmup_epochs=3"])
-    cfg = load_config(None, ["optim.epochs=2", "optim.warmup_epochs=3"], validate=False)
+    cfg = load_config(None, ["optim.epochs=2", "optim.warmup_epochs=3"])
     with pytest.raises(ValueError, match="optim.warmup_epochs"):
         build_lr_schedule(cfg.optim, 256, iters_per_epoch=10)
 
@@ -107,7 +105,7 @@ BAD_VALUES = [
     ("crops.local_crops_scale=[0.5,0.1]", "'crops.local_crops_scale' must be \\[low, high\\] with 0 < low <= high <= 1"),
     ("optim.epochs=0", "'optim.epochs' must be an integer >= 1"),
     ("optim.lr=0", "'optim.lr' must be > 0"),
-    ("optim.warmup_epochs=101", r"'optim.warmup_epochs' must be in \[0, optim.epochs \(100\)\]"),
+    ("optim.warmup_epochs=-1", "'optim.warmup_epochs' must be an integer >= 0"),
     ("dino.teacher_temp=0", "'dino.teacher_temp' must be > 0"),
     ("dino.momentum_teacher=1.5", r"'dino.momentum_teacher' must be in \[0, 1\]"),
     ("log_every=0", "'log_every' must be an integer >= 1"),
