@@ -532,7 +532,8 @@ def train(cfg: TrainConfig) -> dict:
     if checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, map_location=device)
         for change in check_resumable(state["config"], cfg, checkpoint_path):
-            logger.warning("resuming with a changed recipe: %s (the run so far followed the old value)", change)
+            if info.is_main:
+                logger.warning("resuming with a changed recipe: %s (the run so far followed the old value)", change)
         saved_world = len(state["rng"])  # one RNG state per process that wrote it
         saved_global = state["config"]["data"]["batch_size_per_gpu"] * saved_world
         if saved_global != global_batch:  # steps per epoch and the schedules depend on it
