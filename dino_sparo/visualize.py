@@ -228,10 +228,13 @@ def _save(fig: Any, path: str | Path, dpi: int = 110) -> None:
 def build_parser() -> "argparse.ArgumentParser":
     import argparse  # noqa: PLC0415
 
+    from dino_sparo.evaluation.sources import HelpFormatter  # noqa: PLC0415
+
     parser = argparse.ArgumentParser(
         prog="dino-sparo-visualize",
         description="PNG grid of SPARO slot attention over the patch grid of some images (class-token weight "
-                    "printed above each map); for CLIP checkpoints also the per-token attention of a caption.")
+                    "printed above each map); for CLIP checkpoints also the per-token attention of a caption.",
+        formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth of a DINO or CLIP run with a SPARO read-out")
     parser.add_argument("--images", nargs="+", default=["0", "1250", "2500", "3750", "5000", "6250", "7500", "8750"],
                         help="Fashion-MNIST test indices and/or image file paths (default: 8 spread-out test images)")

@@ -293,3 +293,35 @@ def test_image_folder_without_train_and_val_is_refused_unless_both_paths_are_giv
     assert layout["num_train"] == explicit["num_train"] == 12 and layout["num_test"] == explicit["num_test"] == 6
     assert layout["knn"] == explicit["knn"]
     assert explicit["data"]["train_path"] == str(split / "train")
+
+
+# --------------------------------------------------------------------------- first contact
+
+
+@pytest.mark.parametrize("module", ["dino_sparo.evaluation.knn_cli", "dino_sparo.evaluation.linear_cli",
+                                    "dino_sparo.evaluation.zeroshot_cli", "dino_sparo.visualize"])
+def test_every_option_has_a_help_text_that_shows_its_default(module):
+    import argparse
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{action.option_strings or action.dest} has no help text"
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in text or "default" in action.help.lower(), action.option_strings
+
+
+def test_knn_table_names_its_columns(checkpoint, tmp_path, capsys):
+    result = run_knn(checkpoint, tmp_path, "--slots", "0,2")
+    table = capsys.readouterr().out
+    assert knn_cli.format_knn_table(result) in table
+    lines = table.splitlines()
+    head = next(i for i, line in enumerate(lines) if "all slots" in line)
+    assert "slots [0,2]" in lines[head]
+    units = lines[head + 1].split()
+    assert units[0] == "k" and lines[head + 1].count("top-1 / top-5 %") == 2
+    assert lines[head + 2].split()[0] == str(KS[0])  # then one row per k
+    assert any("accuracy in %" in line for line in lines[:head])

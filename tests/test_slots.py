@@ -181,3 +181,26 @@ def test_greedy_streaming_equals_precomputed():
 def test_plot_per_slot_accuracy_writes_png(tmp_path):
     path = plot_per_slot_accuracy(np.linspace(0.1, 0.8, L), tmp_path / "plots" / "slots.png", highlight=[1], reference=0.5)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_slot_chart_legend_names_each_colour_and_the_reference_line():
+    from matplotlib.colors import to_rgba
+
+    from dino_sparo.evaluation.slots import per_slot_figure
+
+    acc = np.linspace(0.1, 0.8, L)
+    fig = per_slot_figure(acc, highlight=[1, 4], reference=0.5, highlight_label="slots chosen",
+                          reference_label="all slots together")
+    ax = fig.axes[0]
+    bars = {i: to_rgba(p.get_facecolor()) for i, p in enumerate(ax.patches)}
+    legend = ax.get_legend()
+    assert legend is not None
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["other slots, alone", "slots chosen, alone", "all slots together: 0.500"]
+    handles = legend.legend_handles
+    assert to_rgba(handles[0].get_facecolor()) == bars[0] != bars[1]  # each legend patch is its bars' colour
+    assert to_rgba(handles[1].get_facecolor()) == bars[1] == bars[4]
+    line = next(line for line in ax.get_lines() if line.get_label().startswith("all slots"))
+    assert set(line.get_ydata()) == {0.5}
+    plain = per_slot_figure(acc).axes[0].get_legend()  # nothing highlighted, no reference: one entry
+    assert [t.get_text() for t in plain.get_texts()] == ["slot alone"]

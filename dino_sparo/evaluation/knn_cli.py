@@ -31,6 +31,7 @@ from dino_sparo.evaluation.slots import (
 )
 from dino_sparo.evaluation.sources import (
     FeatureWorkspace,
+    HelpFormatter,
     _broadcast,
     add_source_arguments,
     cache_dir_from_args,
@@ -207,8 +208,10 @@ def _knn_on_features(
         if plot_path is not None:
             reference = result["knn"].get(str(slot_k), {}).get("top1")
             entry["plot"] = str(plot_per_slot_accuracy(
-                accuracy, plot_path, title=f"k-NN top-1 per slot (k={slot_k})", highlight=selected or (slots or ()),
-                reference=reference))
+                accuracy, plot_path, title=f"k-NN top-1 of each slot alone (k={slot_k}, {len(test)} test images)",
+                highlight=selected or (slots or ()), reference=reference,
+                highlight_label="slots chosen by --select-slots" if selected else "slots of --slots",
+                reference_label=f"all {num_slots} slots together"))
         result["per_slot"] = entry
     return result
 
@@ -248,24 +251,26 @@ def knn_from_checkpoint(
 
 def format_knn_table(result: dict[str, Any]) -> str:
     """The accuracies of a result as an aligned text table (percent)."""
-    columns = [("all slots" if "slot_layout" in result else "top-1 / top-5", result["knn"])]
+    columns = [("all slots" if "slot_layout" in result else "all features", result["knn"])]
     if "slots" in result:
         columns.append((f"slots {_short(result['slots']['slots'])}", result["slots"]["knn"]))
     if "slot_selection" in result:
         columns.append((f"selected {_short(result['slot_selection']['selected'])}", result["slot_selection"]["knn"]))
     width = max(15, *(len(c[0]) for c in columns))
-    head = f"{'k':>5}  " + "  ".join(f"{c[0]:>{width}}" for c in columns)
+    head = f"{'':>5}  " + "  ".join(f"{c[0]:>{width}}" for c in columns)
+    units = f"{'k':>5}  " + "  ".join(f"{'top-1 / top-5 %':>{width}}" for _ in columns)
     lines = [f"k-NN on {result['features']} ({result['source'] if 'source' in result else 'model'}), "
              f"{result['num_train']} train / {result['num_test']} test, T={result['temperature']}, "
-             f"backend {result['backend']}", head]
+             f"backend {result['backend']}",
+             "accuracy in % (top-1 / top-5) for k neighbours; one column per set of features searched", head, units]
     for k in result["ks"]:
         cells = [f"{100 * c[1][str(k)]['top1']:6.2f} / {100 * c[1][str(k)]['top5']:6.2f}" for c in columns]
         lines.append(f"{k:>5}  " + "  ".join(f"{cell:>{width}}" for cell in cells))
     if "per_slot" in result:
         acc = result["per_slot"]["top1"]
         lines.append(f"per-slot top-1 (k={result['per_slot']['k']}):")
-        lines.append("  slot " + " ".join(f"{i:>5}" for i in range(len(acc))))
-        lines.append("  top1 " + " ".join(f"{100 * a:5.1f}" for a in acc))
+        lines.append("  slot  " + " ".join(f"{i:>5}" for i in range(len(acc))))
+        lines.append("  top-1 " + " ".join(f"{100 * a:5.1f}" for a in acc) + "  (%, the slot alone)")
         if "plot" in result["per_slot"]:
             lines.append(f"  bar chart: {result['per_slot']['plot']}")
     if "slot_selection" in result:
@@ -297,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  dino-sparo-knn --checkpoint CKPT --select-slots --per-slot --output-json knn.json\n"
                "  dino-sparo-knn --checkpoint CKPT --slots-file knn.json   # the slots selected above\n"
                "  torchrun --nproc_per_node 8 -m dino_sparo.evaluation.knn_cli --checkpoint CKPT ...",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_source_arguments(parser)
     knn = parser.add_argument_group("k-NN")

@@ -38,6 +38,7 @@ from dino_sparo.evaluation.linear import (
 from dino_sparo.evaluation.slots import stratified_split
 from dino_sparo.evaluation.sources import (
     FeatureWorkspace,
+    HelpFormatter,
     _broadcast,
     add_source_arguments,
     cache_dir_from_args,
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  dino-sparo-linear --baseline pixels --dataset fashion_mnist --lrs 0.001,0.01,0.1\n"
                "  torchrun --nproc_per_node 8 -m dino_sparo.evaluation.linear_cli --checkpoint CKPT "
                "--dataset imagefolder --data-path /data/imagenet --augment",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_source_arguments(parser)
     lin = parser.add_argument_group("linear probe")

@@ -378,11 +378,30 @@ def plot_per_slot_accuracy(
     title: str = "k-NN top-1 per slot",
     highlight: Sequence[int] = (),
     reference: float | None = None,
+    highlight_label: str = "highlighted slots",
+    reference_label: str = "reference",
 ) -> Path:
     """Bar chart PNG of per-slot accuracy; ``highlight`` slots drawn in another colour,
-    ``reference`` (e.g. all-slots accuracy) as a horizontal line."""
+    ``reference`` (e.g. all-slots accuracy) as a horizontal line; a legend names both."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    per_slot_figure(accuracy, title, highlight, reference, highlight_label, reference_label).savefig(path, dpi=120)
+    return path
+
+
+def per_slot_figure(
+    accuracy: Sequence[float],
+    title: str = "k-NN top-1 per slot",
+    highlight: Sequence[int] = (),
+    reference: float | None = None,
+    highlight_label: str = "highlighted slots",
+    reference_label: str = "reference",
+) -> Any:
+    """The matplotlib figure of :func:`plot_per_slot_accuracy` (one bar per slot, legend for each
+    colour in use and for the reference line)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (no global backend)
     from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.patches import Patch  # noqa: PLC0415
 
     acc = np.asarray(accuracy, dtype=float).reshape(-1)
     marked = set(int(s) for s in highlight)
@@ -391,17 +410,18 @@ def plot_per_slot_accuracy(
     ax = fig.add_subplot()
     colours = ["tab:orange" if i in marked else "tab:blue" for i in range(acc.size)]
     ax.bar(np.arange(acc.size), acc, color=colours, width=0.8)
+    handles = [Patch(color="tab:blue", label="slot alone" if not marked else "other slots, alone")]
+    if marked:
+        handles.append(Patch(color="tab:orange", label=f"{highlight_label}, alone"))
     if reference is not None:
-        ax.axhline(reference, color="black", linestyle="--", linewidth=1, label=f"reference {reference:.3f}")
-        ax.legend(loc="upper right")
+        handles.append(ax.axhline(reference, color="black", linestyle="--", linewidth=1,
+                                  label=f"{reference_label}: {reference:.3f}"))
+    ax.legend(handles=handles, loc="upper right", fontsize="small")
     ax.set_xlabel("slot")
-    ax.set_ylabel("top-1")
+    ax.set_ylabel("top-1 accuracy")
     ax.set_xlim(-0.6, acc.size - 0.4)
     top = max(float(acc.max(initial=0.0)), reference or 0.0)
-    ax.set_ylim(0.0, 1.25 * top if top > 0 else 1.0)
+    ax.set_ylim(0.0, 1.35 * top if top > 0 else 1.0)
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return fig

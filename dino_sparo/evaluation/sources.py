@@ -390,6 +390,18 @@ def extract_splits(
 # --------------------------------------------------------------------------- command line
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` of the evaluation programs: the epilog's examples as written, and every option's
+    help ending with its default (unless the help already states it, or there is none to state)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every evaluation program takes: the network, the data, extraction and output."""
     net = parser.add_argument_group("network")

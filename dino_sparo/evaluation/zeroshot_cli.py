@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 
+from dino_sparo.evaluation.sources import HelpFormatter
 from dino_sparo.evaluation.zeroshot import evaluate, format_table, load_classnames, load_templates
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dino-sparo-zeroshot",
         description="Zero-shot classification, image↔text retrieval and slot analyses of a CLIP-mode checkpoint.",
         epilog="Example: dino-sparo-zeroshot --checkpoint output/clip_demo/checkpoint.pth --slot-selection",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth written by dino-sparo-train --mode clip")
     parser.add_argument("--dataset", choices=["fashion_mnist", "imagefolder", "none"], default=None,
@@ -43,9 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--selection-size", type=int, default=5000,
                         help="train-split images (class-balanced) the slot selection scores on")
     parser.add_argument("--max-slots", type=int, help="stop the selection at this many slots")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="images (and prompts) per forward pass; lower it when the GPU runs out of memory")
+    parser.add_argument("--num-workers", type=int, default=2,
+                        help="data-loading processes (0: load in this process)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where the model runs (auto: the GPU when there is one)")
     parser.add_argument("--output", help="JSON result file (default: zeroshot.json beside the checkpoint)")
     return parser
 
