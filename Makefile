@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,clip]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,clip,tensorboard]"
 	touch $(STAMP)
 
 install: $(STAMP)
