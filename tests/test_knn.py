@@ -94,6 +94,22 @@ def test_tiny_chunks_equal_unchunked():
     np.testing.assert_allclose(scores.numpy(), ref, rtol=1e-3)
 
 
+def test_similarities_are_cosines_whatever_the_row_norms_and_inputs_stay_untouched():
+    x_train, _, x_test, _ = clustered(n_train=300, n_test=40, spread=1.5)
+    scales = np.logspace(-3, 3, len(x_test), dtype=np.float32)[:, None]  # queries of very different norms
+    test = torch.from_numpy(x_test * scales)
+    train = torch.from_numpy(x_train.copy())
+    before = (train.clone(), test.clone())
+    a = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
+    b = x_test / np.linalg.norm(x_test, axis=1, keepdims=True)
+    cosines = b.astype(np.float64) @ a.astype(np.float64).T  # 40 × 300
+    for backend in CPU_BACKENDS:
+        sims, idx = knn_search(train, test, 10, backend=backend, chunk_size=64, query_chunk_size=16)
+        assert (idx.numpy() == np.argsort(-cosines, axis=1, kind="stable")[:, :10]).all(), backend
+        np.testing.assert_allclose(sims.numpy(), np.take_along_axis(cosines, idx.numpy(), 1), atol=2e-6)
+        assert torch.equal(train, before[0]) and torch.equal(test, before[1]), f"{backend} changed its inputs"
+
+
 def test_memmap_fp16_input(tmp_path):
     x_train, y_train, x_test, _ = clustered(spread=1.5)
     mm = np.lib.format.open_memmap(tmp_path / "train.npy", mode="w+", dtype=np.float16, shape=x_train.shape)

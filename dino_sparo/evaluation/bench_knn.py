@@ -7,12 +7,19 @@ cache keeps them; fp16 for wide features by default), for each backend, each run
 process so that its peak memory is its own. The features are random but clustered (one Gaussian
 cloud per class), so the neighbours have structure like real features (the vote is far from
 chance), and the backends are checked to return the same neighbours.
+
+Beside the streamed backends, two one-shot references do the same job without a memory bound:
+``faiss-flat`` (every train feature loaded and normalised, one ``IndexFlatIP``, one search) and
+``torch-oneshot`` (everything loaded and normalised, blocked matmul against all of train, one top-k
+per query block). ``--repeats`` runs every measurement several times, interleaved, so that the
+ratio of the streamed search to the faster one-shot comes from one run of a (noisy) machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -26,7 +33,8 @@ from typing import Any, Optional
 import numpy as np
 
 DEFAULT_DIMS = (384, 4096)
-DEFAULT_BACKENDS = ("faiss-cpu", "torch")
+DEFAULT_BACKENDS = ("faiss-cpu", "torch", "faiss-flat", "torch-oneshot")
+ONE_SHOT = ("faiss-flat", "torch-oneshot")  # references without the memory bound
 
 
 def make_clustered_features(path: Path, num: int, dim: int, labels: np.ndarray, centres: np.ndarray,
@@ -95,6 +103,29 @@ class AnonPeak:
         self.peak_kb = max(self.peak_kb, _status_kb("RssAnon"))
 
 
+def one_shot_search(train: np.ndarray, test: np.ndarray, k: int, backend: str,
+                    query_chunk_size: int = 1024) -> tuple[Any, Any]:
+    """The references: all train features in memory, normalised, searched at once (``faiss-flat``:
+    one ``IndexFlatIP``; ``torch-oneshot``: ``query_chunk_size`` queries × all train per matmul)."""
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    if backend == "faiss-flat":
+        import faiss  # noqa: PLC0415
+
+        xb, xq = np.array(train, dtype=np.float32), np.array(test, dtype=np.float32)
+        faiss.normalize_L2(xb)
+        faiss.normalize_L2(xq)
+        index = faiss.IndexFlatIP(xb.shape[1])
+        index.add(xb)
+        sims, idx = index.search(xq, k)
+        return torch.from_numpy(sims), torch.from_numpy(idx)
+    xb = F.normalize(torch.from_numpy(np.array(train, dtype=np.float32)), dim=-1)  # N × D
+    xq = F.normalize(torch.from_numpy(np.array(test, dtype=np.float32)), dim=-1)  # M × D
+    blocks = [(xq[q0:q0 + query_chunk_size] @ xb.T).topk(k, dim=-1) for q0 in range(0, len(xq), query_chunk_size)]
+    return torch.cat([b.values for b in blocks]), torch.cat([b.indices for b in blocks])
+
+
 def measure(paths: dict[str, str], backend: str, k: int, temperature: float, num_classes: int,
             threads: int, neighbours_out: Optional[str] = None) -> dict[str, Any]:
     """Time one k-NN evaluation (search + vote) on memmapped features; memory as deltas from
@@ -105,6 +136,7 @@ def measure(paths: dict[str, str], backend: str, k: int, temperature: float, num
 
     torch.set_num_threads(threads)
     if backend.startswith("faiss"):
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every build it tries
         import faiss  # noqa: PLC0415
 
         faiss.omp_set_num_threads(threads)
@@ -113,16 +145,22 @@ def measure(paths: dict[str, str], backend: str, k: int, temperature: float, num
     y_train = torch.from_numpy(np.load(paths["train_labels"]))
     y_test = torch.from_numpy(np.load(paths["test_labels"]))
     anon0, hwm0 = _status_kb("RssAnon"), _status_kb("VmHWM")
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     with AnonPeak() as peak:
-        sims, idx = knn_search(train, test, k, backend=backend, device="cpu")
+        if backend in ONE_SHOT:
+            sims, idx = one_shot_search(train, test, k, backend)
+        else:
+            sims, idx = knn_search(train, test, k, backend=backend, device="cpu")
         scores = knn_vote(sims, y_train[idx], num_classes, temperature)
     seconds = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_seconds = usage.ru_utime + usage.ru_stime - usage0.ru_utime - usage0.ru_stime  # all threads
     accuracy = topk_accuracy(scores, y_test, (1, 5))
     if neighbours_out is not None:
         np.save(neighbours_out, idx.numpy())
     return {
-        "backend": backend, "seconds": round(seconds, 2),
+        "backend": backend, "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
         "peak_anon_mb": round((peak.peak_kb - anon0) / 1024, 1),
         "peak_rss_mb": round((_status_kb("VmHWM") - hwm0) / 1024, 1),
         "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -136,8 +174,12 @@ def measure(paths: dict[str, str], backend: str, k: int, temperature: float, num
 
 def run_bench(dims: list[int], backends: list[str], num_train: int, num_test: int, num_classes: int,
               k: int, temperature: float, dtype: str, noise: float, threads: int, seed: int,
-              folder: Optional[str] = None) -> list[dict[str, Any]]:
-    """Every (dim, backend) pair in its own process; rows of the result table."""
+              folder: Optional[str] = None, repeats: int = 1) -> list[dict[str, Any]]:
+    """Every (dim, backend) pair ``repeats`` times, each in its own process, the backends taking
+    turns; one row per pair: the fastest and the median wall time, the median CPU time (all
+    threads), their ratios to the fastest one-shot reference's medians, memory of the first run."""
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_knn_", dir=folder) as tmp:
         for dim in dims:
@@ -145,35 +187,55 @@ def run_bench(dims: list[int], backends: list[str], num_train: int, num_test: in
             t0 = time.perf_counter()
             paths = prepare(Path(tmp), num_train, num_test, dim, num_classes, dim_dtype, noise, seed)
             print(f"D={dim}: features written ({dim_dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            runs: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
             neighbours = {}
+            for repeat in range(repeats):
+                for backend in backends:
+                    out = os.path.join(tmp, f"neighbours_{dim}_{backend}.npy")
+                    spec = json.dumps({"paths": paths, "backend": backend, "k": k, "temperature": temperature,
+                                       "num_classes": num_classes, "threads": threads,
+                                       "neighbours_out": out if repeat == 0 else None})
+                    proc = subprocess.run([sys.executable, "-m", "dino_sparo.evaluation.bench_knn", "--worker", spec],
+                                          capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"k-NN bench worker ({backend}, D={dim}) failed:\n{proc.stderr}")
+                    runs[backend].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    if repeat == 0:
+                        neighbours[backend] = np.load(out)
+                    print(f"D={dim} {backend} (run {repeat + 1}/{repeats}): {runs[backend][-1]['seconds']} s",
+                          file=sys.stderr)
             for backend in backends:
-                out = os.path.join(tmp, f"neighbours_{dim}_{backend}.npy")
-                spec = json.dumps({"paths": paths, "backend": backend, "k": k, "temperature": temperature,
-                                   "num_classes": num_classes, "threads": threads, "neighbours_out": out})
-                proc = subprocess.run([sys.executable, "-m", "dino_sparo.evaluation.bench_knn", "--worker", spec],
-                                      capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"k-NN bench worker ({backend}, D={dim}) failed:\n{proc.stderr}")
+                times = [r["seconds"] for r in runs[backend]]
                 row = {"dim": dim, "dtype": dim_dtype, "num_train": num_train, "num_test": num_test, "k": k,
-                       **json.loads(proc.stdout.strip().splitlines()[-1])}
-                neighbours[backend] = np.load(out)
-                first = neighbours[backends[0]]
-                row["same_neighbours_as_" + backends[0]] = float((neighbours[backend] == first).mean())
+                       **runs[backend][0], "seconds": min(times), "seconds_median": float(np.median(times)),
+                       "seconds_all": times,
+                       "cpu_seconds_median": float(np.median([r["cpu_seconds"] for r in runs[backend]])),
+                       "one_shot": backend in ONE_SHOT}
+                del row["cpu_seconds"]
+                row["same_neighbours_as_" + backends[0]] = float((neighbours[backend] == neighbours[backends[0]]).mean())
                 rows.append(row)
-                print(f"D={dim} {backend}: {row['seconds']} s", file=sys.stderr)
+            mine = rows[-len(backends):]
+            for key, ratio in (("seconds_median", "vs_one_shot"), ("cpu_seconds_median", "cpu_vs_one_shot")):
+                fastest = min((r[key] for r in mine if r["one_shot"]), default=None)
+                for row in mine:
+                    row[ratio] = round(row[key] / fastest, 3) if fastest else None
             for name in os.listdir(tmp):  # free the disk before the next dimension
                 os.remove(os.path.join(tmp, name))
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'D':>5} {'dtype':>5} {'backend':>10} {'seconds':>8} {'peak anon MB':>13} {'peak RSS MB':>12} " \
+    head = f"{'D':>5} {'dtype':>5} {'backend':>13} {'bounded':>7} {'fastest s':>9} {'median s':>8} " \
+           f"{'÷ one-shot':>10} {'CPU s':>6} {'÷ one-shot':>10} {'peak anon MB':>12} {'peak RSS MB':>11} " \
            f"{'top-1':>6} {'same nbrs':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         same = next(v for key, v in r.items() if key.startswith("same_neighbours_as_"))
-        lines.append(f"{r['dim']:>5} {r['dtype']:>5} {r['backend']:>10} {r['seconds']:>8.2f} "
-                     f"{r['peak_anon_mb']:>13.0f} {r['peak_rss_mb']:>12.0f} {100 * r['top1']:>5.1f}% {same:>9.4f}")
+        ratios = [f"{r[key]:.2f}" if r.get(key) is not None else "-" for key in ("vs_one_shot", "cpu_vs_one_shot")]
+        lines.append(f"{r['dim']:>5} {r['dtype']:>5} {r['backend']:>13} {'no' if r['one_shot'] else 'yes':>7} "
+                     f"{r['seconds']:>9.2f} {r['seconds_median']:>8.2f} {ratios[0]:>10} "
+                     f"{r['cpu_seconds_median']:>6.1f} {ratios[1]:>10} {r['peak_anon_mb']:>12.0f} "
+                     f"{r['peak_rss_mb']:>11.0f} {100 * r['top1']:>5.1f}% {same:>9.4f}")
     return "\n".join(lines)
 
 
@@ -183,8 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         "memory-mapped features of a ViT-S width (384) and a SPARO embedding's (4096).")
     parser.add_argument("--dims", default=",".join(map(str, DEFAULT_DIMS)), help="feature widths, comma-separated")
     parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
-                        help="k-NN backends to compare (faiss-cpu, faiss-gpu, torch); the first is the reference "
-                             "that the others' neighbours are compared with")
+                        help="k-NN backends to compare: the streamed faiss-cpu, faiss-gpu, torch, and the one-shot "
+                             "references faiss-flat, torch-oneshot (no memory bound); the first is the one the "
+                             "others' neighbours are compared with")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every backend, taking turns; the table gives the fastest and the median")
     parser.add_argument("--num-train", type=int, default=60000, help="train features (the k-NN memory)")
     parser.add_argument("--num-test", type=int, default=10000, help="test features (the queries)")
     parser.add_argument("--num-classes", type=int, default=10)
@@ -212,12 +277,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     dims = [int(d) for d in args.dims.split(",") if d]
     backends = [b for b in args.backends.split(",") if b]
     rows = run_bench(dims, backends, args.num_train, args.num_test, args.num_classes, args.k, args.temperature,
-                     args.dtype, args.noise, args.threads, args.seed, args.tmp)
+                     args.dtype, args.noise, args.threads, args.seed, args.tmp, args.repeats)
     if args.json == "-":
         print(json.dumps(rows, indent=2))
     else:
         print(f"k-NN search + vote: {args.num_train} train × {args.num_test} test features, k={args.k}, "
-              f"{args.threads} thread(s); memory is the growth from the moment the features are opened")
+              f"{args.threads} thread(s), {args.repeats} run(s) each; ÷ one-shot: the median over the fastest "
+              "one-shot reference's median; memory is the growth from the moment the features are opened")
         print(format_table(rows))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
