@@ -292,6 +292,7 @@ def _stream_topk(
             else:
                 torch.bmm(qb, tb.transpose(1, 2), out=sims)
             running.add_similarities(sims, q0, t0)
+        del tb  # before the next block is read: the bound counts one train block, not two
     vals, idx = running.result()  # G × n_test × k, sorted: a positive factor per row keeps the order
     return vals * inverse_norms.cpu().unsqueeze(-1), idx
 
