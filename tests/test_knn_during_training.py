@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dino_sparo.checkpoint import load_checkpoint
 from dino_sparo.config import load_config
@@ -81,3 +82,27 @@ def test_k_larger_than_the_memory_is_refused_naming_the_key(tmp_path):
     cfg = tiny(tmp_path, "eval.knn_every=1", "eval.knn_train_limit=5")
     with pytest.raises(ValueError, match="eval.knn_k"):
         PeriodicKnn(cfg.eval, DinoMethod(cfg, torch.device("cpu")), 64, 0, torch.device("cpu"))
+
+
+def _png_classes(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+
+
+def test_an_image_folder_without_a_held_out_split_is_refused(tmp_path):
+    flat = tmp_path / "flat"
+    _png_classes(flat)  # class folders only: memory and queries would be the same images
+    cfg = tiny(tmp_path / "out", "eval.knn_every=1", "eval.knn_k=2", "data.dataset=imagefolder", f"data.path={flat}",
+               "data.limit=null", "eval.knn_train_limit=null", "eval.knn_test_limit=null")
+    with pytest.raises(ValueError, match=r"eval.knn_every.*no val/"):
+        PeriodicKnn(cfg.eval, DinoMethod(cfg, torch.device("cpu")), 4, 0, torch.device("cpu"))
+    split = tmp_path / "split"
+    _png_classes(split / "train")
+    _png_classes(split / "val")
+    cfg = tiny(tmp_path / "out2", "eval.knn_every=1", "eval.knn_k=2", "data.dataset=imagefolder",
+               f"data.path={split}", "data.limit=null", "eval.knn_train_limit=null", "eval.knn_test_limit=null")
+    knn = PeriodicKnn(cfg.eval, DinoMethod(cfg, torch.device("cpu")), 4, 0, torch.device("cpu"))
+    assert knn.train_set.root != knn.test_set.root and len(knn.test_set) == 8

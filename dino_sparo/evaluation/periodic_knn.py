@@ -56,6 +56,11 @@ class PeriodicKnn:
         with preserved_rng(device):
             self.train_set = build_dataset(self._limited(data_cfg, cfg.knn_train_limit), "train", transform)
             self.test_set = build_dataset(self._limited(data_cfg, cfg.knn_test_limit), cfg.knn_split, transform)
+        train_root, test_root = (getattr(d, "root", None) for d in (self.train_set, self.test_set))
+        if train_root is not None and train_root == test_root:  # an image folder without val/ or test/
+            raise ValueError(f"config key 'eval.knn_every': the image folder {train_root} has no val/ (or test/) "
+                             "sub-folder, so k-NN would query the very images of its memory; add "
+                             f"{data_cfg.path}/val/<class>/... beside train/, or set eval.knn_every=0")
         if cfg.knn_k > len(self.train_set):
             raise ValueError(f"config key 'eval.knn_k' ({cfg.knn_k}) exceeds the {len(self.train_set)} train "
                              "images of the k-NN memory: lower it or raise 'eval.knn_train_limit'")
