@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dino_sparo.config import DataConfig, EvalConfig
-from dino_sparo.data.datasets import build_dataset
+from dino_sparo.data.datasets import ImageFolder, build_dataset
 from dino_sparo.evaluation.knn_cli import evaluate_knn
 from dino_sparo.methods.base import Method
 
@@ -56,9 +56,8 @@ class PeriodicKnn:
         with preserved_rng(device):
             self.train_set = build_dataset(self._limited(data_cfg, cfg.knn_train_limit), "train", transform)
             self.test_set = build_dataset(self._limited(data_cfg, cfg.knn_test_limit), cfg.knn_split, transform)
-        train_root, test_root = (getattr(d, "root", None) for d in (self.train_set, self.test_set))
-        if train_root is not None and train_root == test_root:  # an image folder without val/ or test/
-            raise ValueError(f"config key 'eval.knn_every': the image folder {train_root} has no val/ (or test/) "
+        if isinstance(self.train_set, ImageFolder) and self.train_set.root == self.test_set.root:
+            raise ValueError(f"config key 'eval.knn_every': the image folder {data_cfg.path} has no val/ (or test/) "
                              "sub-folder, so k-NN would query the very images of its memory; add "
                              f"{data_cfg.path}/val/<class>/... beside train/, or set eval.knn_every=0")
         if cfg.knn_k > len(self.train_set):
