@@ -105,18 +105,7 @@ def test_half_precision_slots_are_normalised_in_float32(dtype):
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_matches_independent_per_slot_loop(setting, norm):
-    torch.manual_seed(0)
-    m = SPARO(dim=16, norm=norm, **setting)
-    with torch.no_grad():  # non-zero biases so they are exercised
-        m.key.bias.normal_()
-        m.out_proj.bias.normal_()
-    x = torch.randn(3, 11, 16)
-    mask = torch.zeros(3, 11, dtype=torch.bool)
-    mask[1, 7:] = True
-    mask[2, :3] = True
-    out = m(x, key_padding_mask=mask)
-    with torch.no_grad():
-        ref_emb, ref_attn = reference_sparo(m, x, mask)
+    m, out, ref_emb, ref_attn = _module_and_reference(setting, norm, torch.float32)
     assert out.embedding.shape == (3, m.num_slots * m.slot_dim)
     assert out.slots.shape == (3, m.num_slots, m.slot_dim)
     assert out.attn.shape == (3, m.num_slots, 11)

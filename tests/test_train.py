@@ -184,10 +184,9 @@ def test_resume_with_a_changed_recipe_warns_naming_each_key(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 3
 
 
-@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(tmp_path, sig, code):
+def _start_training_process(tmp_path):
+    """A long tiny training in its own process, returned once it has written its first log row."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -199,6 +198,14 @@ def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(tmp_path, sig,
     while not (tmp_path / "log.jsonl").exists() or not (tmp_path / "log.jsonl").read_text():
         assert process.poll() is None and time.monotonic() < deadline, "training did not start"
         time.sleep(0.05)
+    return process
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(tmp_path, sig, code):
+    import signal
+    import subprocess
+    process = _start_training_process(tmp_path)
     process.send_signal(getattr(signal, sig))
     try:
         _, err = process.communicate(timeout=120)
@@ -255,20 +262,10 @@ def read_log_lines(path):
 
 
 def test_log_lines_during_training_do_not_break_the_progress_bar(tmp_path):
-    import os
     import re
     import signal
     import subprocess
-    import sys
-    import time
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, "-m", "dino_sparo.train", *TINY, "optim.epochs=50",
-                                f"output_dir={tmp_path}"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "log.jsonl").exists() or not (tmp_path / "log.jsonl").read_text():
-        assert process.poll() is None and time.monotonic() < deadline, "training did not start"
-        time.sleep(0.05)
+    process = _start_training_process(tmp_path)
     process.send_signal(signal.SIGTERM)  # logged from the middle of the loop, while the bar is drawn
     try:
         _, err = process.communicate(timeout=120)
