@@ -1,0 +1,140 @@
+"""How a process runs, decided in one place: device, precision, seeding and RNG state, logging.
+
+Training, evaluation, the demo, the study and the benchmarks all call these, so ``--device auto``
+or ``precision: auto`` means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from dino_sparo import distributed
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+LOG_DATE_FORMAT = "%H:%M:%S"
+
+
+# --------------------------------------------------------------------------------------------- device
+
+def resolve_device(name: str, key: str = "config key 'device'") -> torch.device:
+    """``auto``: a GPU when there is one, else the CPU. ``cuda`` is this process' GPU (its local
+    rank under torchrun or SLURM). ``key`` names the option in the error (a config key or a flag)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{key} is 'cuda' but no CUDA device is available")
+        return torch.device("cuda", distributed.local_device_index(distributed.env_info().local_rank))
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+# CPU flags of native bf16 matrix products (AVX-512 BF16, AMX); without them bf16 is emulated and
+# runs far slower than fp32 (two orders of magnitude on AVX2-only CPUs).
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU advertises one of ``NATIVE_BF16_CPU_FLAGS`` (False where the file is missing)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for fp32. ``auto``: bf16 on GPU and on CPUs with native bf16
+    (``NATIVE_BF16_CPU_FLAGS``), fp32 on other CPUs."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("config key 'precision': fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def precision_reason(precision: str, device: torch.device) -> str:
+    """Why ``precision: auto`` chose what it chose, for the start-up log ('' when set explicitly)."""
+    if precision != "auto":
+        return ""
+    if device.type == "cuda":
+        return " (auto: GPU)"
+    if cpu_has_native_bf16():
+        return " (auto: this CPU has native bf16)"
+    return f" (auto: this CPU has none of {', '.join(NATIVE_BF16_CPU_FLAGS)})"
+
+
+# ---------------------------------------------------------------------------------------- randomness
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`; its tensors may have been loaded onto a GPU, torch wants them on the CPU."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """Python, NumPy and torch (CPU and ``device``'s) RNG states as they were on entry."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+# ------------------------------------------------------------------------------------------- logging
+
+def setup_logging(is_main: bool = True, log_file: Optional[Path] = None) -> None:
+    """One console handler on stderr (added once, however often this is called) and, on the main
+    process, at most one log file (``log_file``, replacing an earlier one). Other ranks log warnings only."""
+    root = logging.getLogger()
+    formatter = logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT)
+    ours = [h for h in root.handlers if getattr(h, "_dino_sparo", False)]
+    if not any(not isinstance(h, logging.FileHandler) for h in ours):
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(formatter)
+        console._dino_sparo = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+    for handler in ours:
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    if is_main and log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(formatter)
+        file_handler._dino_sparo = True  # type: ignore[attr-defined]
+        root.addHandler(file_handler)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
