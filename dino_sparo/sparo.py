@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dino_sparo.models.attention import attention
+from dino_sparo.layers.attention import attention
 
 REPRESENTATIONS = ("cont", "sem", "sqrtsem")
 WEIGHTINGS = ("const", "norm", "softmax", "sqrtsoftmax")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dino_sparo.models.attention import Attention, attention, resolve_backend
+from dino_sparo.layers.attention import Attention, attention, resolve_attention_backend
 
 
 def reference(q, k, v, mask=None, causal=False):
@@ -44,13 +44,13 @@ def test_sdpa_and_math_agree_in_the_module():
 
 
 def test_auto_never_picks_xformers_on_cpu():
-    assert resolve_backend("auto", "cpu") == "sdpa"
-    assert resolve_backend("auto", "cpu", torch.float32) == "sdpa"
+    assert resolve_attention_backend("auto", "cpu") == "sdpa"
+    assert resolve_attention_backend("auto", "cpu", torch.float32) == "sdpa"
 
 
 def test_auto_on_cpu_in_bf16_runs_explicit_attention_with_the_same_result():
-    assert resolve_backend("auto", "cpu", torch.bfloat16) == "math"
-    assert resolve_backend("sdpa", "cpu", torch.bfloat16) == "sdpa"  # explicit requests are kept
+    assert resolve_attention_backend("auto", "cpu", torch.bfloat16) == "math"
+    assert resolve_attention_backend("sdpa", "cpu", torch.bfloat16) == "sdpa"  # explicit requests are kept
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 4, 21, 16).unbind(0)
     q64, k64, v64 = q.double(), k.double(), v.double()
@@ -63,9 +63,9 @@ def test_auto_on_cpu_in_bf16_runs_explicit_attention_with_the_same_result():
 
 def test_xformers_on_cpu_is_a_clear_error():
     with pytest.raises(ValueError, match="xformers.*CUDA"):
-        resolve_backend("xformers", "cpu")
+        resolve_attention_backend("xformers", "cpu")
     with pytest.raises(ValueError, match="must be one of"):
-        resolve_backend("flash", "cpu")
+        resolve_attention_backend("flash", "cpu")
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ import torch
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
-from dino_sparo.models.attention import Attention
+from dino_sparo.layers.attention import Attention
 from dino_sparo.sparo import SPARO
 
 # width, depth, heads of the standard sizes; patch size and image size are free

@@ -50,7 +50,9 @@ def _log_choice(requested: str, chosen: str, device_type: str, dtype: Optional[t
                 str(dtype or "any dtype").replace("torch.", ""))
 
 
-def resolve_backend(backend: str, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> str:
+def resolve_attention_backend(
+    backend: str, device: torch.device | str, dtype: Optional[torch.dtype] = None
+) -> str:
     """Turn ``auto`` into a concrete backend for ``device`` (and the tensors' ``dtype`` where known);
     refuse impossible requests clearly."""
     device_type = torch.device(device).type
@@ -102,7 +104,7 @@ def attention(
     bias object (e.g. ``BlockDiagonalMask`` for packed crops). ``return_weights`` forces the math
     path (fused kernels never materialise the attention matrix). Returns ``(out, weights)``.
     """
-    backend = resolve_backend(backend, q.device, q.dtype)
+    backend = resolve_attention_backend(backend, q.device, q.dtype)
     if return_weights:
         backend = "math"
     scale = 1.0 / math.sqrt(q.shape[-1])
