@@ -152,11 +152,10 @@ class SPARO(nn.Module):
         x: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor] = None,
         return_attn: bool = True,
-        backend: str = "auto",
     ) -> SparoOutput:
         """Read out ``x`` (``B × N × D``); ``key_padding_mask`` (``B × N``) is True where a token
-        must be ignored. ``return_attn=False`` returns no weights; ``backend`` is accepted for the
-        callers' sake (the read-out's attention is small, ``L × N`` per image, and runs explicitly).
+        must be ignored. ``return_attn=False`` returns no weights. The read-out's attention is small
+        (``L × N`` per image) and always runs explicitly, so it takes no attention backend.
 
         Computed in the tokens' space, exactly: slot l's logit ``q·(W x + b) / sqrt(d_a)`` is
         ``(Wᵀq)·x / sqrt(d_a)`` plus a constant that the softmax ignores, and its output

@@ -181,7 +181,7 @@ def test_fused_path_equals_weights_path():
     mask = torch.zeros(3, 10, dtype=torch.bool)
     mask[0, 5:] = True
     a = m(x, key_padding_mask=mask, return_attn=True)
-    b = m(x, key_padding_mask=mask, return_attn=False, backend="sdpa")
+    b = m(x, key_padding_mask=mask, return_attn=False)
     assert b.attn is None
     assert torch.allclose(a.embedding, b.embedding, atol=1e-6)
 

@@ -167,7 +167,7 @@ class TextTransformer(nn.Module):
             eot = eot_positions(tokens, self.eot_token_id)
             return normed[torch.arange(normed.shape[0], device=normed.device), eot], None  # B × width
         out = self.sparo(normed, key_padding_mask=padding_mask(tokens, self.eot_token_id),
-                         return_attn=return_attn, backend=self.attn_backend)
+                         return_attn=return_attn)
         return out.embedding, out.attn
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

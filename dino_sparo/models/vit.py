@@ -189,7 +189,7 @@ class VisionTransformer(nn.Module):
         """Embedding from normed tokens; with ``return_attn`` also SPARO's ``B × L × N`` weights."""
         if self.sparo is None:
             return tokens[:, 0], None
-        out = self.sparo(tokens, return_attn=return_attn, backend=self.attn_backend)
+        out = self.sparo(tokens, return_attn=return_attn)
         return out.embedding, out.attn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
