@@ -1,10 +1,42 @@
-"""Shared test set-up: one intra-op thread, GPU tests skipped without CUDA."""
+"""Shared test set-up: one intra-op thread, GPU tests skipped without CUDA, the tiny training config."""
 
 
 import pytest
 import torch
 
 torch.set_num_threads(1)  # tiny test models: more threads only add overhead, and tests run beside each other
+
+# The tiny DINO + SPARO model of the tests, as overrides of the defaults (``key.sub=value``): written
+# once so that every test trains the same network, each adding only what it changes.
+TINY_MODEL = [
+    "precision=fp32",  # the numbers compared in the tests are fp32 ones, also on CPUs with native bf16
+    "device=cpu",
+    "model.arch=vit_pico", "model.depth=2", "model.patch_size=4", "model.img_size=28", "model.drop_path_rate=0.0",
+    "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
+    "crops.global_crops_size=28", "crops.local_crops_number=2", "crops.local_crops_size=12",
+    "dino.out_dim=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
+]
+
+# ... and a short run of it on a few Fashion-MNIST images (4 steps per epoch), logging every step.
+TINY_TRAINING = [
+    *TINY_MODEL,
+    "data.dataset=fashion_mnist", "data.limit=64", "data.batch_size_per_gpu=16", "data.num_workers=0",
+    "optim.epochs=2", "optim.warmup_epochs=0", "log_every=1",
+]
+
+# The tiny CLIP + SPARO run: 28-px images through 7-px patches, a two-block text tower.
+TINY_CLIP_TRAINING = [
+    "precision=fp32",  # the numbers compared in the tests are fp32 ones, also on CPUs with native bf16
+    "device=cpu", "mode=clip",
+    "model.arch=vit_pico", "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
+    "model.patch_size=7", "model.img_size=28", "model.drop_path_rate=0.0",
+    "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
+    "clip.text_width=32", "clip.text_depth=2", "clip.text_heads=2", "clip.context_length=20", "clip.embed_dim=32",
+    "clip.image_mean=[0.286,0.286,0.286]", "clip.image_std=[0.353,0.353,0.353]",
+    "data.dataset=fashion_mnist", "data.limit=256", "data.batch_size_per_gpu=32", "data.num_workers=0",
+    "optim.epochs=3", "optim.warmup_epochs=0", "optim.lr=0.008", "optim.clip_grad=0.0",
+    "optim.weight_decay=0.0", "optim.weight_decay_end=0.0", "log_every=1",
+]
 
 
 def pytest_configure(config):
