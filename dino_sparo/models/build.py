@@ -120,12 +120,10 @@ def load_backbone_from_checkpoint(
     checkpoint holds (the teacher of a DINO run, the model of a CLIP run).
     Returns ``(backbone, TrainConfig)``.
     """
-    from dino_sparo.checkpoint import load_checkpoint, strip_prefix  # noqa: PLC0415 (keeps import cheap)
-    from dino_sparo.config import from_dict  # noqa: PLC0415
+    from dino_sparo.checkpoint import load_run, strip_prefix  # noqa: PLC0415 (keeps import cheap)
 
-    state = load_checkpoint(path, map_location="cpu")
-    if "config" not in state:
-        raise KeyError(f"checkpoint {path} has no 'config' entry; it was not written by dino-sparo-train")
+    run = load_run(path, map_location="cpu")
+    state = run.state
     if key == "auto":
         key = next((k for k in CHECKPOINT_BACKBONE_PREFIXES if k in state), "teacher")
     if key not in CHECKPOINT_BACKBONE_PREFIXES:
@@ -133,7 +131,7 @@ def load_backbone_from_checkpoint(
     if key not in state:
         stored = sorted(k for k in state if k in CHECKPOINT_BACKBONE_PREFIXES)
         raise KeyError(f"checkpoint {path} has no {key!r} weights (it holds {stored})")
-    cfg = from_dict(state["config"])
+    cfg = run.cfg
     backbone = build_backbone(cfg.model)
     weights = strip_prefix(state[key], CHECKPOINT_BACKBONE_PREFIXES[key])
     missing = sorted(set(backbone.state_dict()) - set(weights))
@@ -163,7 +161,7 @@ def read_pretrained(path: str | Path) -> tuple[dict, str, str]:
     checkpoint (its teacher, or a CLIP run's image tower), a DINO training checkpoint (its teacher),
     DINO's released backbones (``dino_deitsmall16_pretrain.pth``: a flat state dict), timm state dicts
     (``.pth`` / ``.bin``, or ``.safetensors``) and checkpoints wrapping one in ``state_dict`` or ``model``."""
-    from dino_sparo.checkpoint import load_checkpoint, strip_prefix  # noqa: PLC0415
+    from dino_sparo.checkpoint import is_training_state, load_checkpoint, strip_prefix  # noqa: PLC0415
 
     path = Path(path)
     if not path.is_file():
@@ -177,7 +175,7 @@ def read_pretrained(path: str | Path) -> tuple[dict, str, str]:
         state = load_checkpoint(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of weights")
-    if "config" in state and any(k in state for k in CHECKPOINT_BACKBONE_PREFIXES):
+    if is_training_state(state) and any(k in state for k in CHECKPOINT_BACKBONE_PREFIXES):
         key = next(k for k in CHECKPOINT_BACKBONE_PREFIXES if k in state)
         return strip_prefix(state[key], CHECKPOINT_BACKBONE_PREFIXES[key]), f"dino_sparo checkpoint (its {key})", "ours"
     if isinstance(state.get("teacher"), dict):

@@ -157,15 +157,14 @@ def describe_parameters(model: CLIPModel) -> list[str]:
 def load_clip_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[CLIPModel, Any, Any]:
     """``(model in eval mode, its TrainConfig, its tokeniser)`` from a CLIP-mode ``checkpoint.pth``,
     loaded strictly."""
-    from dino_sparo.checkpoint import load_checkpoint  # noqa: PLC0415
-    from dino_sparo.config import from_dict  # noqa: PLC0415
+    from dino_sparo.checkpoint import load_run  # noqa: PLC0415
     from dino_sparo.models.text import Tokenizer  # noqa: PLC0415
 
-    state = load_checkpoint(path)
-    if "config" not in state or "model" not in state:
+    run = load_run(path)
+    state, cfg = run.state, run.cfg
+    if "model" not in state:
         raise KeyError(f"checkpoint {path} holds no CLIP model (its keys: {sorted(state)}); "
                        "was it written by dino-sparo-train --mode clip?")
-    cfg = from_dict(state["config"])
     if cfg.mode != "clip":
         raise ValueError(f"checkpoint {path} was trained with mode {cfg.mode!r}, not 'clip'")
     model = build_clip_model(cfg)
