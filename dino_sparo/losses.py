@@ -12,6 +12,7 @@ autocast (fp16 softmax/centring is the commonest source of NaN reports).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -88,9 +89,12 @@ class DINOLoss(nn.Module):
     Inputs are crop-major concatenations: `student_output` is `(n_crops·B) × K` (all images of crop
     0, then crop 1, ...; the first `n_global_crops` crops are the global ones) and `teacher_output`
     is `(n_global_crops·B) × K`. The teacher temperature follows DINO's per-epoch schedule (linear
-    warm-up, then constant). `centering="center"` (DINO v1): the teacher is centred by an EMA `1 × K`
-    buffer (saved in `state_dict()`); `"sinkhorn_knopp"` (DINOv2): the teacher's targets are
-    `sinkhorn_knopp` assignments over all its global crops, and the centre is not used.
+    warm-up, then constant): a training run gives the one `schedules.build_schedules` built for it
+    (`teacher_temp_schedule`); stand-alone use may describe it by `warmup_teacher_temp`,
+    `teacher_temp`, `warmup_teacher_temp_epochs` and `epochs` instead.
+    `centering="center"` (DINO v1): the teacher is centred by an EMA `1 × K` buffer (saved in
+    `state_dict()`); `"sinkhorn_knopp"` (DINOv2): the teacher's targets are `sinkhorn_knopp`
+    assignments over all its global crops, and the centre is not used.
     """
 
     center: torch.Tensor
@@ -101,10 +105,11 @@ class DINOLoss(nn.Module):
         *,
         n_global_crops: int = 2,
         n_local_crops: int,
-        warmup_teacher_temp: float,
-        teacher_temp: float,
-        warmup_teacher_temp_epochs: int,
-        epochs: int,
+        teacher_temp_schedule: Optional[np.ndarray] = None,
+        warmup_teacher_temp: Optional[float] = None,
+        teacher_temp: Optional[float] = None,
+        warmup_teacher_temp_epochs: int = 0,
+        epochs: Optional[int] = None,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         centering: str = "center",
@@ -124,10 +129,17 @@ class DINOLoss(nn.Module):
             )
         if not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"DINOLoss 'center_momentum' must be in [0, 1], got {center_momentum}")
-        if student_temp <= 0 or teacher_temp <= 0 or warmup_teacher_temp <= 0:
+        if teacher_temp_schedule is None:
+            if warmup_teacher_temp is None or teacher_temp is None or epochs is None:
+                raise ValueError("DINOLoss needs 'teacher_temp_schedule', or 'warmup_teacher_temp', 'teacher_temp' "
+                                 "and 'epochs'")
+            teacher_temp_schedule = linear_warmup_then_constant(
+                warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs)
+        teacher_temp_schedule = np.asarray(teacher_temp_schedule, dtype=np.float64)
+        if student_temp <= 0 or (teacher_temp_schedule <= 0).any():
             raise ValueError(
                 "DINOLoss temperatures must be > 0, got "
-                f"student_temp={student_temp}, warmup_teacher_temp={warmup_teacher_temp}, teacher_temp={teacher_temp}"
+                f"student_temp={student_temp}, teacher temperatures down to {teacher_temp_schedule.min()}"
             )
         self.out_dim = out_dim
         self.n_global_crops = n_global_crops
@@ -138,10 +150,7 @@ class DINOLoss(nn.Module):
         self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         # kept (and saved) with Sinkhorn-Knopp too, so both kinds of checkpoint have the same keys
         self.register_buffer("center", torch.zeros(1, out_dim))
-        # A too hot teacher early on makes training unstable, hence the warm-up (per epoch).
-        self.teacher_temp_schedule: np.ndarray = linear_warmup_then_constant(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs
-        )
+        self.teacher_temp_schedule: np.ndarray = teacher_temp_schedule  # per epoch
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def teacher_temperature(self, epoch: int) -> float:

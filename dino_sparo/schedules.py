@@ -7,9 +7,13 @@ teacher temperature all follow one of the two shapes below).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
 import numpy as np
 
-__all__ = ["cosine_schedule", "linear_warmup_then_constant"]
+__all__ = ["Schedules", "build_schedules", "cosine_schedule", "linear_warmup_then_constant",
+           "lr_schedule", "method_schedules", "teacher_temperature_schedule"]
 
 
 def _check_non_negative_int(name: str, value: int) -> None:
@@ -80,3 +84,64 @@ def linear_warmup_then_constant(
             np.full(total_steps - warmup_steps, final_value, dtype=np.float64),
         )
     )
+
+
+# ----------------------------------------------------------------------------------- a run's schedules
+
+@dataclass
+class Schedules:
+    """Every schedule of one run, built together so that the loop, the method and the loss read the
+    same numbers; indexed by step except ``teacher_temperature`` (by epoch, as DINO)."""
+
+    lr: Optional[np.ndarray] = None  # None: a method used on its own (see method_schedules)
+    weight_decay: Optional[np.ndarray] = None
+    teacher_momentum: Optional[np.ndarray] = None  # DINO: the teacher's EMA momentum
+    teacher_temperature: Optional[np.ndarray] = None  # DINO: the loss' teacher temperature
+
+
+def lr_schedule(optim: Any, global_batch: int, iters_per_epoch: int) -> np.ndarray:
+    """Per-step learning rates: warm-up then cosine to ``optim.min_lr``, peaking at ``optim.lr`` scaled
+    by the global batch / 256 (``lr_scaling: linear``, DINO's rule) or at ``optim.lr`` itself (``none``)."""
+    if optim.warmup_steps:
+        if optim.warmup_steps > optim.epochs * iters_per_epoch:
+            raise ValueError(f"config key 'optim.warmup_steps' ({optim.warmup_steps}) exceeds the run's "
+                             f"{optim.epochs * iters_per_epoch} steps")
+        warmup = {"warmup_iters": optim.warmup_steps}
+    else:
+        if optim.warmup_epochs > optim.epochs:
+            raise ValueError(f"config key 'optim.warmup_epochs' ({optim.warmup_epochs}) exceeds "
+                             f"'optim.epochs' ({optim.epochs})")
+        warmup = {"warmup_epochs": optim.warmup_epochs}
+    peak = optim.lr * global_batch / 256.0 if optim.lr_scaling == "linear" else optim.lr
+    return cosine_schedule(peak, optim.min_lr, optim.epochs, iters_per_epoch, **warmup)
+
+
+def teacher_temperature_schedule(dino: Any, epochs: int) -> np.ndarray:
+    """DINO's per-epoch teacher temperature: a too hot teacher early on destabilises training, so
+    it warms up linearly from ``dino.warmup_teacher_temp`` to ``dino.teacher_temp``."""
+    return linear_warmup_then_constant(dino.warmup_teacher_temp, dino.teacher_temp, dino.warmup_teacher_temp_epochs,
+                                       epochs)
+
+
+def build_schedules(cfg: Any, global_batch: int, iters_per_epoch: int, epochs: Optional[int] = None) -> Schedules:
+    """All schedules of a run of ``cfg`` (a ``TrainConfig``), as DINOv2 builds them in one place.
+    ``epochs`` defaults to ``cfg.optim.epochs``; the DINO ones are left out in other modes."""
+    optim = cfg.optim
+    epochs = optim.epochs if epochs is None else epochs
+    if epochs != optim.epochs:
+        optim = replace(optim, epochs=epochs)
+    schedules = method_schedules(cfg, iters_per_epoch, epochs)
+    schedules.lr = lr_schedule(optim, global_batch, iters_per_epoch)
+    schedules.weight_decay = cosine_schedule(optim.weight_decay, optim.weight_decay_end, epochs, iters_per_epoch)
+    return schedules
+
+
+def method_schedules(cfg: Any, iters_per_epoch: int, epochs: Optional[int] = None) -> Schedules:
+    """The schedules a method follows itself (DINO: the teacher's), without the optimiser's: what a
+    method used outside the training loop (a benchmark, a test) needs."""
+    epochs = cfg.optim.epochs if epochs is None else epochs
+    schedules = Schedules()
+    if cfg.mode == "dino":  # teacher momentum: cosine from dino.momentum_teacher to 1 over the whole run
+        schedules.teacher_momentum = cosine_schedule(cfg.dino.momentum_teacher, 1.0, epochs, iters_per_epoch)
+        schedules.teacher_temperature = teacher_temperature_schedule(cfg.dino, epochs)
+    return schedules

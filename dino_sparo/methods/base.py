@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dino_sparo.schedules import Schedules, method_schedules
+
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     """Biases, norm gains and learned queries/tokens are not decayed (DINO, open_clip, SPARO)."""
@@ -50,8 +52,13 @@ class Method:
     def modules_to_optimise(self) -> nn.Module:
         raise NotImplementedError
 
+    def use_schedules(self, schedules: Schedules) -> None:
+        """The run's schedules (:func:`dino_sparo.schedules.build_schedules`), given once the data
+        size is known, before the first step; a method keeps the ones it follows (DINO: the teacher's)."""
+
     def setup_schedules(self, epochs: int, iters_per_epoch: int) -> None:
-        """Called once the data size is known, before the first step."""
+        """Stand-alone use (benchmarks, tests): the schedules of ``epochs`` epochs of ``iters_per_epoch`` steps."""
+        self.use_schedules(method_schedules(self.cfg, iters_per_epoch, epochs))
 
     def loss(self, batch: Any, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError

@@ -15,11 +15,11 @@ from dino_sparo.data.transforms import MultiCropTransform, multicrop_collate, no
 from dino_sparo.evaluation.sources import eval_transform_for
 from dino_sparo.losses import DINOLoss, collapse_warnings, koleo_loss
 from dino_sparo.methods.base import Method
-from dino_sparo.models.attention import resolve_backend
+from dino_sparo.layers.attention import resolve_attention_backend
 from dino_sparo.models.build import build_backbone
 from dino_sparo.models.heads import DINOHead
 from dino_sparo.models.vit import count_parameters
-from dino_sparo.schedules import cosine_schedule
+from dino_sparo.schedules import Schedules, teacher_temperature_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class MultiCropWrapper(nn.Module):
         self._told_no_packing = False
 
     def _can_pack(self, device: torch.device) -> bool:
-        backend = resolve_backend(self.backbone.attn_backend, device)
+        backend = resolve_attention_backend(self.backbone.attn_backend, device)
         if backend != "xformers" and not self._told_no_packing:
             logger.warning("model.pack_crops needs the xformers attention backend (have %r on %s): "
                            "running one forward per crop size instead", backend, device.type)
@@ -94,8 +94,8 @@ class DinoMethod(Method):
         crops = cfg.crops
         self.loss_fn = DINOLoss(
             cfg.dino.out_dim, n_global_crops=crops.global_crops_number, n_local_crops=crops.local_crops_number,
-            warmup_teacher_temp=cfg.dino.warmup_teacher_temp, teacher_temp=cfg.dino.teacher_temp,
-            warmup_teacher_temp_epochs=cfg.dino.warmup_teacher_temp_epochs, epochs=cfg.optim.epochs,
+            # the run's schedules replace it in use_schedules (the same values); a loss works before that
+            teacher_temp_schedule=teacher_temperature_schedule(cfg.dino, cfg.optim.epochs),
             student_temp=cfg.dino.student_temp, center_momentum=cfg.dino.center_momentum,
             centering=cfg.dino.centering,
         ).to(device)
@@ -128,9 +128,9 @@ class DinoMethod(Method):
     def modules_to_optimise(self) -> nn.Module:
         return self.student
 
-    def setup_schedules(self, epochs: int, iters_per_epoch: int) -> None:
-        # teacher momentum: cosine from momentum_teacher to 1 over the whole run
-        self.momentum_schedule = cosine_schedule(self.cfg.dino.momentum_teacher, 1.0, epochs, iters_per_epoch)
+    def use_schedules(self, schedules: Schedules) -> None:
+        self.momentum_schedule = schedules.teacher_momentum
+        self.loss_fn.teacher_temp_schedule = schedules.teacher_temperature
 
     def batch_size(self, batch: Any) -> int:
         return batch[0][0].shape[0]
