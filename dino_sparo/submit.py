@@ -50,7 +50,7 @@ def resolve_entry_point(spec: str) -> Callable[[list[str]], Any]:
 def train_entry(argv: list[str]) -> dict:
     """``dino-sparo-train ARGV``, returning the last metrics (with ``stopped_by`` when a signal
     stopped it), so the job knows whether to hand the stop to submitit for a requeue."""
-    from dino_sparo import train as program  # noqa: PLC0415 (heavy imports only inside the job)
+    from dino_sparo.cli import train as program  # noqa: PLC0415 (heavy imports only inside the job)
 
     args = program.build_parser().parse_args(argv)
     return program.train(program.config_from_args(args))
@@ -269,7 +269,7 @@ def plan_submission(args: argparse.Namespace) -> Submission:
     """Turn parsed options into what to run and where its files go; validates a training config
     here, before it waits in a queue."""
     if args.job == "train" and args.entry_point is None:
-        from dino_sparo import train as program  # noqa: PLC0415
+        from dino_sparo.cli import train as program  # noqa: PLC0415
 
         overrides = list(args.args)
         config_args = argparse.Namespace(config=args.config, mode=args.mode, output_dir=args.output_dir,

@@ -1,7 +1,8 @@
-"""The training program (both modes): ``dino-sparo-train --config FILE [key.sub=value ...]``.
+"""The training loop of both modes, :func:`train`; its command line, ``dino-sparo-train``, is
+:mod:`dino_sparo.cli.train`.
 
-Reads top to bottom: configuration, device and precision, process group, method (DINO or CLIP),
-data, optimiser and schedules, resume, then the loop. Re-running the same command resumes from
+:class:`TrainingRun` reads top to bottom: device and precision, process group, method (DINO or
+CLIP), data, schedules and optimiser, resume, then the loop. Re-running the same command resumes from
 ``output_dir/checkpoint.pth``, exactly: the sampler position, every RNG, the schedules' index and
 the method's state (teacher, DINO centre) are restored, and each sample's augmentation is seeded by
 (seed, epoch, index), so it does not depend on which loader worker draws it.
@@ -9,196 +10,40 @@ the method's state (teacher, DINO centre) are restored, and each sample's augmen
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import random
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dino_sparo import distributed
-from dino_sparo.checkpoint import load_checkpoint, save_checkpoint
-from dino_sparo.config import (ConfigError, OptimConfig, TrainConfig, format_config_reference, from_dict,
-                               load_config, save_config, to_dict, validate_config)
-from dino_sparo.data.datasets import CorruptImageError
+from dino_sparo.checkpoint import (check_global_batch, check_resumable, load_checkpoint, restore_training_state,
+                                   save_checkpoint, training_state)
+from dino_sparo.config import ConfigError, TrainConfig, save_config, validate_config
 from dino_sparo.data.loaders import STOP_SIGNALS, LoaderWorkers, leave_stop_signals_to_main_process
+from dino_sparo.data.samplers import ResumableSampler, SeededSamples
 from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods import build_method
 from dino_sparo.methods.base import Method
 from dino_sparo.models.build import load_pretrained_file
 from dino_sparo.models.vit import VisionTransformer
-from dino_sparo.schedules import cosine_schedule
+from dino_sparo.runtime import (precision_reason, resolve_device, resolve_precision, rng_state, seed_everything,
+                                set_rng_state, setup_logging)
+from dino_sparo.schedules import build_schedules
 
 logger = logging.getLogger("dino_sparo")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-# --------------------------------------------------------------------------------------------
-# Device, precision, seeding: the one place that decides them
-# --------------------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config key 'device' is 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
-# CPU flags of native bf16 matrix products (AVX-512 BF16, AMX); without them bf16 is emulated and
-# runs far slower than fp32 (two orders of magnitude on AVX2-only CPUs).
-NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU advertises one of ``NATIVE_BF16_CPU_FLAGS`` (False where the file is missing)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for fp32. ``auto``: bf16 on GPU and on CPUs with native bf16
-    (``NATIVE_BF16_CPU_FLAGS``), fp32 on other CPUs."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("config key 'precision': fp16 needs a GPU; use fp32 or bf16 on CPU")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def precision_reason(precision: str, device: torch.device) -> str:
-    """Why ``precision: auto`` chose what it chose, for the start-up log ('' when set explicitly)."""
-    if precision != "auto":
-        return ""
-    if device.type == "cuda":
-        return " (auto: GPU)"
-    if cpu_has_native_bf16():
-        return " (auto: this CPU has native bf16)"
-    return f" (auto: this CPU has none of {', '.join(NATIVE_BF16_CPU_FLAGS)})"
-
-
-def build_lr_schedule(optim: OptimConfig, global_batch: int, iters_per_epoch: int) -> np.ndarray:
-    """Per-step learning rates: warm-up then cosine to ``optim.min_lr``, peaking at ``optim.lr`` scaled
-    by the global batch / 256 (``lr_scaling: linear``, DINO's rule) or at ``optim.lr`` itself (``none``)."""
-    if optim.warmup_steps:
-        if optim.warmup_steps > optim.epochs * iters_per_epoch:
-            raise ValueError(f"config key 'optim.warmup_steps' ({optim.warmup_steps}) exceeds the run's "
-                             f"{optim.epochs * iters_per_epoch} steps")
-        warmup = {"warmup_iters": optim.warmup_steps}
-    else:
-        if optim.warmup_epochs > optim.epochs:
-            raise ValueError(f"config key 'optim.warmup_epochs' ({optim.warmup_epochs}) exceeds "
-                             f"'optim.epochs' ({optim.epochs})")
-        warmup = {"warmup_epochs": optim.warmup_epochs}
-    peak = optim.lr * global_batch / 256.0 if optim.lr_scaling == "linear" else optim.lr
-    return cosine_schedule(peak, optim.min_lr, optim.epochs, iters_per_epoch, **warmup)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state`; its tensors may have been loaded onto a GPU, torch wants them on the CPU."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-# --------------------------------------------------------------------------------------------
-# Data: a resumable sampler and per-sample seeded augmentations
-# --------------------------------------------------------------------------------------------
-
-class ResumableSampler(Sampler):
-    """Distributed, shuffled, drop-last sampler that can start mid-epoch.
-
-    Yields ``(epoch, index)`` pairs so the dataset wrapper can seed each sample's augmentation;
-    the permutation depends only on (seed, epoch), so every rank agrees and a resumed run sees
-    the same order as an uninterrupted one.
-    """
-
-    def __init__(self, dataset_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True) -> None:
-        self.dataset_len, self.batch_size = dataset_len, batch_size
-        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.batches_per_epoch = dataset_len // (batch_size * world_size)
-        if self.batches_per_epoch == 0:
-            raise ConfigError(f"the dataset has {dataset_len} images, fewer than one global batch "
-                             f"({batch_size} × {world_size} processes): lower data.batch_size_per_gpu")
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.dataset_len, generator=g)
-        else:
-            order = torch.arange(self.dataset_len)
-        used = self.batches_per_epoch * self.batch_size * self.world_size
-        mine = order[:used][self.rank::self.world_size][self.start_batch * self.batch_size:]
-        return ((self.epoch, int(i)) for i in mine)
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
-
-
-class SeededSamples(Dataset):
-    """Runs the wrapped dataset's random augmentation under a seed made of (seed, epoch, index),
-    restoring the process' RNG states afterwards, so results do not depend on worker scheduling."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
-        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        try:
-            random.seed(sample_seed)
-            np.random.seed(sample_seed % 2**32)
-            torch.manual_seed(sample_seed)
-            return self.dataset[index]
-        finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,13 +116,6 @@ def train_step(method: Method, batch: Any, step: int, epoch: int, optimizer: tor
 # The program
 # --------------------------------------------------------------------------------------------
 
-# Exit codes of dino-sparo-train (listed in the README's Training section)
-EXIT_FAILED = 1  # the run failed: a non-finite loss, a corrupt image, or an error shown with its traceback
-EXIT_USER_ERROR = 2  # a configuration the program cannot use (one line naming the key); nothing was trained
-# stopped by a signal before the end, after saving a checkpoint: 128 + the signal's number, as a shell
-# reports a process killed by it (see stopped_exit_code)
-
-
 def stopped_exit_code(signal_names: list[str]) -> int:
     """128 + the number of the signal that stopped the run: 130 for SIGINT, 143 for SIGTERM, 140 for
     SIGUSR2 (Linux numbers); with several, the first of that list."""
@@ -324,81 +162,6 @@ class _StopRequest:
             self._votes.close()  # the vote in flight; a finished run ignores it
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def setup_logging(output_dir: Path, is_main: bool) -> None:
-    """One console handler, and (rank 0) one ``train.log`` in the current output folder."""
-    level = logging.INFO if is_main else logging.WARNING
-    root = logging.getLogger()
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    ours = [h for h in root.handlers if getattr(h, "_dino_sparo", False)]
-    if not any(isinstance(h, logging.FileHandler) is False for h in ours):
-        console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(formatter)
-        console._dino_sparo = True  # type: ignore[attr-defined]
-        root.addHandler(console)
-    for handler in ours:
-        if isinstance(handler, logging.FileHandler):
-            root.removeHandler(handler)
-            handler.close()
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(output_dir / "train.log")
-        file_handler.setFormatter(formatter)
-        file_handler._dino_sparo = True  # type: ignore[attr-defined]
-        root.addHandler(file_handler)
-    root.setLevel(level)
-
-
-# What a resumed run may change. Keys that shape the trained state cannot change (the weights would
-# not fit); keys that only say how to run (where, on what, how often to log, when to stop) change
-# freely; any other change (the recipe: lr, epochs, temperatures, crops, seed...) is allowed with a
-# warning in train.log, since the run then no longer follows one recipe from start to end.
-ARCHITECTURE_KEYS = (
-    "mode", "model.arch", "model.patch_size", "model.img_size", "model.in_chans", "model.embed_dim",
-    "model.depth", "model.num_heads", "model.readout", "model.reduce_depth", "model.sparo.",
-    "dino.out_dim", "dino.head_hidden_dim", "dino.head_bottleneck_dim", "dino.use_bn_in_head",
-    "dino.norm_last_layer", "clip.text_width", "clip.text_depth", "clip.text_heads", "clip.text_mlp_ratio",
-    "clip.context_length", "clip.text_readout", "clip.text_reduce_depth", "clip.share_queries", "clip.embed_dim",
-)
-RUN_KEYS = (
-    "output_dir", "device", "precision", "compile", "grad_checkpointing", "log_every", "save_every_epochs",
-    "max_steps", "model.attn_backend", "model.pack_crops", "data.path", "data.num_workers",
-    "data.corrupt_images", "eval.", "clip.zeroshot_",
-    "data.batch_size_per_gpu",  # the global batch it makes is checked apart: it must not change
-    "log.",
-)
-
-
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def _matches(key: str, patterns: tuple[str, ...]) -> bool:
-    return any(key == p or (p.endswith((".", "_")) and key.startswith(p)) for p in patterns)
-
-
-def check_resumable(saved: dict, cfg: TrainConfig, checkpoint_path: Path) -> list[str]:
-    """Compare the config a checkpoint was written with to this run's: refuse a changed architecture
-    (naming the keys), return one line per changed recipe key (for a warning)."""
-    try:
-        saved = to_dict(from_dict(saved))  # the defaults of keys added since the checkpoint was written
-    except ValueError:
-        pass
-    old, new = _flatten(saved), _flatten(to_dict(cfg))
-    changed = {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
-    described = {key: f"{key} {a!r} -> {b!r}" for key, (a, b) in changed.items()}
-    refused = [described[key] for key in changed if _matches(key, ARCHITECTURE_KEYS)]
-    if refused:
-        raise ConfigError(f"{checkpoint_path} holds another architecture than this config: {', '.join(refused)}; "
-                          "resume with the run's own values (its config.yaml) or start a new output_dir")
-    return [described[key] for key in changed if not _matches(key, RUN_KEYS)]
 
 
 def load_pretrained(method: Method, path: str) -> None:
@@ -482,298 +245,237 @@ def truncate_log(log_file: Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train (or resume) as ``cfg`` says; returns the last logged metrics."""
-    output_dir = Path(cfg.output_dir)
-    device = resolve_device(cfg.device)
-    info = distributed.init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", distributed.local_device_index(info.local_rank))
-    setup_logging(output_dir, info.is_main)
-    validate_config(cfg)  # also when built in code (from_dict): refused here, with the key, into train.log
-    autocast_dtype = resolve_precision(cfg.precision, device)
-    seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts the student only)
-    method = build_method(cfg, device)
-    if cfg.model.pretrained:
-        if (output_dir / "checkpoint.pth").is_file():
-            logger.info("model.pretrained is not loaded: the run resumes from its checkpoint")
-        else:
-            load_pretrained(method, cfg.model.pretrained)
-    seed_everything(cfg.seed + info.rank)  # rank-specific randomness from here on (drop path)
-    dataset = method.train_dataset()
-    batch = cfg.data.batch_size_per_gpu
-    global_batch = batch * info.world_size
-    sampler = ResumableSampler(len(dataset), batch, info.rank, info.world_size, seed=cfg.seed)
-    loader = DataLoader(
-        SeededSamples(dataset, cfg.seed), batch_size=batch, sampler=sampler, num_workers=cfg.data.num_workers,
-        collate_fn=method.collate_fn, pin_memory=device.type == "cuda", drop_last=True,
-        persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed),
-        worker_init_fn=leave_stop_signals_to_main_process,
-    )
-    iters_per_epoch = sampler.batches_per_epoch
-    total_steps = cfg.optim.epochs * iters_per_epoch
-    lr_schedule = build_lr_schedule(cfg.optim, global_batch, iters_per_epoch)
-    wd_schedule = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.epochs,
-                                  iters_per_epoch)
-    method.setup_schedules(cfg.optim.epochs, iters_per_epoch)
+class TrainingRun:
+    """One run of :func:`train`, in the order it happens: set-up (here), :meth:`resume`,
+    :meth:`announce`, then :meth:`loop`, whose steps log (:meth:`_log_step`) and whose epochs end
+    in a checkpoint and the due evaluations (:meth:`_end_of_epoch`)."""
 
-    knn = PeriodicKnn(cfg.eval, method, batch, cfg.data.num_workers, device) if cfg.eval.knn_every else None
-    apply_speed_options(method, cfg)
-    if info.world_size > 1:
-        method.train_module = nn.parallel.DistributedDataParallel(
-            method.train_module, device_ids=[device.index] if device.type == "cuda" else None)
-    groups = method.param_groups()
-    optimizer = build_optimizer(groups, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    params = [p for g in groups for p in g["params"]]
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.checkpoint_path = self.output_dir / "checkpoint.pth"
+        self.device = device = resolve_device(cfg.device)
+        self.info = info = distributed.init_distributed(device.type)
+        setup_logging(info.is_main, self.output_dir / "train.log")
+        validate_config(cfg)  # also when built in code (from_dict): refused here, with the key, into train.log
+        self.autocast_dtype = resolve_precision(cfg.precision, device)
+        seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts the student only)
+        self.method = method = build_method(cfg, device)
+        if cfg.model.pretrained:
+            if self.checkpoint_path.is_file():
+                logger.info("model.pretrained is not loaded: the run resumes from its checkpoint")
+            else:
+                load_pretrained(method, cfg.model.pretrained)
+        seed_everything(cfg.seed + info.rank)  # rank-specific randomness from here on (drop path)
+        self._build_loader()
+        self.schedules = build_schedules(cfg, self.global_batch, self.iters_per_epoch)
+        method.use_schedules(self.schedules)
+        self.knn = (PeriodicKnn(cfg.eval, method, cfg.data.batch_size_per_gpu, cfg.data.num_workers, device)
+                    if cfg.eval.knn_every else None)
+        apply_speed_options(method, cfg)
+        if info.world_size > 1:
+            method.train_module = nn.parallel.DistributedDataParallel(
+                method.train_module, device_ids=[device.index] if device.type == "cuda" else None)
+        groups = method.param_groups()
+        self.optimizer = build_optimizer(groups, cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        self.params = [p for g in groups for p in g["params"]]
+        self.saved_step: Optional[int] = None  # what checkpoint.pth holds, for messages
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # device-side NaN watch
 
-    checkpoint_path = output_dir / "checkpoint.pth"
-    start_step = 0
-    if checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path, map_location=device)
-        for change in check_resumable(state["config"], cfg, checkpoint_path):
+    def _build_loader(self) -> None:
+        """The method's dataset behind the resumable sampler, each sample's augmentation seeded."""
+        cfg, info = self.cfg, self.info
+        dataset = self.method.train_dataset()
+        batch = cfg.data.batch_size_per_gpu
+        self.global_batch = batch * info.world_size
+        self.sampler = ResumableSampler(len(dataset), batch, info.rank, info.world_size, seed=cfg.seed)
+        self.loader = DataLoader(
+            SeededSamples(dataset, cfg.seed), batch_size=batch, sampler=self.sampler,
+            num_workers=cfg.data.num_workers, collate_fn=self.method.collate_fn,
+            pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
+            generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=leave_stop_signals_to_main_process,
+        )
+        self.iters_per_epoch = self.sampler.batches_per_epoch
+        total_steps = cfg.optim.epochs * self.iters_per_epoch
+        self.end_step = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+
+    def resume(self) -> int:
+        """Restore ``checkpoint.pth`` when there is one (every rank must read the same); the step to start at."""
+        info, start_step = self.info, 0
+        if self.checkpoint_path.is_file():
+            state = load_checkpoint(self.checkpoint_path, map_location=self.device)
+            for change in check_resumable(state["config"], self.cfg, self.checkpoint_path):
+                if info.is_main:
+                    logger.warning("resuming with a changed recipe: %s (the run so far followed the old value)",
+                                   change)
+            check_global_batch(state, self.cfg.data.batch_size_per_gpu, info.world_size, self.checkpoint_path)
+            set_rng_state(restore_training_state(state, self.method.modules(), self.optimizer, self.scaler,
+                                                 info.rank))
+            start_step = self.saved_step = state["step"]
+            logger.info("resumed from %s at step %d (epoch %d)", self.checkpoint_path, start_step, state["epoch"])
             if info.is_main:
-                logger.warning("resuming with a changed recipe: %s (the run so far followed the old value)", change)
-        saved_world = len(state["rng"])  # one RNG state per process that wrote it
-        saved_global = state["config"]["data"]["batch_size_per_gpu"] * saved_world
-        if saved_global != global_batch:  # steps per epoch and the schedules depend on it
-            raise ConfigError(f"{checkpoint_path} was written with a global batch of {saved_global} ({saved_world} "
-                             f"process(es)); this run has {global_batch} ({info.world_size} process(es) × "
-                             f"data.batch_size_per_gpu {batch}): resume with the same global batch, or start a "
-                             "new output_dir")
-        for name, module in method.modules().items():
-            module.load_state_dict(state[name])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
-        set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
-        logger.info("resumed from %s at step %d (epoch %d)", checkpoint_path, start_step, state["epoch"])
-        if info.is_main:
-            dropped = truncate_log(output_dir / "log.jsonl", start_step)
-            if dropped:
-                logger.info("log.jsonl: dropped %d row(s) written after the checkpoint's step %d (they are "
-                            "logged again as the run repeats those steps)", dropped, start_step)
-    if info.world_size > 1:  # every rank must have read the same checkpoint
-        steps = torch.tensor([start_step, -start_step], device=distributed.collective_device())
-        distributed.all_reduce_max(steps)
-        if int(steps[0]) != -int(steps[1]):
-            raise RuntimeError(f"ranks resume from different steps ({-int(steps[1])} to {int(steps[0])}): "
-                               f"output_dir ({output_dir}) must be on a file system that every node sees")
-    if info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-        with (output_dir / "config.yaml").open("a") as handle:  # derived values, as a comment
-            scaling = f" = optim.lr x {global_batch}/256" if cfg.optim.lr_scaling == "linear" else " = optim.lr"
-            handle.write(f"# {info.world_size} process(es) x batch_size_per_gpu {batch} = global batch {global_batch}; "
-                         f"peak lr {lr_schedule.max():.6g}{scaling}\n")
-        logger.info("output: %s | device %s | precision %s%s | %d process(es)", output_dir, device,
-                    autocast_dtype or "fp32", precision_reason(cfg.precision, device), info.world_size)
-        logger.info("batch %d per process, global batch %d, %d steps per epoch, %d epochs, peak lr %.3g (optim.lr "
-                    "%.3g, scaling %s)", batch, global_batch, iters_per_epoch, cfg.optim.epochs, lr_schedule.max(),
-                    cfg.optim.lr, cfg.optim.lr_scaling)
-        for line in method.describe():
-            logger.info(line)
+                dropped = truncate_log(self.output_dir / "log.jsonl", start_step)
+                if dropped:
+                    logger.info("log.jsonl: dropped %d row(s) written after the checkpoint's step %d (they are "
+                                "logged again as the run repeats those steps)", dropped, start_step)
+        if info.world_size > 1:
+            steps = torch.tensor([start_step, -start_step], device=distributed.collective_device())
+            distributed.all_reduce_max(steps)
+            if int(steps[0]) != -int(steps[1]):
+                raise RuntimeError(f"ranks resume from different steps ({-int(steps[1])} to {int(steps[0])}): "
+                                   f"output_dir ({self.output_dir}) must be on a file system that every node sees")
+        return start_step
 
-    saved_step = start_step if checkpoint_path.is_file() else None  # what checkpoint.pth holds, for messages
-
-    def save(step: int) -> None:
-        nonlocal saved_step
-        saved_step = step
+    def announce(self) -> None:
+        """config.yaml (with the derived global batch and peak lr as a comment) and the start-up log."""
+        cfg, info, batch = self.cfg, self.info, self.cfg.data.batch_size_per_gpu
         if not info.is_main:
             return
-        state = {name: module.state_dict() for name, module in method.modules().items()}
-        state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                     step=step, epoch=step // iters_per_epoch, config=to_dict(cfg), rng=rngs)
-        save_checkpoint(state, checkpoint_path)
-        epoch_done = step // iters_per_epoch
-        if cfg.save_every_epochs and step % iters_per_epoch == 0 and epoch_done % cfg.save_every_epochs == 0:
-            save_checkpoint(state, output_dir / f"checkpoint_epoch{epoch_done:04d}.pth")
+        peak_lr = self.schedules.lr.max()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.output_dir / "config.yaml")
+        with (self.output_dir / "config.yaml").open("a") as handle:
+            scaling = f" = optim.lr x {self.global_batch}/256" if cfg.optim.lr_scaling == "linear" else " = optim.lr"
+            handle.write(f"# {info.world_size} process(es) x batch_size_per_gpu {batch} = global batch "
+                         f"{self.global_batch}; peak lr {peak_lr:.6g}{scaling}\n")
+        logger.info("output: %s | device %s | precision %s%s | %d process(es)", self.output_dir, self.device,
+                    self.autocast_dtype or "fp32", precision_reason(cfg.precision, self.device), info.world_size)
+        logger.info("batch %d per process, global batch %d, %d steps per epoch, %d epochs, peak lr %.3g (optim.lr "
+                    "%.3g, scaling %s)", batch, self.global_batch, self.iters_per_epoch, cfg.optim.epochs, peak_lr,
+                    cfg.optim.lr, cfg.optim.lr_scaling)
+        for line in self.method.describe():
+            logger.info(line)
 
-    def gather_rng() -> list:
-        states = [None] * info.world_size
-        if info.world_size > 1:
-            torch.distributed.all_gather_object(states, rng_state())
+    def save(self, step: int) -> None:
+        """Every rank's RNG state gathered, then ``checkpoint.pth`` (and, when due, a kept per-epoch copy)."""
+        rngs = [None] * self.info.world_size
+        if self.info.world_size > 1:
+            torch.distributed.all_gather_object(rngs, rng_state())
         else:
-            states = [rng_state()]
-        return states
+            rngs = [rng_state()]
+        self.saved_step = step
+        if not self.info.is_main:
+            return
+        state = training_state(self.method.modules(), self.optimizer, self.scaler, step, self.iters_per_epoch,
+                               self.cfg, rngs)
+        save_checkpoint(state, self.checkpoint_path)
+        epoch_done, every = step // self.iters_per_epoch, self.cfg.save_every_epochs
+        if every and step % self.iters_per_epoch == 0 and epoch_done % every == 0:
+            save_checkpoint(state, self.output_dir / f"checkpoint_epoch{epoch_done:04d}.pth")
 
-    end_step = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # device-side NaN watch
-    metrics: dict[str, float] = {}
-    metrics_log = MetricsLog(output_dir, tensorboard=cfg.log.tensorboard and info.is_main, resumed_at=start_step)
-    progress = tqdm(total=end_step, initial=start_step, disable=not info.is_main, dynamic_ncols=True,
-                    desc=f"{cfg.mode} train", unit="step")
-    method.train_module.train()
-    step = start_step
-    window_start, window_images = time.perf_counter(), 0
-    rngs: list = []
-    eval_postfix: dict[str, str] = {}  # the latest k-NN / zero-shot accuracy, shown beside the loss
+    def check_finite(self) -> None:
+        """Stop every rank together at the first non-finite loss, naming the step and the checkpoint kept."""
+        bad = int(distributed.all_reduce_max(self.first_bad_step.clone()))
+        if bad < 0:
+            return
+        kept = (f"The last good checkpoint, {self.checkpoint_path} at step {self.saved_step}, is kept (re-running "
+                "resumes from it). " if self.saved_step is not None else
+                f"No checkpoint was written yet (the first comes at the end of epoch 0, step {self.iters_per_epoch}). ")
+        raise NonFiniteLossError(f"non-finite loss at step {bad} (epoch {bad // self.iters_per_epoch}); stopping "
+                                 f"without saving. {kept}Usual causes: too high a learning rate, fp16 overflow "
+                                 "(use bf16), no gradient clipping.")
 
-    def check_finite(at_step: int) -> None:
-        bad = int(distributed.all_reduce_max(first_bad_step.clone()))  # every rank stops together
-        if bad >= 0:
-            raise NonFiniteLossError(
-                f"non-finite loss at step {bad} (epoch {bad // iters_per_epoch}); stopping without saving. "
-                + (f"The last good checkpoint, {checkpoint_path} at step {saved_step}, is kept (re-running resumes "
-                   "from it). " if saved_step is not None else
-                   f"No checkpoint was written yet (the first comes at the end of epoch 0, step {iters_per_epoch}). ")
-                + "Usual causes: too high a learning rate, fp16 overflow (use bf16), no gradient clipping.")
+    def _set_schedules(self, step: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedules.lr[step]
+            if group["apply_wd"]:
+                group["weight_decay"] = self.schedules.weight_decay[step]
 
-    stopping = False
-    # log lines go through tqdm.write above the bar instead of breaking it; the bar closes on an error too
-    with _StopRequest() as stop, LoaderWorkers() as workers, logging_redirect_tqdm(), progress, metrics_log:
-        while step < end_step:
-            epoch = step // iters_per_epoch
-            sampler.set_epoch(epoch, start_batch=step % iters_per_epoch)
-            for batch_data in workers.iterate(loader):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_schedule[step]
-                    if group["apply_wd"]:
-                        group["weight_decay"] = wd_schedule[step]
-                loss, step_metrics = train_step(method, batch_data, step, epoch, optimizer, scaler, params,
-                                                cfg.optim, autocast_dtype)
-                first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()),
-                                             torch.full_like(first_bad_step, step), first_bad_step)
-                step += 1
-                window_images += method.batch_size(batch_data) * info.world_size
-                progress.update(1)
+    def loop(self, start_step: int) -> dict:
+        """Train from ``start_step`` to the end (or a stop signal); returns the last logged metrics."""
+        self.metrics: dict[str, float] = {}
+        self.metrics_log = MetricsLog(self.output_dir, tensorboard=self.cfg.log.tensorboard and self.info.is_main,
+                                      resumed_at=start_step)
+        self.progress = tqdm(total=self.end_step, initial=start_step, disable=not self.info.is_main,
+                             dynamic_ncols=True, desc=f"{self.cfg.mode} train", unit="step")
+        self.method.train_module.train()
+        self.window_start, self.window_images = time.perf_counter(), 0
+        self.postfix: dict[str, str] = {}
+        self.eval_postfix: dict[str, str] = {}  # the latest k-NN / zero-shot accuracy, shown beside the loss
+        step, stopping = start_step, False
+        # log lines go through tqdm.write above the bar instead of breaking it; the bar closes on an error too
+        with _StopRequest() as stop, LoaderWorkers() as workers, logging_redirect_tqdm(), self.progress, \
+                self.metrics_log:
+            while step < self.end_step and not stopping:
+                epoch = step // self.iters_per_epoch
+                self.sampler.set_epoch(epoch, start_batch=step % self.iters_per_epoch)
+                for batch_data in workers.iterate(self.loader):
+                    self._set_schedules(step)
+                    loss, step_metrics = train_step(self.method, batch_data, step, epoch, self.optimizer,
+                                                    self.scaler, self.params, self.cfg.optim, self.autocast_dtype)
+                    self.first_bad_step = torch.where(
+                        (self.first_bad_step < 0) & ~torch.isfinite(loss.detach()),
+                        torch.full_like(self.first_bad_step, step), self.first_bad_step)
+                    step += 1
+                    self.window_images += self.method.batch_size(batch_data) * self.info.world_size
+                    self.progress.update(1)
+                    stopping = stop.poll()
+                    last_of_epoch = step % self.iters_per_epoch == 0
+                    if step % self.cfg.log_every == 0 or last_of_epoch or step == self.end_step or stopping:
+                        self._log_step(step, epoch, loss, step_metrics)
+                    if last_of_epoch or step == self.end_step or stopping:
+                        self._end_of_epoch(step, epoch, last_of_epoch)
+                    if stopping or step >= self.end_step:
+                        break
+        self.progress.close()
+        return self._finish(step, stopping, stop.agreed)
 
-                stopping = stop.poll()
-                last_of_epoch = step % iters_per_epoch == 0
-                if step % cfg.log_every == 0 or last_of_epoch or step == end_step or stopping:
-                    check_finite(step)
-                    values = torch.stack([loss.detach().float()] + [v.detach().float().to(device).reshape(())
-                                                                    for v in step_metrics.values()])
-                    distributed.all_reduce_mean(values)
-                    elapsed = time.perf_counter() - window_start
-                    metrics = {"step": step, "epoch": epoch, "loss": float(values[0]),
-                               **{k: float(v) for k, v in zip(step_metrics, values[1:])},
-                               "lr": float(lr_schedule[step - 1]), "weight_decay": float(wd_schedule[step - 1]),
-                               "images_per_s": window_images / max(elapsed, 1e-9), "global_batch_size": global_batch}
-                    window_start, window_images = time.perf_counter(), 0
-                    if info.is_main:
-                        metrics_log.write(metrics, "train")
-                        postfix = dict(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                       img_s=f"{metrics['images_per_s']:.0f}")
-                        progress.set_postfix(**postfix, **eval_postfix)
-                        for warning in method.warnings(metrics):
-                            logger.warning("step %d: %s", step, warning)
-                if last_of_epoch or step == end_step or stopping:
-                    check_finite(step)
-                    rngs = gather_rng()
-                    save(step)
-                    eval_metrics: dict[str, float] = {}
-                    if last_of_epoch:  # every rank
-                        if knn is not None and knn.due(step // iters_per_epoch):
-                            eval_metrics.update(knn.evaluate())
-                            if info.is_main:
-                                logger.info("after %d epoch(s): k-NN (k=%d) top-1 %.2f%%, top-5 %.2f%%", epoch + 1,
-                                            cfg.eval.knn_k, 100 * eval_metrics["knn_top1"],
-                                            100 * eval_metrics["knn_top5"])
-                        eval_metrics.update(method.periodic_eval(step // iters_per_epoch))
-                    metrics.update(eval_metrics)
-                    if eval_metrics and info.is_main:
-                        metrics_log.write({"step": step, "epoch": epoch, **eval_metrics}, "eval")
-                        eval_postfix = {key.split("_")[0]: f"{100 * value:.1f}%" for key, value in eval_metrics.items()
-                                       if key.endswith("_top1")}
-                        progress.set_postfix(**postfix, **eval_postfix)
-                if stopping or step >= end_step:
-                    break
-            if stopping:
-                break
-    progress.close()
-    if stopping and step < end_step:
-        metrics["stopped_by"] = sorted(stop.agreed)  # a launcher may requeue on SIGUSR2
-        logger.info("stopped at step %d by %s; re-run the same command to resume", step,
-                    " and ".join(sorted(stop.agreed)))
-    elif info.is_main:
-        logger.info("finished %d steps; checkpoint: %s", step, checkpoint_path)
-    distributed.barrier()
-    return metrics
+    def _log_step(self, step: int, epoch: int, loss: torch.Tensor, step_metrics: dict[str, torch.Tensor]) -> None:
+        """Every rank's loss and metrics averaged into one log.jsonl row (one host sync per logged step)."""
+        self.check_finite()
+        values = torch.stack([loss.detach().float()] + [v.detach().float().to(self.device).reshape(())
+                                                        for v in step_metrics.values()])
+        distributed.all_reduce_mean(values)
+        elapsed = time.perf_counter() - self.window_start
+        self.metrics = {"step": step, "epoch": epoch, "loss": float(values[0]),
+                        **{k: float(v) for k, v in zip(step_metrics, values[1:])},
+                        "lr": float(self.schedules.lr[step - 1]),
+                        "weight_decay": float(self.schedules.weight_decay[step - 1]),
+                        "images_per_s": self.window_images / max(elapsed, 1e-9), "global_batch_size": self.global_batch}
+        self.window_start, self.window_images = time.perf_counter(), 0
+        if self.info.is_main:
+            self.metrics_log.write(self.metrics, "train")
+            self.postfix = dict(loss=f"{self.metrics['loss']:.4f}", lr=f"{self.metrics['lr']:.2e}",
+                                img_s=f"{self.metrics['images_per_s']:.0f}")
+            self.progress.set_postfix(**self.postfix, **self.eval_postfix)
+            for warning in self.method.warnings(self.metrics):
+                logger.warning("step %d: %s", step, warning)
 
+    def _end_of_epoch(self, step: int, epoch: int, last_of_epoch: bool) -> None:
+        """A checkpoint; at a real epoch end (not a stop or max_steps) the due evaluations, on every rank."""
+        self.check_finite()
+        self.save(step)
+        eval_metrics: dict[str, float] = {}
+        if last_of_epoch:
+            epochs_done = step // self.iters_per_epoch
+            if self.knn is not None and self.knn.due(epochs_done):
+                eval_metrics.update(self.knn.evaluate())
+                if self.info.is_main:
+                    logger.info("after %d epoch(s): k-NN (k=%d) top-1 %.2f%%, top-5 %.2f%%", epoch + 1,
+                                self.cfg.eval.knn_k, 100 * eval_metrics["knn_top1"], 100 * eval_metrics["knn_top5"])
+            eval_metrics.update(self.method.periodic_eval(epochs_done))
+        self.metrics.update(eval_metrics)
+        if eval_metrics and self.info.is_main:
+            self.metrics_log.write({"step": step, "epoch": epoch, **eval_metrics}, "eval")
+            self.eval_postfix = {key.split("_")[0]: f"{100 * value:.1f}%" for key, value in eval_metrics.items()
+                                 if key.endswith("_top1")}
+            self.progress.set_postfix(**self.postfix, **self.eval_postfix)
 
-def corrupt_image_message(exc: CorruptImageError) -> str:
-    """The one line that names the file: a loader worker's error arrives with the worker's traceback."""
-    last = str(exc).strip().splitlines()[-1]
-    name, _, message = last.partition(": ")
-    return message if name.endswith(CorruptImageError.__name__) and message else last
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dino-sparo-train",
-        description="Train a ViT with a SPARO (or class-token) read-out by DINO self-distillation or CLIP. "
-                    "Re-running the same command resumes from OUTPUT_DIR/checkpoint.pth.",
-        epilog="Examples:\n  dino-sparo-train --config configs/dino/demo_fashion_mnist.yaml\n"
-               "  dino-sparo-train --config configs/dino/vit_small16_vanilla_sparo.yaml data.path=/data/imagenet "
-               "optim.epochs=300\n  torchrun --nproc_per_node 8 -m dino_sparo.train --config FILE\n"
-               "Every config key (listed by --help-config) can be overridden as key.sub=value.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", help="YAML config file (keys not given keep their defaults: see --help-config)")
-    parser.add_argument("--mode", choices=["dino", "clip"], help="training method; overrides 'mode' in the config")
-    parser.add_argument("--output-dir", help="where config.yaml, checkpoint.pth and log.jsonl go "
-                                             "(overrides 'output_dir')")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--help-config", action="store_true",
-                        help="list every config key with its type, default and meaning, and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="config overrides, e.g. optim.lr=0.001 model.readout=cls")
-    return parser
+    def _finish(self, step: int, stopping: bool, stopped_by: set[str]) -> dict:
+        if stopping and step < self.end_step:
+            self.metrics["stopped_by"] = sorted(stopped_by)  # a launcher may requeue on SIGUSR2
+            logger.info("stopped at step %d by %s; re-run the same command to resume", step,
+                        " and ".join(sorted(stopped_by)))
+        elif self.info.is_main:
+            logger.info("finished %d steps; checkpoint: %s", step, self.checkpoint_path)
+        distributed.barrier()
+        return self.metrics
 
 
-def config_from_args(args: argparse.Namespace, validate: bool = True) -> TrainConfig:
-    overrides = list(args.overrides)
-    if args.mode:
-        overrides.append(f"mode={args.mode}")
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    return load_config(args.config, overrides, validate=validate)
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """A configuration the program cannot use: a ``ConfigError``, or a ``ValueError`` that names
-    its config key as the project's errors do (``config key 'x.y' ...``). Anything else is a bug
-    and keeps its traceback."""
-    return isinstance(exc, ConfigError) or (isinstance(exc, ValueError) and str(exc).startswith("config key '"))
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.help_config:
-        print(format_config_reference())
-        return
-    try:
-        cfg = config_from_args(args, validate=False)  # values are validated by train(), into train.log
-        if args.print_config:
-            validate_config(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
-    if args.print_config:
-        import yaml
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        return
-    try:
-        metrics = train(cfg)
-    except NonFiniteLossError as exc:
-        logger.error("%s", exc)
-        raise SystemExit(EXIT_FAILED) from None
-    except CorruptImageError as exc:
-        logger.error("%s; data.corrupt_images=skip skips such files (with a warning naming each)",
-                     corrupt_image_message(exc))
-        raise SystemExit(EXIT_FAILED) from None
-    except ValueError as exc:
-        if not is_user_error(exc):
-            raise
-        logger.error("error: %s", exc)
-        raise SystemExit(EXIT_USER_ERROR) from None
-    finally:
-        distributed.cleanup()
-    if metrics.get("stopped_by"):  # stopped before the end: a script can tell it from a finished run
-        raise SystemExit(stopped_exit_code(metrics["stopped_by"]))
-
-
-if __name__ == "__main__":
-    main()
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) as ``cfg`` says; returns the last logged metrics."""
+    run = TrainingRun(cfg)
+    start_step = run.resume()
+    run.announce()
+    return run.loop(start_step)

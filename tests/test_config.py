@@ -67,7 +67,7 @@ def test_every_shipped_config_loads():
 def test_peak_learning_rate_of_shipped_recipes(name, global_batch, peak):
     from pathlib import Path
 
-    from dino_sparo.train import build_lr_schedule
+    from dino_sparo.schedules import lr_schedule as build_lr_schedule
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
     schedule = build_lr_schedule(cfg.optim, global_batch, iters_per_epoch=5000)
@@ -77,7 +77,7 @@ def test_peak_learning_rate_of_shipped_recipes(name, global_batch, peak):
 
 
 def test_warmup_longer_than_the_run_is_refused_naming_the_key():
-    from dino_sparo.train import build_lr_schedule
+    from dino_sparo.schedules import lr_schedule as build_lr_schedule
 
     cfg = load_config(None, ["optim.epochs=2", "optim.warmup_steps=50"])
     with pytest.raises(ValueError, match="optim.warmup_steps"):
@@ -149,7 +149,7 @@ def _leaf_keys(values, prefix=""):
 
 def test_help_config_lists_every_key_with_type_default_and_meaning(capsys):
     from dino_sparo.config import TrainConfig, config_reference
-    from dino_sparo.train import main
+    from dino_sparo.cli.train import main
     main(["--help-config"])
     text = capsys.readouterr().out
     listed = {line.split(" = ", 1)[0].strip(): line for line in text.splitlines() if line.startswith("  ")}

@@ -17,23 +17,21 @@ from dino_sparo.config import load_config
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.train import train
 
+from conftest import TINY_TRAINING
+
 pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
                                 reason="Fashion-MNIST not installed (make data)")
 
 TINY = [
-    "precision=fp32",  # the numbers compared below are fp32 ones, also on CPUs with native bf16
-    "model.arch=vit_pico", "model.depth=2", "model.patch_size=4", "model.img_size=28", "model.drop_path_rate=0.1",
-    "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
-    "data.dataset=fashion_mnist", "data.limit=16", "data.batch_size_per_gpu=16", "data.num_workers=0",
-    "crops.global_crops_size=28", "crops.local_crops_number=2", "crops.local_crops_size=12",
+    *TINY_TRAINING, "model.drop_path_rate=0.1", "data.limit=16",
     "dino.out_dim=256", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
-    "optim.epochs=8", "optim.warmup_epochs=2", "log_every=1", "device=cpu",
+    "optim.epochs=8", "optim.warmup_epochs=2",
 ]  # one step per epoch: a checkpoint is written after every step, so kills often land in a save
 
 
 def start(output_dir: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # as this process: identical sums
-    return subprocess.Popen([sys.executable, "-m", "dino_sparo.train", *TINY, f"output_dir={output_dir}"],
+    return subprocess.Popen([sys.executable, "-m", "dino_sparo.cli.train", *TINY, f"output_dir={output_dir}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

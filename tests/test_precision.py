@@ -2,8 +2,8 @@
 
 import torch
 
-from dino_sparo import train
-from dino_sparo.train import cpu_has_native_bf16, resolve_precision
+from dino_sparo import runtime
+from dino_sparo.runtime import cpu_has_native_bf16, resolve_precision
 
 
 def _cpuinfo(tmp_path, flags: str):
@@ -23,12 +23,12 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
 
 def test_auto_follows_the_cpu(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", cpu) is torch.bfloat16
     assert resolve_precision("fp32", cpu) is None
-    assert "native bf16" in train.precision_reason("auto", cpu)
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert "native bf16" in runtime.precision_reason("auto", cpu)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    assert "avx512_bf16" in train.precision_reason("auto", cpu)
-    assert train.precision_reason("bf16", cpu) == ""
+    assert "avx512_bf16" in runtime.precision_reason("auto", cpu)
+    assert runtime.precision_reason("bf16", cpu) == ""

@@ -9,20 +9,19 @@ import torch
 from dino_sparo.checkpoint import load_checkpoint
 from dino_sparo.config import ConfigError, load_config
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
-from dino_sparo.train import NonFiniteLossError, ResumableSampler, main, train
+from dino_sparo.cli.train import main
+from dino_sparo.data.samplers import ResumableSampler
+from dino_sparo.train import NonFiniteLossError, train
+
+from conftest import TINY_TRAINING
 
 pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
                                 reason="Fashion-MNIST not installed (make data)")
 
 TINY = [
-    "precision=fp32",  # the numbers compared below are fp32 ones, also on CPUs with native bf16
-    "model.arch=vit_pico", "model.depth=2", "model.embed_dim=48", "model.patch_size=4", "model.img_size=28",
-    "model.drop_path_rate=0.1", "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
-    "data.dataset=fashion_mnist", "data.limit=128", "data.batch_size_per_gpu=16", "data.num_workers=0",
-    "crops.global_crops_size=28", "crops.local_crops_number=2", "crops.local_crops_size=12",
+    *TINY_TRAINING, "model.embed_dim=48", "model.drop_path_rate=0.1", "data.limit=128",
     "dino.out_dim=128", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
     "optim.epochs=3", "optim.warmup_epochs=1", "optim.lr=0.005", "optim.freeze_last_layer=1",
-    "log_every=1", "device=cpu",
 ]
 
 
@@ -78,7 +77,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path, workers):
 def test_every_crop_reaches_the_loss_and_last_layer_is_frozen_first_epoch(tmp_path):
     cfg = tiny(tmp_path, "max_steps=2")
     from dino_sparo.methods.dino import DinoMethod
-    from dino_sparo.train import seed_everything
+    from dino_sparo.runtime import seed_everything
     seed_everything(cfg.seed)  # as train() does: the same initial weights
     method = DinoMethod(cfg, torch.device("cpu"))
     before = [p.clone() for p in method.student.head.last_layer_parameters()]
@@ -139,7 +138,7 @@ def run_train_cli(*args, timeout=120):
     import subprocess
     import sys
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "dino_sparo.train", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dino_sparo.cli.train", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -159,7 +158,7 @@ def test_a_config_error_is_one_line_on_stderr_and_in_train_log_with_exit_2(tmp_p
 
 
 def test_user_errors_are_told_from_bugs():
-    from dino_sparo.train import is_user_error
+    from dino_sparo.cli.train import is_user_error
     assert is_user_error(ConfigError("anything"))
     assert is_user_error(ValueError("config key 'precision': fp16 needs a GPU"))
     assert not is_user_error(ValueError("operands could not be broadcast together"))
@@ -191,7 +190,7 @@ def _start_training_process(tmp_path):
     import sys
     import time
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, "-m", "dino_sparo.train", *TINY, "optim.epochs=50",
+    process = subprocess.Popen([sys.executable, "-m", "dino_sparo.cli.train", *TINY, "optim.epochs=50",
                                 f"output_dir={tmp_path}"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -240,7 +239,7 @@ def test_resume_after_sigkill_drops_the_log_rows_past_the_checkpoint(tmp_path):
     import time
     run, reference = tmp_path / "killed", tmp_path / "reference"
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # as this process: identical sums
-    process = subprocess.Popen([sys.executable, "-m", "dino_sparo.train", *TINY, f"output_dir={run}"], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "dino_sparo.cli.train", *TINY, f"output_dir={run}"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (run / "log.jsonl").exists() or len(read_log_lines(run)) < 10:  # a row past the step-8 checkpoint
@@ -383,7 +382,7 @@ def test_tensorboard_missing_is_one_line_naming_the_key(tmp_path):
     import os
     import subprocess
     import sys
-    blocked = "import sys; sys.modules['tensorboard'] = None; from dino_sparo.train import main; main()"  # not installed
+    blocked = "import sys; sys.modules['tensorboard'] = None; from dino_sparo.cli.train import main; main()"  # not installed
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", blocked, *TINY, "max_steps=1", "log.tensorboard=true",
                            f"output_dir={tmp_path}"], env=env, capture_output=True, text=True, timeout=120)

@@ -25,7 +25,7 @@ while read -r name overrides; do
     echo "== $name: $overrides"
     start=$(date +%s)
     # shellcheck disable=SC2086  # the overrides are words on purpose
-    "$python" -m dino_sparo.train --config "$base" $overrides "output_dir=$out" >>"$results/$name.log" 2>&1
+    "$python" -m dino_sparo.cli.train --config "$base" $overrides "output_dir=$out" >>"$results/$name.log" 2>&1
     train_s=$(( $(date +%s) - start ))
     "$python" eval/knn.py --checkpoint "$out/checkpoint.pth" --ks 20 --temperature 0.07 --no-cache --quiet --batch-size 1000 --num-workers 1 \
         --output-json "$out/knn.json" >>"$results/$name.log" 2>&1
