@@ -292,6 +292,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def all_gather_object(obj: object) -> list:
+    """Every rank's ``obj``, by rank, on every rank (pickled); ``[obj]`` in one process."""
+    if not is_dist():
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

@@ -30,7 +30,6 @@ from dino_sparo.checkpoint import (check_global_batch, check_resumable, load_che
 from dino_sparo.config import ConfigError, TrainConfig, save_config, validate_config
 from dino_sparo.data.loaders import STOP_SIGNALS, LoaderWorkers, leave_stop_signals_to_main_process
 from dino_sparo.data.samplers import ResumableSampler, SeededSamples
-from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods import build_method
 from dino_sparo.methods.base import Method
 from dino_sparo.models.build import load_pretrained_file
@@ -270,8 +269,7 @@ class TrainingRun:
         self._build_loader()
         self.schedules = build_schedules(cfg, self.global_batch, self.iters_per_epoch)
         method.use_schedules(self.schedules)
-        self.knn = (PeriodicKnn(cfg.eval, method, cfg.data.batch_size_per_gpu, cfg.data.num_workers, device)
-                    if cfg.eval.knn_every else None)
+        self.epoch_end_hooks = method.epoch_end_hooks()
         apply_speed_options(method, cfg)
         if info.world_size > 1:
             method.train_module = nn.parallel.DistributedDataParallel(
@@ -349,11 +347,7 @@ class TrainingRun:
 
     def save(self, step: int) -> None:
         """Every rank's RNG state gathered, then ``checkpoint.pth`` (and, when due, a kept per-epoch copy)."""
-        rngs = [None] * self.info.world_size
-        if self.info.world_size > 1:
-            torch.distributed.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+        rngs = distributed.all_gather_object(rng_state())
         self.saved_step = step
         if not self.info.is_main:
             return
@@ -448,13 +442,9 @@ class TrainingRun:
         self.save(step)
         eval_metrics: dict[str, float] = {}
         if last_of_epoch:
-            epochs_done = step // self.iters_per_epoch
-            if self.knn is not None and self.knn.due(epochs_done):
-                eval_metrics.update(self.knn.evaluate())
-                if self.info.is_main:
-                    logger.info("after %d epoch(s): k-NN (k=%d) top-1 %.2f%%, top-5 %.2f%%", epoch + 1,
-                                self.cfg.eval.knn_k, 100 * eval_metrics["knn_top1"], 100 * eval_metrics["knn_top5"])
-            eval_metrics.update(self.method.periodic_eval(epochs_done))
+            for hook in self.epoch_end_hooks:
+                if hook.due(step // self.iters_per_epoch):
+                    eval_metrics.update(hook.evaluate())
         self.metrics.update(eval_metrics)
         if eval_metrics and self.info.is_main:
             self.metrics_log.write({"step": step, "epoch": epoch, **eval_metrics}, "eval")

@@ -21,9 +21,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dino_sparo import distributed
-from dino_sparo.data.captions import build_caption_dataset, clip_eval_transform, clip_train_transform
+from dino_sparo.data.captions import build_caption_dataset
+from dino_sparo.data.transforms import clip_eval_transform, clip_train_transform
 from dino_sparo.losses import ClipLoss
 from dino_sparo.methods.base import Method, param_groups
+from dino_sparo.methods.hooks import EveryNEpochs
 from dino_sparo.models.clip import baseline_config, build_clip_model, describe_parameters
 from dino_sparo.models.text import Tokenizer
 from dino_sparo.models.vit import count_parameters
@@ -122,9 +124,9 @@ class ClipMethod(Method):
     def after_optimizer_step(self, step: int) -> None:
         self.model.clamp_logit_scale()
 
-    def periodic_eval(self, epochs_done: int) -> dict[str, float]:
-        every = self.cfg.clip.zeroshot_every_epochs
-        return self.zeroshot(epochs_done) if every and epochs_done % every == 0 else {}
+    def epoch_end_hooks(self) -> list:
+        """k-NN of the image tower when configured, then zero-shot every ``clip.zeroshot_every_epochs``."""
+        return super().epoch_end_hooks() + [EveryNEpochs(self.cfg.clip.zeroshot_every_epochs, self.zeroshot)]
 
     def zeroshot(self, epochs_done: int) -> dict[str, float]:
         """Zero-shot top-1 and top-5 on the configured data, computed on the main process (the
