@@ -32,14 +32,14 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "dino-sparo-train=dino_sparo.train:main",
-            "dino-sparo-bench=dino_sparo.bench:main",
-            "dino-sparo-knn=dino_sparo.evaluation.knn_cli:main",
-            "dino-sparo-linear=dino_sparo.evaluation.linear_cli:main",
-            "dino-sparo-submit=dino_sparo.submit:main",
-            "dino-sparo-zeroshot=dino_sparo.evaluation.zeroshot_cli:main",
-            "dino-sparo-visualize=dino_sparo.visualize:main",
-            "dino-sparo-gpu-check=dino_sparo.gpu_check:main",
+            "dino-sparo-train=dino_sparo.cli.train:main",
+            "dino-sparo-bench=dino_sparo.cli.bench:main",
+            "dino-sparo-knn=dino_sparo.cli.knn:main",
+            "dino-sparo-linear=dino_sparo.cli.linear:main",
+            "dino-sparo-submit=dino_sparo.cli.submit:main",
+            "dino-sparo-zeroshot=dino_sparo.cli.zeroshot:main",
+            "dino-sparo-visualize=dino_sparo.cli.visualize:main",
+            "dino-sparo-gpu-check=dino_sparo.cli.gpu_check:main",
         ],
     },
 )

@@ -11,11 +11,11 @@ memory is each one's own; the parent alternates their steps (ours, reference, th
 
 Also measured in the same run: FLOPs per step (``FlopCounterMode``), a matmul peak to compare the
 achieved FLOP/s with, and the SPARO read-out against the transformer block it replaces.
+The command line is :mod:`dino_sparo.cli.bench`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing as mp
@@ -26,11 +26,15 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
 
 ARCH_CHOICES = ("vit_pico", "vit_tiny", "vit_small", "vit_base", "vit_large")
+# The benchmark's options: an object with the attributes dino-sparo-bench's flags give
+# (dino_sparo.cli.bench.build_parser), e.g. a parsed argparse namespace or a SimpleNamespace.
+Options = Any
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,7 +47,7 @@ def autocast_dtype_for(precision: str, device: torch.device) -> Optional[torch.d
     return resolve_precision(precision, device)
 
 
-def make_crops(args: argparse.Namespace, device: torch.device, batch: Optional[int] = None) -> list[torch.Tensor]:
+def make_crops(args: Options, device: torch.device, batch: Optional[int] = None) -> list[torch.Tensor]:
     """The step's crops (2 global then the local ones), the same for ours and the reference."""
     batch = batch or args.batch
     g = torch.Generator().manual_seed(args.seed)
@@ -51,7 +55,7 @@ def make_crops(args: argparse.Namespace, device: torch.device, batch: Optional[i
     return [torch.randn(batch, 3, s, s, generator=g).to(device) for s in sizes]  # each B × 3 × S × S
 
 
-def train_config(args: argparse.Namespace, **changes: Any):
+def train_config(args: Options, **changes: Any):
     """The training config of our step: DINO ViT-S/16 defaults with the benchmark's model and crops."""
     from dino_sparo.config import load_config
 
@@ -74,7 +78,7 @@ def train_config(args: argparse.Namespace, **changes: Any):
 class OursStep:
     """Our training step, built from the training program's pieces."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, batch: Optional[int] = None,
+    def __init__(self, args: Options, device: torch.device, batch: Optional[int] = None,
                  **changes: Any) -> None:
         from dino_sparo.methods.dino import DinoMethod
         from dino_sparo.train import apply_speed_options, build_optimizer
@@ -103,7 +107,7 @@ class OursStep:
                    self.cfg.optim, self.autocast_dtype)
 
 
-def reference_step(args: argparse.Namespace, device: torch.device, batch: Optional[int] = None):
+def reference_step(args: Options, device: torch.device, batch: Optional[int] = None):
     from dino_sparo.bench_reference import ReferenceStep
     from dino_sparo.models.vit import ARCHS
 
@@ -114,7 +118,7 @@ def reference_step(args: argparse.Namespace, device: torch.device, batch: Option
                          autocast_dtype=autocast_dtype_for(args.precision, device), lr=5e-4 * batch / 256.0)
 
 
-def build_step(kind: str, args: argparse.Namespace, device: torch.device, batch: Optional[int] = None,
+def build_step(kind: str, args: Options, device: torch.device, batch: Optional[int] = None,
                **changes: Any):
     return OursStep(args, device, batch, **changes) if kind == "ours" else reference_step(args, device, batch)
 
@@ -156,7 +160,7 @@ def _cpu_flash_attention_flops() -> dict:
     return mapping
 
 
-def count_step_flops(kind: str, args: argparse.Namespace, device: torch.device) -> int:
+def count_step_flops(kind: str, args: Options, device: torch.device) -> int:
     """Matmul/convolution/attention FLOPs of one full step at the benchmark's batch.
 
     Counted on a one-image step and scaled by the batch (every counted operation is per image); ours
@@ -191,7 +195,7 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[i
     return 2.0 * size**3 / best
 
 
-def time_readout_vs_block(args: argparse.Namespace, device: torch.device, repeats: int = 5) -> dict:
+def time_readout_vs_block(args: Options, device: torch.device, repeats: int = 5) -> dict:
     """Forward + backward of the SPARO read-out against one transformer block (the one SPARO's
     ``reduce_depth`` removes) on the step's token tensors: every global and local crop's tokens."""
     from dino_sparo.models.vit import ARCHS, Block
@@ -221,7 +225,7 @@ def time_readout_vs_block(args: argparse.Namespace, device: torch.device, repeat
         synchronize(device)
         return time.perf_counter() - start
 
-    readout = lambda x: sparo(x, return_attn=False, backend=args.attn_backend).embedding  # noqa: E731
+    readout = lambda x: sparo(x, return_attn=False).embedding  # noqa: E731
     run(readout), run(block)  # warm-up
     times: dict[str, list[float]] = {"sparo": [], "block": []}
     for i in range(repeats):
@@ -243,7 +247,7 @@ def _process_cpu_s() -> float:
 
 
 def _worker(conn: Any, kind: str, options: dict) -> None:
-    args = argparse.Namespace(**options)
+    args = SimpleNamespace(**options)
     try:
         torch.set_num_threads(args.threads)
         device = torch.device(args.device)
@@ -337,7 +341,7 @@ def summarise(step_times: list[float], cpu_times: list[float], flops: int, batch
             "fraction_of_matmul_peak": flops / step_s / matmul_peak}
 
 
-def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
+def run_benchmark(args: Options, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark as ``args`` says; returns the figures (also written to ``args.json``)."""
     validate(args)
     options = dict(vars(args))
@@ -433,55 +437,11 @@ def format_report(figures: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dino-sparo-bench",
-        description="Time full DINO training steps (forward, backward, optimiser, EMA) of ours against a "
-                    "reference step written as DINO v1's code, on identical data and threads, at the same "
-                    "precision unless --reference-precision says otherwise.",
-        epilog="Example (the CPU figure of BENCHMARKS.md):\n  dino-sparo-bench --arch vit_small --patch-size 16 "
-               "--batch 16 --global-crops 2 --local-crops 6 --steps 5 --warmup 2 --json bench.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--arch", default="vit_small", choices=ARCH_CHOICES, help="ViT size")
-    parser.add_argument("--patch-size", type=int, default=16, help="patch size in pixels")
-    parser.add_argument("--readout", default="sparo", choices=["sparo", "cls"],
-                        help="our read-out (the reference always reads the class token after all blocks)")
-    parser.add_argument("--batch", type=int, default=16, help="images per step (each with all its crops)")
-    parser.add_argument("--global-crops", type=int, default=2, help="global crops per image (DINO: 2)")
-    parser.add_argument("--local-crops", type=int, default=6, help="local crops per image (DINO: 8 or 10)")
-    parser.add_argument("--global-size", type=int, default=224, help="global crop side in pixels")
-    parser.add_argument("--local-size", type=int, default=96, help="local crop side in pixels")
-    parser.add_argument("--out-dim", type=int, default=65536, help="DINO head prototypes (DINO: 65536)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps of each (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (more with --compile)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="autocast dtype of both steps; auto = bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--reference-precision", default="same", choices=["same", "fp32", "bf16", "fp16"],
-                        help="the reference step's autocast dtype (same: --precision's). DINO v1's autocast "
-                             "is CUDA-only, so on CPU its code runs fp32 whatever ours uses")
-    parser.add_argument("--attn-backend", default="auto", choices=["auto", "xformers", "sdpa", "math"],
-                        help="our attention kernel (the reference always uses explicit softmax attention)")
-    parser.add_argument("--pack-crops", action="store_true",
-                        help="ours: all crop sizes in one forward (needs xformers on a GPU)")
-    parser.add_argument("--compile", action="store_true", help="ours: torch.compile the student")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="ours: recompute blocks in backward")
-    parser.add_argument("--fused", default="auto", choices=["auto", "on", "off"],
-                        help="ours: fused AdamW (auto = where it is faster: GPU and CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads of each step (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the crops")
-    parser.add_argument("--matmul-size", type=int, default=0,
-                        help="side of the square matmul timed for the peak (0: 8192 on GPU, 2048 on CPU)")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    return parser
-
-
-def reference_precision(args: argparse.Namespace) -> str:
+def reference_precision(args: Options) -> str:
     return args.precision if args.reference_precision == "same" else args.reference_precision
 
 
-def validate(args: argparse.Namespace) -> None:
+def validate(args: Options) -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -499,16 +459,3 @@ def validate(args: argparse.Namespace) -> None:
         if getattr(args, name) % args.patch_size:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is not a multiple of "
                              f"--patch-size {args.patch_size}")
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        figures = run_benchmark(args, log=lambda line: print(line, file=sys.stderr, flush=True))
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    print(format_report(figures))
-
-
-if __name__ == "__main__":
-    main()

@@ -6,15 +6,14 @@ picklable and checkpointable: on preemption or time-out submitit calls :meth:`En
 which hands back the same job, so the requeued job re-runs the same command and training resumes
 from ``OUTPUT_DIR/checkpoint.pth``. Training stops at a step boundary first (the loop defers SIGUSR2
 and SIGTERM to the end of the step and saves), so the requeued run continues exactly where it stopped.
+The command line, ``dino-sparo-submit``, is :mod:`dino_sparo.cli.submit`.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,9 +23,9 @@ from dino_sparo import distributed
 
 # Entry points by job name; evaluation entry points take their own command-line arguments.
 ENTRY_POINTS = {
-    "train": "dino_sparo.submit:train_entry",
-    "knn": "dino_sparo.evaluation.knn_cli:main",
-    "linear": "dino_sparo.evaluation.linear_cli:main",
+    "train": "dino_sparo.cli.train:train_entry",
+    "knn": "dino_sparo.cli.knn:main",
+    "linear": "dino_sparo.cli.linear:main",
 }
 # Seconds a job stopped by SIGTERM alone waits for the USR2 that SLURM sends on preemption.
 TERM_GRACE_S = 3.0
@@ -45,15 +44,6 @@ def resolve_entry_point(spec: str) -> Callable[[list[str]], Any]:
     if not callable(function):
         raise ValueError(f"entry point {spec!r}: {module_name} has no function {attr!r}")
     return function
-
-
-def train_entry(argv: list[str]) -> dict:
-    """``dino-sparo-train ARGV``, returning the last metrics (with ``stopped_by`` when a signal
-    stopped it), so the job knows whether to hand the stop to submitit for a requeue."""
-    from dino_sparo.cli import train as program  # noqa: PLC0415 (heavy imports only inside the job)
-
-    args = program.build_parser().parse_args(argv)
-    return program.train(program.config_from_args(args))
 
 
 @dataclass
@@ -188,120 +178,12 @@ def build_executor(folder: str | Path, cluster: str, res: Resources) -> Any:
     return executor
 
 
-# --------------------------------------------------------------------------------------------
-# The command line
-# --------------------------------------------------------------------------------------------
-
-EPILOG = """\
-examples:
-  # DINO + SPARO ViT-S/16 on 2 nodes of 8 GPUs, 3 days per job, requeued on preemption/time-out
-  dino-sparo-submit --config configs/dino/vit_small16_vanilla_sparo.yaml --nodes 2 --gpus-per-node 8 \\
-      --partition gpu --timeout-min 4320 data.path=/datasets/imagenet/train output_dir=/checkpoints/dino_s16
-
-  # the same job on this machine (no SLURM), two CPU processes
-  dino-sparo-submit --cluster local --gpus-per-node 0 --tasks-per-node 2 \\
-      --config configs/dino/demo_fashion_mnist.yaml --wait
-
-  # k-NN evaluation of a checkpoint: the evaluation's own arguments go after --
-  dino-sparo-submit --job knn --gpus-per-node 1 --timeout-min 120 -- --checkpoint OUT/checkpoint.pth ...
-
-Re-running a training submission resumes from OUTPUT_DIR/checkpoint.pth. Job folders (submitit's
-pickles and the logs of each task) go to OUTPUT_DIR/submitit/JOB_ID.
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dino-sparo-submit", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Submit dino_sparo training or evaluation to SLURM through submitit (or run it locally). "
-                    "The job requeues itself on preemption or time-out and resumes from its last checkpoint.")
-    what = parser.add_argument_group("what to run")
-    what.add_argument("--job", choices=sorted(ENTRY_POINTS), default="train",
-                      help="train (default), or the knn / linear evaluation")
-    what.add_argument("--entry-point", metavar="MODULE:FUNCTION",
-                      help="run any function that takes a list of arguments instead of --job's")
-    what.add_argument("--config", help="training: the YAML config (as for dino-sparo-train)")
-    what.add_argument("--mode", choices=["dino", "clip"], help="training: override the config's mode")
-    what.add_argument("--output-dir", help="training: override output_dir (checkpoints, logs and job folders)")
-    what.add_argument("args", nargs="*", metavar="ARG",
-                      help="training: config overrides key.sub=value; other jobs: their own arguments, after --")
-    where = parser.add_argument_group("where it runs")
-    where.add_argument("--cluster", choices=["auto", "slurm", "local", "debug"], default="auto",
-                       help="auto/slurm: submit with sbatch; local: run on this machine through submitit "
-                            "(same requeue logic, no cluster); debug: run in this process, for a debugger")
-    where.add_argument("--job-dir", help="submitit folder (pickles, per-task logs); default OUTPUT_DIR/submitit "
-                                         "for training, the folder of --checkpoint + /submitit otherwise")
-    where.add_argument("--wait", action="store_true", help="wait for the job to end and print its result")
-    res = parser.add_argument_group("resources (SLURM)")
-    res.add_argument("--nodes", type=int, default=1, help="nodes; the global batch grows with nodes × GPUs")
-    res.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, one training process each")
-    res.add_argument("--tasks-per-node", type=int,
-                     help="processes per node; defaults to --gpus-per-node (set it for CPU-only jobs)")
-    res.add_argument("--cpus-per-task", type=int,
-                     help="CPU cores per process: data.num_workers + 1 or more keeps the GPU fed")
-    res.add_argument("--mem-gb", type=float, help="memory per node in GB (cluster default if unset)")
-    res.add_argument("--timeout-min", type=float, default=60 * 24,
-                     help="time limit of each job in minutes (default one day); the job requeues when it ends")
-    res.add_argument("--partition", help="SLURM partition")
-    res.add_argument("--account", help="SLURM account to charge")
-    res.add_argument("--qos", help="SLURM quality of service")
-    res.add_argument("--constraint", help="SLURM node features, e.g. volta32gb")
-    res.add_argument("--comment", help="SLURM comment, e.g. why the job is urgent")
-    res.add_argument("--exclude", help="nodes not to use, e.g. node[03-05]")
-    res.add_argument("--name", help="job name shown by squeue (default dino-sparo-JOB)")
-    res.add_argument("--signal-delay-s", type=int, default=120,
-                     help="seconds between the warning signal (USR2) and the time limit: enough to finish a "
-                          "step and write a checkpoint")
-    res.add_argument("--max-num-timeout", type=int, default=30,
-                     help="how many times a job may reach its time limit and requeue (preemptions do not count)")
-    return parser
-
-
 @dataclass
 class Submission:
     entry_point: str
     argv: list[str]
     job_dir: Path
     output_dir: Optional[Path] = None  # training only
-
-
-def plan_submission(args: argparse.Namespace) -> Submission:
-    """Turn parsed options into what to run and where its files go; validates a training config
-    here, before it waits in a queue."""
-    if args.job == "train" and args.entry_point is None:
-        from dino_sparo.cli import train as program  # noqa: PLC0415
-
-        overrides = list(args.args)
-        config_args = argparse.Namespace(config=args.config, mode=args.mode, output_dir=args.output_dir,
-                                         overrides=overrides)
-        cfg = program.config_from_args(config_args)
-        output_dir = Path(cfg.output_dir).absolute()
-        argv = ([] if args.config is None else ["--config", str(Path(args.config).absolute())])
-        argv += ([] if args.mode is None else ["--mode", args.mode])
-        argv += overrides + [f"output_dir={output_dir}"]
-        job_dir = Path(args.job_dir).absolute() if args.job_dir else output_dir / "submitit"
-        return Submission(ENTRY_POINTS["train"], argv, job_dir, output_dir)
-    entry_point = args.entry_point or ENTRY_POINTS[args.job]
-    for flag in ("config", "mode", "output_dir"):
-        if getattr(args, flag) is not None:
-            raise ValueError(f"--{flag.replace('_', '-')} is for training; pass evaluation arguments after --")
-    argv = list(args.args)
-    if args.job_dir:
-        job_dir = Path(args.job_dir).absolute()
-    elif "--checkpoint" in argv[:-1]:
-        job_dir = Path(argv[argv.index("--checkpoint") + 1]).absolute().parent / "submitit"
-    else:
-        raise ValueError("--job-dir is needed for this job (no --checkpoint argument to put it beside)")
-    return Submission(entry_point, argv, job_dir)
-
-
-def resources_from_args(args: argparse.Namespace, default_name: str) -> Resources:
-    return Resources(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
-        partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
-        comment=args.comment, exclude=args.exclude, name=args.name or default_name,
-        signal_delay_s=args.signal_delay_s, max_num_timeout=args.max_num_timeout)
 
 
 def submit(submission: Submission, cluster: str, res: Resources) -> tuple[Any, str]:
@@ -324,28 +206,3 @@ def describe(job: Any, submission: Submission, cluster: str) -> list[str]:
         lines += [f"  training output: {submission.output_dir} (checkpoint.pth, log.jsonl, train.log)",
                   "  resume: re-run this command (it continues from checkpoint.pth)"]
     return lines
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        submission = plan_submission(args)
-        default_name = "dino-sparo-" + (args.job if args.entry_point is None else "job")
-        job, cluster = submit(submission, args.cluster, resources_from_args(args, default_name))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for line in describe(job, submission, cluster):
-        print(line, flush=True)
-    if args.wait or args.cluster == "debug":  # the debug cluster runs the job when asked for its result
-        try:
-            results = job.results()
-        except Exception as exc:  # the job's own error, as submitit reports it
-            print(f"job {job.job_id} failed: {exc}", file=sys.stderr)
-            return 1
-        print(f"job {job.job_id} finished: {results[0]}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from dino_sparo.bench import build_parser, count_step_flops, format_report, main, make_crops, validate
+from dino_sparo.bench import count_step_flops, format_report, make_crops, validate
+from dino_sparo.cli.bench import build_parser, main
 from dino_sparo.bench_reference import ReferenceStep, clip_gradients
 
 TINY = ["--arch", "vit_pico", "--patch-size", "4", "--global-size", "16", "--local-size", "8",

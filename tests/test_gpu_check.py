@@ -14,13 +14,14 @@ from types import SimpleNamespace
 import pytest
 
 from dino_sparo import gpu_check
+from dino_sparo.cli import gpu_check as gpu_check_cli
 from dino_sparo.data.datasets import build_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def plan_for(*argv):
-    args = gpu_check.build_parser().parse_args(list(argv))
+    args = gpu_check_cli.build_parser().parse_args(list(argv))
     args.steps = [g for g in gpu_check.GROUPS if g in args.steps]
     return args, gpu_check.build_plan(args)
 
@@ -42,7 +43,7 @@ def test_dry_run_prints_every_step_and_writes_nothing(tmp_path):
 
 
 def test_a_missing_wheel_folder_is_one_clear_error(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "dino_sparo.gpu_check", "--wheels", str(tmp_path / "none"),
+    done = subprocess.run([sys.executable, "-m", "dino_sparo.cli.gpu_check", "--wheels", str(tmp_path / "none"),
                            "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: --wheels {tmp_path / 'none'}: no such folder"
@@ -84,8 +85,8 @@ def check_command(step: gpu_check.Step, scripts: dict, help_cache: dict) -> None
     assert argv[0] == sys.executable or argv[0] == "nvidia-smi", f"{step.name}: unknown program {argv[0]}"
     if argv[0] == "nvidia-smi" or argv[1:3] == ["-m", "xformers.info"]:
         return  # programs of the GPU machine's own
-    if argv[1:3] == ["-m", "dino_sparo.gpu_check"]:
-        gpu_check.build_parser().parse_args(argv[3:])
+    if argv[1:3] == ["-m", "dino_sparo.cli.gpu_check"]:
+        gpu_check_cli.build_parser().parse_args(argv[3:])
     elif argv[1:3] == ["-m", "pip"]:
         text = help_cache.setdefault("pip", _help_text(argv[:4]))
         assert all(option in text for option in _options(argv)), step.name

@@ -17,19 +17,17 @@ import torch
 
 from dino_sparo.checkpoint import load_checkpoint
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
-from dino_sparo.submit import ENTRY_POINTS, EntryPointJob, build_parser, main, plan_submission
+from dino_sparo.cli.submit import build_parser, main, plan_submission
+from dino_sparo.submit import ENTRY_POINTS, EntryPointJob
+
+from conftest import TINY_TRAINING
 
 needs_data = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
                                 reason="Fashion-MNIST not installed (make data)")
 
 TINY = [
-    "precision=fp32",  # the numbers compared below are fp32 ones, also on CPUs with native bf16
-    "model.arch=vit_pico", "model.depth=2", "model.patch_size=4", "model.img_size=28", "model.drop_path_rate=0.0",
-    "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
-    "data.dataset=fashion_mnist", "data.limit=96", "data.batch_size_per_gpu=16", "data.num_workers=0",
-    "crops.global_crops_size=28", "crops.local_crops_number=2", "crops.local_crops_size=12",
-    "dino.out_dim=256", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
-    "optim.epochs=2", "optim.warmup_epochs=1", "optim.lr=0.004", "log_every=1", "device=cpu",
+    *TINY_TRAINING, "data.limit=96", "dino.out_dim=256", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
+    "optim.warmup_epochs=1", "optim.lr=0.004",
 ]  # 6 steps per epoch, 12 steps
 LOCAL = ["--cluster", "local", "--gpus-per-node", "0", "--timeout-min", "20"]  # 20 min: a signal is a preemption
 
@@ -189,7 +187,7 @@ def test_evaluation_jobs_pass_their_arguments_through(tmp_path):
     args = build_parser().parse_args(["--job", "linear", "--", "--checkpoint", str(tmp_path / "run" / "checkpoint.pth"),
                                       "--epochs", "3"])
     plan = plan_submission(args)
-    assert plan.entry_point == ENTRY_POINTS["linear"] == "dino_sparo.evaluation.linear_cli:main"
+    assert plan.entry_point == ENTRY_POINTS["linear"] == "dino_sparo.cli.linear:main"
     assert plan.argv == ["--checkpoint", str(tmp_path / "run" / "checkpoint.pth"), "--epochs", "3"]
     assert plan.job_dir == tmp_path / "run" / "submitit"
 

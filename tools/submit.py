@@ -2,7 +2,7 @@
 
 import sys
 
-from dino_sparo.submit import main
+from dino_sparo.cli.submit import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -68,6 +68,13 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, ConfigError) or (isinstance(exc, ValueError) and str(exc).startswith("config key '"))
 
 
+def train_entry(argv: list[str]) -> dict:
+    """``dino-sparo-train ARGV`` as a submitted job runs it (:mod:`dino_sparo.submit`), returning the
+    last metrics (with ``stopped_by`` when a signal stopped it), so the job knows whether to requeue."""
+    args = build_parser().parse_args(argv)
+    return train(config_from_args(args))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     if args.help_config:
