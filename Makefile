@@ -21,7 +21,7 @@ test: install data
 	$(PY) -m pytest -q tests
 
 demo: install data
-	$(PY) -m dino_sparo.demo
+	$(PY) -m dino_sparo.cli.demo
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,6 +1,6 @@
 """The one-command demo: DINO + SPARO on Fashion-MNIST on a laptop CPU, then k-NN accuracy.
 
-``make demo`` (or ``python -m dino_sparo.demo``) trains the small ViT of
+``make demo`` (or ``python -m dino_sparo.cli.demo``) trains the small ViT of
 ``configs/dino/demo_fashion_mnist.yaml`` on the 60k training images, then prints weighted k-NN
 top-1 (k = 20, T = 0.07, teacher features) on the 10k test images beside the same network at
 initialisation and beside raw pixels, and saves a picture of what a few slots attend to.
@@ -9,12 +9,11 @@ Re-running resumes the training where it stopped (or skips it when finished).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,10 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 from dino_sparo.config import load_config
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST
 from dino_sparo.data.transforms import eval_transform, normalization_for
-from dino_sparo.evaluation.frozen_features import FeatureSpec, feature_fn
-from dino_sparo.evaluation.knn import knn_evaluate
+from dino_sparo.evaluation.feature_kinds import FeatureSpec, feature_fn
+from dino_sparo.evaluation.knn_search import knn_accuracy
 from dino_sparo.models.build import build_backbone, load_backbone_from_checkpoint
-from dino_sparo.train import seed_everything, stopped_exit_code, train
+from dino_sparo.runtime import seed_everything
+from dino_sparo.train import train
 from dino_sparo.visualize import plot_slot_attention
 
 logger = logging.getLogger("dino_sparo.demo")
@@ -34,23 +34,10 @@ logger = logging.getLogger("dino_sparo.demo")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dino" / "demo_fashion_mnist.yaml"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m dino_sparo.demo",
-        description="Train DINO+SPARO on Fashion-MNIST on the CPU, then compare k-NN accuracy with the "
-                    "untrained network and with raw pixels.")
-    parser.add_argument("--config", default=str(DEMO_CONFIG), help="training config (default: the demo's)")
-    parser.add_argument("--output-dir", help="where the run goes (default: the config's output_dir)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice, all cores)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    return parser
-
-
 def _check_data(path: Optional[str]) -> None:
     root = Path(path or DEFAULT_FASHION_MNIST_ROOT)
     if not (root / "train-images-idx3-ubyte.gz").exists() and not (root / "train-images-idx3-ubyte").exists():
-        raise SystemExit(
+        raise FileNotFoundError(
             f"Fashion-MNIST not found in {root}.\n"
             "  Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist   (or: make data)\n"
             "  elsewhere: download the four IDX files of the Fashion-MNIST project into a folder and "
@@ -76,19 +63,18 @@ def features_in_one_pass(networks: dict[str, Optional[torch.nn.Module]], dataset
     return {name: torch.cat(rows) for name, rows in features.items()}, torch.cat(labels)
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    cfg = load_config(args.config, overrides)
+def run_demo(config: str | Path = DEMO_CONFIG, overrides: Sequence[str] = ()) -> dict:
+    """Train (or resume) the run of ``config``, then k-NN of its teacher, its initialisation and raw
+    pixels, and the slot picture; the summary is also written to ``demo_results.json``. A stop
+    request during training ends the demo there: the summary then holds only ``stopped_by``."""
+    cfg = load_config(config, list(overrides))
     _check_data(cfg.data.path)
     output_dir = Path(cfg.output_dir)
 
     start = time.perf_counter()
     stopped_by = train(cfg).get("stopped_by")
     if stopped_by:  # a stop request (Ctrl-C, SIGTERM) ends the demo, not only its training
-        raise SystemExit(stopped_exit_code(stopped_by))
+        return {"stopped_by": stopped_by}
     train_s = time.perf_counter() - start
 
     mean, std, grayscale = normalization_for(cfg.data.dataset)
@@ -107,7 +93,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     test_features, test_labels = features_in_one_pass(networks, test_set)
     results = {}
     for name in networks:
-        knn = knn_evaluate(train_features[name], train_labels, test_features[name], test_labels,
+        knn = knn_accuracy(train_features[name], train_labels, test_features[name], test_labels,
                            num_classes=10, ks=(20,), temperature=0.07, device="cpu")
         results[name] = knn[20]["top1"]
     picture = output_dir / "slot_attention.png"
@@ -120,17 +106,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                     title="Fashion-MNIST test images: the 8 most-attended SPARO slots")
         logger.info("slot attention of slots %s: %s", slots, picture)
     total_s = time.perf_counter() - start
-
-    print("\nWeighted k-NN on Fashion-MNIST test (k=20, T=0.07, 60k train images as memory)")
-    print(f"{'features':<34}{'top-1':>8}")
-    for name, top1 in results.items():
-        print(f"{name:<34}{100 * top1:>7.2f}%")
-    print(f"\ntraining {train_s / 60:.1f} min, total {total_s / 60:.1f} min; picture: {picture}")
     summary = {"knn_top1": results, "train_seconds": train_s, "total_seconds": total_s,
-               "picture": str(picture), "config": str(args.config)}
+               "picture": str(picture), "config": str(config)}
     (output_dir / "demo_results.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-if __name__ == "__main__":
-    main()
+def format_demo(summary: dict) -> str:
+    """The demo's table: k-NN top-1 of each kind of features, the time taken and the picture."""
+    lines = ["", "Weighted k-NN on Fashion-MNIST test (k=20, T=0.07, 60k train images as memory)",
+             f"{'features':<34}{'top-1':>8}"]
+    lines += [f"{name:<34}{100 * top1:>7.2f}%" for name, top1 in summary["knn_top1"].items()]
+    lines.append(f"\ntraining {summary['train_seconds'] / 60:.1f} min, total {summary['total_seconds'] / 60:.1f} min; "
+                 f"picture: {summary['picture']}")
+    return "\n".join(lines)

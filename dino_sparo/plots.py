@@ -71,20 +71,3 @@ def plot_training_logs(paths: Sequence[str | Path], output: str | Path, labels: 
     fig.tight_layout()
     _save(fig, output, dpi=90)
     return drawn
-
-
-def main(argv: Optional[list[str]] = None) -> list[str]:
-    import argparse  # noqa: PLC0415
-
-    parser = argparse.ArgumentParser(
-        prog="python tools/plot_log.py",
-        description="Training curves (loss, lr, teacher entropy, k-NN accuracy when logged) of one or several runs.")
-    parser.add_argument("logs", nargs="+", help="log.jsonl files or run folders")
-    parser.add_argument("--labels", nargs="+", help="one legend label per log (default: the run folder names)")
-    parser.add_argument("--metrics", nargs="+", help="keys to draw (default: loss, lr, teacher entropy, knn*)")
-    parser.add_argument("--title", default="", help="figure title")
-    parser.add_argument("--output", default="training_curves.png", help="PNG to write")
-    args = parser.parse_args(argv)
-    drawn = plot_training_logs(args.logs, args.output, labels=args.labels, metrics=args.metrics, title=args.title)
-    print(f"{args.output}: {', '.join(drawn)}")
-    return drawn

@@ -24,10 +24,12 @@ LOG_DATE_FORMAT = "%H:%M:%S"
 
 # --------------------------------------------------------------------------------------------- device
 
-def resolve_device(name: str, key: str = "config key 'device'") -> torch.device:
-    """``auto``: a GPU when there is one, else the CPU. ``cuda`` is this process' GPU (its local
-    rank under torchrun or SLURM). ``key`` names the option in the error (a config key or a flag)."""
-    if name == "auto":
+def resolve_device(name: "str | torch.device | None", key: str = "config key 'device'") -> torch.device:
+    """``auto`` (or None): a GPU when there is one, else the CPU. ``cuda`` is this process' GPU (its
+    local rank under torchrun or SLURM). ``key`` names the option in the error (a config key or a flag)."""
+    if isinstance(name, torch.device):
+        return name
+    if name is None or name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():

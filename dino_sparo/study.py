@@ -79,8 +79,7 @@ def run_one(config: str | Path, arm: str, seed: int, budget: Budget, output_dir:
     """Train one arm/seed (resuming if interrupted), then evaluate its teacher: k-NN (k = 20),
     k-NN on greedily selected slots (SPARO only; chosen on held-out train rows), linear probe."""
     from dino_sparo.config import load_config  # noqa: PLC0415  (heavy imports only when running)
-    from dino_sparo.evaluation.knn_cli import knn_from_checkpoint  # noqa: PLC0415
-    from dino_sparo.evaluation.linear_cli import linear_from_checkpoint  # noqa: PLC0415
+    from dino_sparo.evaluation.api import knn_from_checkpoint, linear_from_checkpoint  # noqa: PLC0415
     from dino_sparo.models.vit import count_parameters  # noqa: PLC0415
     from dino_sparo.models.build import build_backbone  # noqa: PLC0415
     from dino_sparo.train import train  # noqa: PLC0415
@@ -125,8 +124,7 @@ def run_baseline(kind: str, arm: str, seed: int, budget: Budget, output_dir: Pat
                  device: str = "cpu") -> dict[str, Any]:
     """The same evaluation of a reference without DINO training: ``init`` (the arm's network at
     initialisation, from its run's config) or ``pixels`` (raw pixels; no network, no linear grid change)."""
-    from dino_sparo.evaluation.knn_cli import knn_from_checkpoint  # noqa: PLC0415
-    from dino_sparo.evaluation.linear_cli import linear_from_checkpoint  # noqa: PLC0415
+    from dino_sparo.evaluation.api import knn_from_checkpoint, linear_from_checkpoint  # noqa: PLC0415
 
     checkpoint = output_dir / "checkpoint.pth"
     if not checkpoint.is_file():
@@ -266,49 +264,4 @@ def write_summary(results: Path, budget_name: str, config: str | Path) -> dict[s
                "budget_detail": asdict(budget) if budget else None, "arms": summary, "baselines": baselines}
     (results / "summary.json").write_text(json.dumps(payload, indent=2))
     (results / "summary.md").write_text(format_summary(summary) + "\n")
-    return payload
-
-
-def build_parser() -> "argparse.ArgumentParser":
-    import argparse  # noqa: PLC0415
-
-    default_config = "configs/dino/demo_fashion_mnist.yaml"  # relative to the repository root
-    parser = argparse.ArgumentParser(
-        prog="python tools/study.py",
-        description="DINO with a class-token vs a SPARO read-out, several seeds, same schedule and budget; "
-                    "k-NN, linear probe and selected-slot k-NN, mean ± std. Re-running skips finished runs.")
-    parser.add_argument("--config", default=default_config, help="base config both arms start from")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per arm (at least 3 for a std)")
-    parser.add_argument("--budget", default="cpu", choices=sorted(BUDGETS),
-                        help="smoke: a 2-step pipeline check; cpu: ~40 min for 6 runs on 2 shared cores; cpu3x: 3× its steps; "
-                             "demo: the demo's full schedule and evaluation")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which read-outs to run")
-    parser.add_argument("--results-dir", default="results/study", help="per-run JSONs and the summary go here")
-    parser.add_argument("--output-dir", default="output/study", help="checkpoints and training logs go here")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
-    parser.add_argument("--baselines", action="store_true",
-                        help="also evaluate raw pixels and each arm's network at initialisation (same protocol)")
-    parser.add_argument("--summary-only", action="store_true", help="only rebuild the summary from the run JSONs")
-    return parser
-
-
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # training adds its own console handler to the root logger
-    if args.summary_only:
-        payload = write_summary(Path(args.results_dir) / args.budget, args.budget, args.config)
-    else:
-        import torch  # noqa: PLC0415
-
-        torch.set_num_threads(args.threads)
-        payload = run_study(args.config, args.seeds, args.budget, args.results_dir, args.output_dir, args.arms,
-                            args.device, baselines=args.baselines)
-    print(format_summary(payload["arms"]))
-    for name, entry in payload["baselines"].items():
-        print(f"{name}: k-NN top-1 {100 * entry['knn_top1']:.2f}, linear top-1 {100 * entry['linear_top1']:.2f}")
     return payload

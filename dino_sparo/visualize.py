@@ -178,11 +178,11 @@ def visualize_checkpoint(
 ) -> dict[str, Any]:
     """Slot attention pictures of a DINO (``key``: teacher/student) or CLIP checkpoint; for CLIP
     with a ``caption`` also the text strip (written beside ``output`` as ``*_text.png``)."""
-    from dino_sparo.checkpoint import load_checkpoint  # noqa: PLC0415
+    from dino_sparo.checkpoint import load_run  # noqa: PLC0415
     from dino_sparo.data.transforms import normalization_for  # noqa: PLC0415
 
     output = Path(output)
-    mode = load_checkpoint(checkpoint, map_location="cpu").get("config", {}).get("mode", "dino")
+    mode = load_run(checkpoint).cfg.mode
     text, tokenizer = None, None
     if mode == "clip":
         from dino_sparo.models.clip import load_clip_model  # noqa: PLC0415
@@ -223,47 +223,3 @@ def _save(fig: Any, path: str | Path, dpi: int = 110) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     _pyplot().close(fig)
-
-
-def build_parser() -> "argparse.ArgumentParser":
-    import argparse  # noqa: PLC0415
-
-    from dino_sparo.evaluation.sources import HelpFormatter  # noqa: PLC0415
-
-    parser = argparse.ArgumentParser(
-        prog="dino-sparo-visualize",
-        description="PNG grid of SPARO slot attention over the patch grid of some images (class-token weight "
-                    "printed above each map); for CLIP checkpoints also the per-token attention of a caption.",
-        formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pth of a DINO or CLIP run with a SPARO read-out")
-    parser.add_argument("--images", nargs="+", default=["0", "1250", "2500", "3750", "5000", "6250", "7500", "8750"],
-                        help="Fashion-MNIST test indices and/or image file paths (default: 8 spread-out test images)")
-    parser.add_argument("--slots", type=int, nargs="+", help="slots to show (default: the most attended ones)")
-    parser.add_argument("--num-slots", type=int, default=8, help="how many most-attended slots to show without --slots")
-    parser.add_argument("--caption", help="CLIP only: also plot each slot's attention over this caption's tokens")
-    parser.add_argument("--key", default="teacher", choices=["teacher", "student"], help="DINO: which network")
-    parser.add_argument("--data-path", help="folder of the Fashion-MNIST IDX files (default: the config's)")
-    parser.add_argument("--output", default="slot_attention.png", help="PNG to write")
-    return parser
-
-
-def run(args: Any) -> dict[str, Any]:
-    """What ``main`` does with parsed options: write the pictures, print their paths; returns the result."""
-    result = visualize_checkpoint(args.checkpoint, args.images, args.output, slots=args.slots,
-                                  num_slots=args.num_slots, caption=args.caption, key=args.key,
-                                  fashion_mnist_root=args.data_path)
-    for name in ("image_png", "text_png"):
-        if name in result:
-            print(f"{name}: {result[name]}")
-    print(f"slots: {result['slots']}")
-    return result
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """The console script: exit status 0 on success; a user's mistake is one line on stderr, status 1."""
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, KeyError, IndexError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError quotes its text
-        raise SystemExit(f"dino-sparo-visualize: error: {message}") from None

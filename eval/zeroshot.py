@@ -1,7 +1,7 @@
 """Zero-shot evaluation of a CLIP-mode checkpoint: ``python eval/zeroshot.py --checkpoint CKPT``
 (same as ``dino-sparo-zeroshot``)."""
 
-from dino_sparo.evaluation.zeroshot_cli import main
+from dino_sparo.cli.zeroshot import main
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """The k-NN benchmark: streamed backends and one-shot references side by side, one row per backend."""
 
 from dino_sparo.evaluation.bench_knn import DEFAULT_BACKENDS, ONE_SHOT, format_table, run_bench
-from dino_sparo.evaluation.knn import available_backends
+from dino_sparo.evaluation.knn_search import available_backends
 
 
 def test_bench_rows_hold_every_backend_with_the_same_neighbours_and_a_ratio_to_the_one_shot(tmp_path):

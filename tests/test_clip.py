@@ -22,27 +22,20 @@ from dino_sparo import SPARO
 from dino_sparo.config import load_config
 from dino_sparo.data.captions import CaptionTable, FashionMNISTCaptions, TarShardCaptions
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
-from dino_sparo.evaluation import zeroshot, zeroshot_cli
+from dino_sparo.cli import zeroshot as zeroshot_cli
+from dino_sparo.evaluation import zeroshot
 from dino_sparo.losses import ClipLoss
 from dino_sparo.methods.clip import ClipMethod
 from dino_sparo.models.clip import baseline_config, build_clip_model
 from dino_sparo.models.text import EOT_TOKEN_ID, SOT_TOKEN_ID, TextTransformer, Tokenizer
 from dino_sparo.models.vit import count_parameters
 
+from conftest import TINY_CLIP_TRAINING
+
 HAS_FASHION = Path(DEFAULT_FASHION_MNIST_ROOT).exists()
 needs_fashion = pytest.mark.skipif(not HAS_FASHION, reason="Fashion-MNIST not installed (make data)")
 
-TINY = [
-    "precision=fp32",  # the numbers compared below are fp32 ones, also on CPUs with native bf16
-    "mode=clip", "model.arch=vit_pico", "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
-    "model.patch_size=7", "model.img_size=28", "model.drop_path_rate=0.0",
-    "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
-    "clip.text_width=32", "clip.text_depth=2", "clip.text_heads=2", "clip.context_length=20", "clip.embed_dim=32",
-    "clip.image_mean=[0.286,0.286,0.286]", "clip.image_std=[0.353,0.353,0.353]",
-    "data.dataset=fashion_mnist", "data.limit=256", "data.batch_size_per_gpu=32", "data.num_workers=0",
-    "optim.epochs=3", "optim.warmup_epochs=0", "optim.lr=0.008", "optim.clip_grad=0.0",
-    "optim.weight_decay=0.0", "optim.weight_decay_end=0.0", "log_every=1", "device=cpu",
-]
+TINY = TINY_CLIP_TRAINING
 
 
 def tiny(*extra):

@@ -21,7 +21,7 @@ TINY = ["model.depth=2", "model.sparo.num_slots=4", "model.sparo.slot_dim=4", "d
 
 def test_sigterm_during_training_ends_the_demo_with_143(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, "-m", "dino_sparo.demo", "--output-dir", str(tmp_path), *TINY],
+    process = subprocess.Popen([sys.executable, "-m", "dino_sparo.cli.demo", "--output-dir", str(tmp_path), *TINY],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (tmp_path / "log.jsonl").exists() or not (tmp_path / "log.jsonl").read_text():

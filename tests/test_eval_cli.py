@@ -12,7 +12,9 @@ import torch
 from dino_sparo.checkpoint import load_checkpoint, save_checkpoint
 from dino_sparo.data.datasets import FashionMNIST
 from dino_sparo.data.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD, eval_transform
-from dino_sparo.evaluation import knn_cli
+from dino_sparo.cli import knn as knn_cli
+from dino_sparo.evaluation import knn as knn_protocol
+from dino_sparo.evaluation.api import knn_from_checkpoint, linear_from_checkpoint
 from dino_sparo.models.build import load_backbone_from_checkpoint
 from dino_sparo.models.vit import VisionTransformer
 
@@ -147,13 +149,13 @@ def test_slots_option_equals_knn_on_kept_slots(checkpoint, images, tmp_path):
 
 def test_selection_sees_train_rows_only_and_per_slot_writes_a_chart(checkpoint, tmp_path, monkeypatch):
     seen = {}
-    original = knn_cli.greedy_slot_selection
+    original = knn_protocol.greedy_slot_selection
 
     def spy(features, labels, *args, **kwargs):
         seen["rows"], seen["labels"] = len(features), np.asarray(labels).copy()
         return original(features, labels, *args, **kwargs)
 
-    monkeypatch.setattr(knn_cli, "greedy_slot_selection", spy)
+    monkeypatch.setattr(knn_protocol, "greedy_slot_selection", spy)
     result = run_knn(checkpoint, tmp_path, "--select-slots", "--per-slot", "--slot-k", "5")
     train_labels = np.asarray(FashionMNIST(split="train", limit=TRAIN_LIMIT).targets)
     assert seen["rows"] == TRAIN_LIMIT and np.array_equal(seen["labels"], train_labels)
@@ -186,7 +188,7 @@ def test_baselines_pixels_and_init(checkpoint, images, tmp_path):
 
 
 def test_evaluate_knn_in_process_and_errors(checkpoint, tmp_path):
-    result = knn_cli.knn_from_checkpoint(checkpoint, train_limit=TRAIN_LIMIT, test_limit=TEST_LIMIT, ks=(20,),
+    result = knn_from_checkpoint(checkpoint, train_limit=TRAIN_LIMIT, test_limit=TEST_LIMIT, ks=(20,),
                                          cache_dir=None, backend="torch", progress=False)
     assert 0.0 <= result["knn"]["20"]["top1"] <= 1.0 and result["cache_dir"] is None
     # in process, on a model in training mode: the same numbers, and the model stays in training mode
@@ -195,7 +197,7 @@ def test_evaluate_knn_in_process_and_errors(checkpoint, tmp_path):
     train = FashionMNIST(split="train", limit=TRAIN_LIMIT, transform=eval_transform(
         28, FASHION_MNIST_MEAN, FASHION_MNIST_STD, resize_ratio=1.0, grayscale_input=True))
     test = FashionMNIST(split="test", limit=TEST_LIMIT, transform=train.transform)
-    direct = knn_cli.evaluate_knn(backbone, train, test, ks=(20,), backend="torch", progress=False)
+    direct = knn_protocol.evaluate_knn(backbone, train, test, ks=(20,), backend="torch", progress=False)
     assert direct["knn"] == result["knn"] and backbone.training
     with pytest.raises(SystemExit, match="k=500 exceeds"):
         run_knn(checkpoint, tmp_path, "--ks", "500")
@@ -208,9 +210,11 @@ def test_evaluate_knn_in_process_and_errors(checkpoint, tmp_path):
 
 def test_knn_and_linear_of_a_clip_checkpoint_use_its_image_size_and_normalisation(clip_checkpoint, tmp_path):
     """A CLIP run evaluates at its own 28 px with clip.image_mean/std, the view its training-time
-    evaluations use (data.captions.clip_eval_transform), not at DINO's default crop size of 224."""
-    from dino_sparo.data.captions import clip_eval_transform
-    from dino_sparo.evaluation import linear_cli, sources
+    evaluations use (data.transforms.clip_eval_transform), not at DINO's default crop size of 224."""
+    from dino_sparo.data.transforms import clip_eval_transform
+    from dino_sparo.cli.common import request_from_args
+    from dino_sparo.data.transforms import probe_train_transform
+    from dino_sparo.evaluation.inputs import data_for, load_source
     from tiny_checkpoint import CLIP_IMAGE_SIZE
 
     backbone, cfg = load_backbone_from_checkpoint(clip_checkpoint, "model")
@@ -218,7 +222,7 @@ def test_knn_and_linear_of_a_clip_checkpoint_use_its_image_size_and_normalisatio
     view = clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)
     args = knn_cli.build_parser().parse_args(["--checkpoint", str(clip_checkpoint), "--train-limit", str(TRAIN_LIMIT),
                                               "--test-limit", str(TEST_LIMIT)])
-    data = sources.data_from_args(args, sources.load_source(clip_checkpoint))
+    data = data_for(request_from_args(args), load_source(clip_checkpoint))
     assert data.info["image_size"] == CLIP_IMAGE_SIZE
     splits = {}
     for split, dataset in (("train", data.train), ("test", data.test)):
@@ -236,11 +240,11 @@ def test_knn_and_linear_of_a_clip_checkpoint_use_its_image_size_and_normalisatio
     for k in KS:  # top-1 only: two steps of training leave near-ties between classes further down
         assert result["knn"][str(k)]["top1"] == pytest.approx(expected[str(k)]["top1"], abs=1.5 / TEST_LIMIT)
 
-    linear = linear_cli.linear_from_checkpoint(clip_checkpoint, train_limit=TRAIN_LIMIT, test_limit=TEST_LIMIT,
+    linear = linear_from_checkpoint(clip_checkpoint, train_limit=TRAIN_LIMIT, test_limit=TEST_LIMIT,
                                                cache_dir=None, device="cpu", epochs=1, lrs=(0.01,), progress=False,
                                                augment=True, num_workers=0)
     assert linear["data"]["image_size"] == CLIP_IMAGE_SIZE
-    normalise = linear_cli.probe_train_transform("fashion_mnist", CLIP_IMAGE_SIZE, cfg=cfg).transforms[-1]
+    normalise = probe_train_transform("fashion_mnist", CLIP_IMAGE_SIZE, cfg=cfg).transforms[-1]
     assert tuple(normalise.mean) == tuple(cfg.clip.image_mean) and tuple(normalise.std) == tuple(cfg.clip.image_std)
 
 
@@ -267,7 +271,7 @@ def _pixel_knn(*args):
 
 
 def test_image_folder_without_train_and_val_is_refused_unless_both_paths_are_given(tmp_path, capsys):
-    from dino_sparo.evaluation import linear_cli
+    from dino_sparo.cli import linear as linear_cli
 
     flat = _image_folder(tmp_path / "flat")
     common = ["--baseline", "pixels", "--dataset", "imagefolder", "--data-path", str(flat), "--image-size", "8",
@@ -298,8 +302,8 @@ def test_image_folder_without_train_and_val_is_refused_unless_both_paths_are_giv
 # --------------------------------------------------------------------------- first contact
 
 
-@pytest.mark.parametrize("module", ["dino_sparo.evaluation.knn_cli", "dino_sparo.evaluation.linear_cli",
-                                    "dino_sparo.evaluation.zeroshot_cli", "dino_sparo.visualize"])
+@pytest.mark.parametrize("module", ["dino_sparo.cli.knn", "dino_sparo.cli.linear", "dino_sparo.cli.zeroshot",
+                                    "dino_sparo.cli.visualize"])
 def test_every_option_has_a_help_text_that_shows_its_default(module):
     import argparse
     import importlib
@@ -317,7 +321,7 @@ def test_every_option_has_a_help_text_that_shows_its_default(module):
 def test_knn_table_names_its_columns(checkpoint, tmp_path, capsys):
     result = run_knn(checkpoint, tmp_path, "--slots", "0,2")
     table = capsys.readouterr().out
-    assert knn_cli.format_knn_table(result) in table
+    assert knn_protocol.format_knn_table(result) in table
     lines = table.splitlines()
     head = next(i for i, line in enumerate(lines) if "all slots" in line)
     assert "slots [0,2]" in lines[head]

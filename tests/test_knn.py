@@ -12,16 +12,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
-from dino_sparo.evaluation import features as features_mod
-from dino_sparo.evaluation import knn as knn_mod
-from dino_sparo.evaluation.features import (
+from dino_sparo.evaluation import feature_store as features_mod
+from dino_sparo.evaluation import knn_search as knn_mod
+from dino_sparo.evaluation.feature_store import (
     FeatureStore,
     cached_features,
     extract_features,
     feature_cache_path,
     file_fingerprint,
 )
-from dino_sparo.evaluation.knn import available_backends, knn_classify, knn_evaluate, knn_search
+from dino_sparo.evaluation.knn_search import available_backends, knn_classify, knn_accuracy, knn_search
 
 CPU_BACKENDS = [b for b in ("torch", "faiss-cpu") if b in available_backends()]
 
@@ -123,25 +123,25 @@ def test_memmap_fp16_input(tmp_path):
         np.testing.assert_allclose(scores.numpy(), ref, rtol=2e-3)
 
 
-def test_knn_evaluate_separable_is_near_perfect():
+def test_knn_accuracy_separable_is_near_perfect():
     x_train, y_train, x_test, y_test = clustered(n_train=500, n_test=100, num_classes=10, spread=0.05)
-    res = knn_evaluate(x_train, y_train, x_test, y_test, 10, ks=(10, 20, 100, 200))
+    res = knn_accuracy(x_train, y_train, x_test, y_test, 10, ks=(10, 20, 100, 200))
     assert sorted(res) == [10, 20, 100, 200]
     for k, acc in res.items():
         assert acc["top1"] >= 0.98, (k, acc)
         assert acc["top5"] == 1.0
 
 
-def test_knn_evaluate_random_labels_is_chance():
+def test_knn_accuracy_random_labels_is_chance():
     x_train, y_train, x_test, y_test = clustered(
         n_train=2000, n_test=500, num_classes=10, spread=1.0, shuffle_labels=True
     )
-    res = knn_evaluate(x_train, y_train, x_test, y_test, 10, ks=(20,))
+    res = knn_accuracy(x_train, y_train, x_test, y_test, 10, ks=(20,))
     assert 0.03 < res[20]["top1"] < 0.2
     assert 0.35 < res[20]["top5"] < 0.65
 
 
-def test_knn_evaluate_searches_once_and_matches_classify(monkeypatch):
+def test_knn_accuracy_searches_once_and_matches_classify(monkeypatch):
     x_train, y_train, x_test, y_test = clustered(spread=1.5)
     calls = []
     real = knn_mod.knn_search
@@ -151,7 +151,7 @@ def test_knn_evaluate_searches_once_and_matches_classify(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(knn_mod, "knn_search", counting)
-    res = knn_evaluate(x_train, y_train, x_test, y_test, 5, ks=(20, 5, 50), backend="torch")
+    res = knn_accuracy(x_train, y_train, x_test, y_test, 5, ks=(20, 5, 50), backend="torch")
     assert calls == [50]
     for k in (5, 20, 50):
         scores = knn_classify(x_train, y_train, x_test, 5, k=k, backend="torch")
@@ -160,7 +160,7 @@ def test_knn_evaluate_searches_once_and_matches_classify(monkeypatch):
 
 def test_auto_backend_is_logged(caplog):
     x_train, _, x_test, _ = clustered()
-    with caplog.at_level(logging.INFO, logger="dino_sparo.evaluation.knn"):
+    with caplog.at_level(logging.INFO, logger="dino_sparo.evaluation.knn_search"):
         knn_search(x_train, x_test, 5, backend="auto")
     assert f"k-NN backend: {available_backends()[0]}" in caplog.text
 

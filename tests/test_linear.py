@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from dino_sparo.checkpoint import load_checkpoint
-from dino_sparo.evaluation import linear_cli
-from dino_sparo.evaluation.features import FeatureStore
-from dino_sparo.evaluation.frozen_features import dino_linear_spec, feature_fn, last_blocks_features, resolve_spec
+from dino_sparo.cli import linear as linear_cli
+from dino_sparo.evaluation.api import linear_from_checkpoint
+from dino_sparo.evaluation.feature_store import FeatureStore
+from dino_sparo.evaluation.feature_kinds import dino_linear_spec, feature_fn, last_blocks_features, resolve_spec
 from dino_sparo.evaluation.linear import HeadsSGD, LinearHeads, cosine_factor, linear_probe, slot_block_fn
 from dino_sparo.models.vit import vit
 
@@ -159,9 +160,9 @@ def test_linear_cli_end_to_end_with_saved_head(checkpoint, tmp_path, capsys):
     assert (pred == test.labels).mean() == pytest.approx(result["test_top1"])
     assert saved["lr"] == result["selected"]["lr"]
 
-    slots = linear_cli.linear_from_checkpoint(checkpoint, train_limit=200, test_limit=60, cache_dir=cache, lrs=(0.1,),
+    slots = linear_from_checkpoint(checkpoint, train_limit=200, test_limit=60, cache_dir=cache, lrs=(0.1,),
                                               epochs=1, batch_size=64, slots=[0, 3], progress=False)
     assert slots["slots"] == [0, 3] and slots["cache_hit"] == {"train": True, "test": True}
-    aug = linear_cli.linear_from_checkpoint(checkpoint, train_limit=100, test_limit=30, cache_dir=None, lrs=(0.1,),
+    aug = linear_from_checkpoint(checkpoint, train_limit=100, test_limit=30, cache_dir=None, lrs=(0.1,),
                                             epochs=1, batch_size=50, augment=True, progress=False)
     assert aug["mode"] == "augment" and aug["num_fit"] == 100 and 0.0 <= aug["test_top1"] <= 1.0

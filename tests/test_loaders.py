@@ -39,7 +39,7 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("workers", [0, 1, 3])
 def test_training_stops_on_a_corrupt_image_naming_it(folder_with_a_corrupt_image, tmp_path, workers):
-    done = run(["-m", "dino_sparo.train", "device=cpu", "precision=fp32", "model.arch=vit_pico", "model.depth=2",
+    done = run(["-m", "dino_sparo.cli.train", "device=cpu", "precision=fp32", "model.arch=vit_pico", "model.depth=2",
                    "model.patch_size=4", "model.img_size=28", "model.sparo.num_slots=2", "model.sparo.slot_dim=4",
                    f"data.path={folder_with_a_corrupt_image}", "data.batch_size_per_gpu=4",
                    f"data.num_workers={workers}", "crops.global_crops_size=28", "crops.local_crops_number=0",
@@ -58,7 +58,7 @@ EXTRACT = textwrap.dedent("""
     from torch.utils.data import DataLoader
     from dino_sparo.data.datasets import ImageFolder
     from dino_sparo.data.loaders import leave_stop_signals_to_main_process
-    from dino_sparo.evaluation.features import extract_features
+    from dino_sparo.evaluation.feature_store import extract_features
 
     root, workers, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     dataset = ImageFolder(root, transform=lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST
-from dino_sparo.evaluation.knn import knn_classify
+from dino_sparo.evaluation.knn_search import knn_classify
 from dino_sparo.evaluation.linear import linear_probe
 
 pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_sparo.evaluation.knn import knn_classify, knn_evaluate, knn_search
+from dino_sparo.evaluation.knn_search import knn_classify, knn_accuracy, knn_search
 from dino_sparo.evaluation.slots import (
     SelectedSlots,
     greedy_slot_selection,
@@ -145,11 +145,11 @@ def test_greedy_picks_the_informative_slots_and_beats_all_slots():
     noise = [s for s in range(L) if s not in INFORMATIVE]
     assert min(sel.per_slot_accuracy[s] for s in INFORMATIVE) > max(sel.per_slot_accuracy[s] for s in noise)
     # the choice made on train carries over to the (never seen) test set
-    chosen = knn_evaluate(
+    chosen = knn_accuracy(
         select_slot_features(train, L, V, sel.selected), y_train,
         select_slot_features(test, L, V, sel.selected), y_test, C, ks=(20,),
     )[20]["top1"]
-    everything = knn_evaluate(train, y_train, test, y_test, C, ks=(20,))[20]["top1"]
+    everything = knn_accuracy(train, y_train, test, y_test, C, ks=(20,))[20]["top1"]
     assert chosen > everything
 
 
@@ -159,12 +159,12 @@ def test_greedy_curve_equals_knn_on_the_selected_slots():
     fit, held = sel.fit_indices, sel.heldout_indices
     for size in range(1, len(sel.selected) + 1):
         keep = sel.selected[:size]
-        res = knn_evaluate(
+        res = knn_accuracy(
             select_slot_features(emb[fit], L, V, keep), labels[fit],
             select_slot_features(emb[held], L, V, keep), labels[held], C, ks=(10,), backend="torch",
         )
         assert sel.curve[size - 1] == pytest.approx(res[10]["top1"], abs=1e-9)
-    everything = knn_evaluate(emb[fit], labels[fit], emb[held], labels[held], C, ks=(10,), backend="torch")
+    everything = knn_accuracy(emb[fit], labels[fit], emb[held], labels[held], C, ks=(10,), backend="torch")
     assert sel.all_slots_accuracy == pytest.approx(everything[10]["top1"], abs=1e-9)
 
 

@@ -28,33 +28,11 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from dino_sparo.data.datasets import FashionMNIST
-from dino_sparo.data.transforms import eval_transform
+from dino_sparo.data.transforms import to_rgb
 
 logger = logging.getLogger(__name__)
 
 Tokenize = Callable[[Sequence[str]], Any]  # captions -> B × context_length token ids
-
-
-def clip_train_transform(size: int, scale: Sequence[float], mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """CLIP's training view: RandomResizedCrop (bicubic) at ``scale``, nothing else (open_clip's)."""
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"config key 'clip.crop_scale' must be (low, high) with 0 < low <= high <= 1, got {scale}")
-    return transforms.Compose([
-        _to_rgb,
-        transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
-        transforms.ToTensor(),
-        transforms.Normalize(tuple(mean), tuple(std)),
-    ])
-
-
-def clip_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """CLIP's evaluation view: resize the short side to ``size``, centre crop, normalise."""
-    return eval_transform(size, mean, std, resize_ratio=1.0)
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB copy, loaded now (so the file behind a lazily opened image may be closed)."""
-    return image.convert("RGB")
 
 
 class _Captioned(Dataset):
@@ -123,7 +101,7 @@ class CaptionTable(_Captioned):
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                return _to_rgb(image)
+                return to_rgb(image)
         except FileNotFoundError:
             raise FileNotFoundError(f"caption table {self.table}, line {self.lines[index]}: image not found: "
                                     f"{path}") from None
@@ -275,7 +253,7 @@ class TarShardCaptions(_Captioned):
         data = self._read(shard, int(offset), int(size))
         try:
             with Image.open(io.BytesIO(data)) as image:
-                image = _to_rgb(image)
+                image = to_rgb(image)
         except OSError as exc:
             raise OSError(f"shard {self.shards[shard]}: sample {index} has an unreadable "
                           f"{self.image_keys[int(key)]} image ({exc})") from exc

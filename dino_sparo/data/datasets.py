@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 logger = logging.getLogger(__name__)
 
@@ -531,3 +531,30 @@ def build_dataset(data_cfg: Any, split: str, transform: Callable | None = None) 
         )
     logger.info("%s split '%s': %d samples, %d classes", dataset, split, len(dataset), dataset.num_classes)
     return dataset
+
+
+# --------------------------------------------------------------------------- what evaluations ask of a dataset
+
+
+def dataset_targets(dataset: Dataset) -> np.ndarray:
+    """Labels of every sample, without loading images (``targets`` through any ``Subset``)."""
+    if isinstance(dataset, Subset):
+        return dataset_targets(dataset.dataset)[np.asarray(dataset.indices)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise TypeError(f"{type(dataset).__name__} has no 'targets'; evaluation needs the labels up front")
+    return np.asarray(targets, dtype=np.int64)
+
+
+def is_grayscale(dataset: Dataset) -> bool:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, FashionMNIST)
+
+
+def num_classes_of(dataset: Dataset) -> int:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if hasattr(dataset, "num_classes"):
+        return int(dataset.num_classes)
+    return int(dataset_targets(dataset).max()) + 1

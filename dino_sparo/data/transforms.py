@@ -9,7 +9,7 @@ so the ImageNet recipe is unchanged and 28-px images are not blurred into blobs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from PIL import Image, ImageFilter
 from torch.utils.data import default_collate
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+
+if TYPE_CHECKING:
+    from dino_sparo.config import TrainConfig
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -243,3 +246,83 @@ def normalization_for(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...
     if dataset == "fashion_mnist":
         return FASHION_MNIST_MEAN, FASHION_MNIST_STD, True
     return IMAGENET_MEAN, IMAGENET_STD, False
+
+
+# --------------------------------------------------------------------------- the views evaluations use
+
+
+def eval_transform_for(
+    dataset: str,
+    image_size: int,
+    resize_ratio: Optional[float] = None,
+    cfg: Optional[TrainConfig] = None,
+) -> Any:
+    """DINO's evaluation view (resize the short side by 256/224, centre-crop) for image folders;
+    the whole image (ratio 1) for Fashion-MNIST, whose 28-px images the model saw whole. With the
+    ``cfg`` of a CLIP run: CLIP's view (ratio 1) and the run's ``clip.image_mean`` / ``image_std``."""
+    mean, std, grayscale = eval_normalization(cfg, dataset)
+    if resize_ratio is None:
+        resize_ratio = 1.0 if dataset == "fashion_mnist" or is_clip(cfg) else 256 / 224
+    return eval_transform(image_size, mean, std, resize_ratio=resize_ratio, grayscale_input=grayscale)
+
+
+def is_clip(cfg: Optional[TrainConfig]) -> bool:
+    return cfg is not None and cfg.mode == "clip"
+
+
+def eval_image_size(cfg: TrainConfig) -> int:
+    """The side a run's network was trained at, which its evaluations use: ``model.img_size`` for
+    CLIP (its only image size), the global crops' ``crops.global_crops_size`` for DINO."""
+    return int(cfg.model.img_size if is_clip(cfg) else cfg.crops.global_crops_size)
+
+
+def eval_normalization(cfg: Optional[TrainConfig], dataset: str) -> tuple[Any, Any, bool]:
+    """Mean, std and grayscale-ness of the evaluation images: a CLIP run's own ``clip.image_mean`` /
+    ``clip.image_std`` (whatever the dataset), else the dataset's (as DINO trains)."""
+    mean, std, grayscale = normalization_for(dataset)
+    if is_clip(cfg):
+        return tuple(cfg.clip.image_mean), tuple(cfg.clip.image_std), grayscale
+    return mean, std, grayscale
+
+
+def to_rgb(image: Any) -> Any:
+    """An RGB copy, loaded now (so the file behind a lazily opened image may be closed)."""
+    return image.convert("RGB")
+
+
+def probe_train_transform(dataset: str, image_size: int, scale: tuple[float, float] = (0.08, 1.0),
+                          cfg: Optional[Any] = None) -> Any:
+    """DINO's linear-probe training view: RandomResizedCrop + horizontal flip, then normalise as the
+    evaluation transform does (a CLIP run's own mean and std; grayscale images become three equal
+    channels)."""
+    mean, std, grayscale = eval_normalization(cfg, dataset)
+    steps: list[Any] = [transforms.Grayscale(num_output_channels=3) if grayscale else transforms.Lambda(to_rgb)]
+    steps += [
+        transforms.RandomResizedCrop(image_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ]
+    return transforms.Compose(steps)
+
+
+def clip_train_transform(size: int, scale: Sequence[float], mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """CLIP's training view: RandomResizedCrop (bicubic) at ``scale``, nothing else (open_clip's)."""
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"config key 'clip.crop_scale' must be (low, high) with 0 < low <= high <= 1, got {scale}")
+    return transforms.Compose([
+        transforms.Lambda(to_rgb),
+        transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(tuple(mean), tuple(std)),
+    ])
+
+
+def clip_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """CLIP's evaluation view: resize the short side to ``size``, centre crop, normalise."""
+    return eval_transform(size, mean, std, resize_ratio=1.0)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB copy, loaded now (so the file behind a lazily opened image may be closed)."""
+    return image.convert("RGB")

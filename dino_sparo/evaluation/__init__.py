@@ -1,41 +1,10 @@
-"""Evaluation of frozen features: k-NN, feature stores and caches, SPARO slot analysis."""
+"""Evaluation of frozen features, one module per protocol on one shared front end:
 
-from dino_sparo.evaluation.features import (
-    FeatureStore,
-    cached_features,
-    extract_features,
-    feature_cache_key,
-    feature_cache_path,
-    file_fingerprint,
-)
-from dino_sparo.evaluation.knn import knn_classify, knn_evaluate, knn_search, knn_vote, resolve_backend
-from dino_sparo.evaluation.slots import (
-    SelectedSlots,
-    SlotSelection,
-    greedy_slot_selection,
-    per_slot_knn,
-    plot_per_slot_accuracy,
-    select_slot_features,
-    stratified_split,
-)
-
-__all__ = [
-    "FeatureStore",
-    "SelectedSlots",
-    "SlotSelection",
-    "cached_features",
-    "extract_features",
-    "feature_cache_key",
-    "feature_cache_path",
-    "file_fingerprint",
-    "greedy_slot_selection",
-    "knn_classify",
-    "knn_evaluate",
-    "knn_search",
-    "knn_vote",
-    "per_slot_knn",
-    "plot_per_slot_accuracy",
-    "resolve_backend",
-    "select_slot_features",
-    "stratified_split",
-]
+- ``inputs``: what an evaluation reads (a checkpoint / init / pixels network and its datasets, from one
+  ``EvalRequest``); ``api.evaluate_checkpoint`` runs any protocol on it;
+- ``knn`` (DINO's weighted k-NN, on the ``knn_search`` engine), ``linear`` (linear probes), ``zeroshot``
+  (CLIP), ``slots`` (SPARO slot subsets, per-slot accuracy, greedy selection);
+- ``feature_kinds`` (what is read from a network) and ``feature_store`` (extraction to memory-mapped
+  stores, the content-keyed cache);
+- ``periodic_knn``: k-NN during training.
+"""

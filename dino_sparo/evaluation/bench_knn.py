@@ -1,4 +1,5 @@
-"""Benchmark of the k-NN search: ``python tools/bench_knn.py`` (``--help`` for the options).
+"""Benchmark of the k-NN search: ``python tools/bench_knn.py`` (``--help`` for the options; the
+program is :mod:`dino_sparo.cli.bench_knn`).
 
 The issue this answers: a SPARO embedding is 4096-d, and k-NN on ImageNet-sized feature sets ran
 out of memory in the reference script. Here the search is timed on ``num_train × D`` train and
@@ -17,7 +18,6 @@ ratio of the streamed search to the faster one-shot comes from one run of a (noi
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -132,7 +132,7 @@ def measure(paths: dict[str, str], backend: str, k: int, temperature: float, num
     the moment the features are opened (so imports and the interpreter do not count)."""
     import torch  # noqa: PLC0415 (imported here: the parent process stays light)
 
-    from dino_sparo.evaluation.knn import knn_search, knn_vote, topk_accuracy  # noqa: PLC0415
+    from dino_sparo.evaluation.knn_search import knn_search, knn_vote, topk_accuracy  # noqa: PLC0415
 
     torch.set_num_threads(threads)
     if backend.startswith("faiss"):
@@ -195,7 +195,7 @@ def run_bench(dims: list[int], backends: list[str], num_train: int, num_test: in
                     spec = json.dumps({"paths": paths, "backend": backend, "k": k, "temperature": temperature,
                                        "num_classes": num_classes, "threads": threads,
                                        "neighbours_out": out if repeat == 0 else None})
-                    proc = subprocess.run([sys.executable, "-m", "dino_sparo.evaluation.bench_knn", "--worker", spec],
+                    proc = subprocess.run([sys.executable, "-m", "dino_sparo.evaluation.bench_knn", spec],
                                           capture_output=True, text=True)
                     if proc.returncode != 0:
                         raise RuntimeError(f"k-NN bench worker ({backend}, D={dim}) failed:\n{proc.stderr}")
@@ -239,56 +239,5 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bench_knn", description="Time the k-NN search (search + DINO vote) of each backend on "
-        "memory-mapped features of a ViT-S width (384) and a SPARO embedding's (4096).")
-    parser.add_argument("--dims", default=",".join(map(str, DEFAULT_DIMS)), help="feature widths, comma-separated")
-    parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
-                        help="k-NN backends to compare: the streamed faiss-cpu, faiss-gpu, torch, and the one-shot "
-                             "references faiss-flat, torch-oneshot (no memory bound); the first is the one the "
-                             "others' neighbours are compared with")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="runs of every backend, taking turns; the table gives the fastest and the median")
-    parser.add_argument("--num-train", type=int, default=60000, help="train features (the k-NN memory)")
-    parser.add_argument("--num-test", type=int, default=10000, help="test features (the queries)")
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("-k", type=int, default=20, help="neighbours per query")
-    parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--dtype", choices=["auto", "fp32", "fp16"], default="auto",
-                        help="storage of the memmapped features; auto: fp16 from D = 1024 on (what "
-                             "--fp16-features gives a SPARO model), fp32 below")
-    parser.add_argument("--noise", type=float, default=2.0,
-                        help="noise norm relative to the class centres' (higher: harder, lower accuracy)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of torch and faiss")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tmp", help="folder for the feature files (default: the system's temporary folder)")
-    parser.add_argument("--json", help="also write the rows as JSON to this file ('-' for standard output)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    return parser
-
-
-def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    args = build_parser().parse_args(argv)
-    if args.worker:
-        spec = json.loads(args.worker)
-        print(json.dumps(measure(**spec)))
-        return []
-    dims = [int(d) for d in args.dims.split(",") if d]
-    backends = [b for b in args.backends.split(",") if b]
-    rows = run_bench(dims, backends, args.num_train, args.num_test, args.num_classes, args.k, args.temperature,
-                     args.dtype, args.noise, args.threads, args.seed, args.tmp, args.repeats)
-    if args.json == "-":
-        print(json.dumps(rows, indent=2))
-    else:
-        print(f"k-NN search + vote: {args.num_train} train × {args.num_test} test features, k={args.k}, "
-              f"{args.threads} thread(s), {args.repeats} run(s) each; ÷ one-shot: the median over the fastest "
-              "one-shot reference's median; memory is the growth from the moment the features are opened")
-        print(format_table(rows))
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return rows
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # one measurement in a fresh process: python -m dino_sparo.evaluation.bench_knn SPEC
+    print(json.dumps(measure(**json.loads(sys.argv[1]))))

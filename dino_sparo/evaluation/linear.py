@@ -1,4 +1,4 @@
-"""Linear probes on frozen features: a grid of linear classifiers (learning rates × weight decays)
+"""The linear-probe protocol. Probes on frozen features: a grid of linear classifiers (learning rates × weight decays)
 trained at once on the same batches, chosen on a held-out part of the TRAIN split, reported on test.
 
 Each classifier is DINO's ``LinearClassifier``: one linear layer, weight ~ N(0, 0.01), bias 0, no
@@ -17,23 +17,35 @@ the held-out train rows (``val``); test accuracy is only recorded. With ``val_fr
 head) the last epoch is reported, trained on every train row. DINO v1 reported the best test
 accuracy over epochs, which selects on test; it is given apart (``test_best_over_epochs``) for
 comparison only.
+
+:func:`evaluate_linear` probes a network's features of two datasets (extracted once and cached, or
+freshly augmented views each step with ``augment``); ``evaluation.api.evaluate_checkpoint("linear",
+...)`` opens a checkpoint first. Both return a JSON-ready dict (``result["test_top1"]``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from dino_sparo import distributed
-from dino_sparo.evaluation.knn import FeatureArray, _shape, as_label_tensor, read_rows
+from dino_sparo.checkpoint import save_checkpoint
+from dino_sparo.data.datasets import is_grayscale, num_classes_of
+from dino_sparo.evaluation.feature_kinds import FeatureSpec, feature_fn, resolve_spec, slot_layout
+from dino_sparo.evaluation.feature_store import FeatureWorkspace, extract_splits, frozen
+from dino_sparo.evaluation.knn_search import FeatureArray, as_label_tensor, feature_shape, read_rows
 from dino_sparo.evaluation.slots import select_slot_features, stratified_split
+from dino_sparo.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +124,7 @@ def cosine_factor(step: int, total: int) -> float:
 def feature_scale(features: FeatureArray, block_fn: Optional[BlockFn] = None, max_rows: int = 10000,
                   seed: int = 0) -> float:
     """The scalar that makes the mean squared feature value 1 (on up to ``max_rows`` train rows)."""
-    n, _ = _shape(features, "features")
+    n, _ = feature_shape(features, "features")
     rows = np.sort(np.random.default_rng(seed).permutation(n)[:max_rows])
     block = _rows(features, rows, block_fn, torch.device("cpu"))
     mean_square = float(block.pow(2).mean())
@@ -133,7 +145,7 @@ def _rows(features: FeatureArray, rows: np.ndarray, block_fn: Optional[BlockFn],
 
 def _iter_blocks(features: FeatureArray, rows: Optional[np.ndarray], block_fn: Optional[BlockFn], device: torch.device,
                  size: int = 4096) -> Iterable[tuple[int, torch.Tensor]]:
-    n = _shape(features, "features")[0] if rows is None else rows.size
+    n = feature_shape(features, "features")[0] if rows is None else rows.size
     for a in range(0, n, size):
         b = min(a + size, n)
         block = read_rows(features, a, b).to(device) if rows is None else _rows(features, rows[a:b], None, device)
@@ -256,17 +268,7 @@ def train_probe(
     is_main = distributed.is_main_process() or not across_ranks
     bar = tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not (progress and is_main))
     for epoch in bar:
-        heads.train()
-        for x, y in train_batches(epoch):
-            logits = heads(x.to(device, non_blocking=True))  # H × B × C
-            y = y.to(device, non_blocking=True)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(heads.num_heads), reduction="none")
-            loss.view(heads.num_heads, -1).mean(1).sum().backward()  # each head: its own mean loss
-            if across_ranks and distributed.is_dist():
-                for p in (heads.weight, heads.bias):
-                    distributed.all_reduce_mean(p.grad)
-            optimizer.step(cosine_factor(step, total))
-            step += 1
+        step = _train_epoch(heads, optimizer, train_batches(epoch), step, total, across_ranks, device)
         if not is_main:
             continue
         heads.eval()
@@ -297,6 +299,31 @@ def train_probe(
         return ProbeResult(head_lrs, head_wds, 0, epochs, None, math.nan, math.nan, {}, [], [], scale, num_fit,
                            0, 0, empty)
 
+    return _chosen_probe(heads, snapshots, head_lrs, head_wds, best_val, best_epoch, best_test, test_curve, history,
+                         val, scale, num_fit, feature_shape(test_x, "test_features")[0])
+
+
+def _train_epoch(heads: LinearHeads, optimizer: HeadsSGD, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 step: int, total: int, across_ranks: bool, device: torch.device) -> int:
+    """One pass of every head over ``batches``; returns the step count after it."""
+    heads.train()
+    for x, y in batches:
+        logits = heads(x.to(device, non_blocking=True))  # H × B × C
+        y = y.to(device, non_blocking=True)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(heads.num_heads), reduction="none")
+        loss.view(heads.num_heads, -1).mean(1).sum().backward()  # each head: its own mean loss
+        if across_ranks and distributed.is_dist():
+            for p in (heads.weight, heads.bias):
+                distributed.all_reduce_mean(p.grad)
+        optimizer.step(cosine_factor(step, total))
+        step += 1
+    return step
+
+
+def _chosen_probe(heads: LinearHeads, snapshots: list, head_lrs: list[float], head_wds: list[float],
+                  best_val: np.ndarray, best_epoch: np.ndarray, best_test: np.ndarray, test_curve: list,
+                  history: list, val: Optional[tuple], scale: float, num_fit: int, num_test: int) -> ProbeResult:
+    """The head (and epoch) with the best held-out accuracy, as a classifier, and the report."""
     chosen = int(np.argmax(best_val))  # ties: the first (smallest lr of the first wd) wins
     weight, bias = snapshots[chosen]
     classifier = heads.head(0)
@@ -316,7 +343,7 @@ def train_probe(
         test_top1=float(best_test[chosen, 0]), test_top5=float(best_test[chosen, 1]),
         test_best_over_epochs={"top1": float(curve[top]), "top5": float(test_curve[top][1][chosen]), "epoch": top + 1},
         heads=per_head, history=history, feature_scale=scale, num_fit=num_fit, num_val=num_val,
-        num_test=_shape(test_x, "test_features")[0], classifier=classifier.cpu(),
+        num_test=num_test, classifier=classifier.cpu(),
     )
     logger.info("linear probe: lr %.3g wd %.3g (epoch %d) chosen on %d held-out train rows: test top-1 %.4f top-5 %.4f",
                 head_lrs[chosen], head_wds[chosen], result.selected_epoch, num_val, result.test_top1, result.test_top5)
@@ -358,8 +385,8 @@ def linear_probe(
     and epoch; default 0.1 with several heads, 0 (train on everything, last epoch) with one.
     Train features are read batch by batch from wherever they are (a memmap stays on disk).
     """
-    n_train, _ = _shape(train_features, "train_features")
-    n_test, _ = _shape(test_features, "test_features")
+    n_train, _ = feature_shape(train_features, "train_features")
+    n_test, _ = feature_shape(test_features, "test_features")
     y_train = as_label_tensor(train_labels, n_train, "train_labels")
     y_test = as_label_tensor(test_labels, n_test, "test_labels")
     for name, y in (("train_labels", y_train), ("test_labels", y_test)):
@@ -388,3 +415,181 @@ def linear_probe(
     return train_probe(batches, steps, dim, num_classes, (test_features, y_test), val, lrs, weight_decays, epochs,
                        batch_size, scale=scale, block_fn=block_fn, seed=seed, device=device, progress=progress,
                        num_fit=int(fit_rows.size))
+
+
+# --------------------------------------------------------------------------- a network's linear probe
+
+
+def _augmented_batches(
+    backbone: nn.Module, spec: FeatureSpec, dataset: Dataset, fit_rows: np.ndarray, batch_size: int,
+    num_workers: int, block_fn: Any, scale: float, device: torch.device, seed: int, progress: bool,
+) -> tuple[Any, int]:
+    """A function epoch -> batches of (scaled features, labels) from freshly augmented images."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    subset = Subset(dataset, fit_rows.tolist())
+    world = distributed.get_world_size()
+    per_rank = max(1, batch_size // world)
+    if distributed.is_dist():
+        sampler: Any = DistributedSampler(subset, shuffle=True, seed=seed)
+    else:
+        sampler = RandomSampler(subset, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(subset, batch_size=per_rank, sampler=sampler, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", drop_last=False)
+    fn = feature_fn(backbone, spec)
+
+    def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        for images, labels in tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False,
+                                   disable=not (progress and distributed.is_main_process())):
+            with torch.no_grad():
+                feats = fn(images.to(device, non_blocking=True)).float()
+                if block_fn is not None:
+                    feats = block_fn(feats)
+            yield feats * scale, torch.as_tensor(labels)
+
+    return batches, len(loader)
+
+
+def _augmented_probe(
+    backbone: nn.Module, spec: FeatureSpec, augment_dataset: Dataset, train: Any, test: Any, num_classes: int,
+    lrs: Sequence[float], weight_decays: Sequence[float], epochs: int, batch_size: int, val_fraction: float,
+    block_fn: Optional[BlockFn], num_workers: int, seed: int, device: torch.device, progress: bool,
+) -> ProbeResult:
+    """The probe on freshly augmented views (every rank trains on its share); held-out and test
+    accuracy on the cached eval-transform features ``train`` and ``test``."""
+    y_train = as_label_tensor(train.labels, len(train), "train_labels")
+    if val_fraction > 0:
+        fit_rows, val_rows = stratified_split(train.labels, val_fraction, seed)
+        val = (train.features, y_train, val_rows)
+    else:
+        fit_rows, val = np.arange(len(train)), None
+    scale = feature_scale(train.features, block_fn, seed=seed)
+    dim = int(block_fn(torch.zeros(1, train.dim)).shape[1]) if block_fn is not None else train.dim
+    batches, steps = _augmented_batches(backbone, spec, augment_dataset, fit_rows, batch_size, num_workers,
+                                        block_fn, scale, device, seed, progress)
+    test_set = (test.features, as_label_tensor(test.labels, len(test)))
+    return train_probe(batches, steps, dim, num_classes, test_set, val, lrs, weight_decays, epochs, batch_size,
+                       scale=scale, block_fn=block_fn, seed=seed, device=device, progress=progress,
+                       num_fit=int(fit_rows.size), across_ranks=True)
+
+
+def evaluate_linear(
+    backbone: Optional[nn.Module],
+    train_dataset: Dataset,
+    test_dataset: Dataset,
+    *,
+    features: str | FeatureSpec = "auto",
+    lrs: Sequence[float] = DEFAULT_LRS,
+    weight_decays: Sequence[float] = (0.0,),
+    epochs: int = 100,
+    batch_size: int = 1024,
+    val_fraction: Optional[float] = None,
+    slots: Optional[Sequence[int]] = None,
+    augment: bool = False,
+    augment_dataset: Optional[Dataset] = None,
+    seed: int = 0,
+    extract_batch_size: int = 256,
+    num_workers: int = 0,
+    device: Optional[str | torch.device] = None,
+    fp16_features: bool = False,
+    cache_dir: Optional[str | Path] = None,
+    num_classes: Optional[int] = None,
+    save_head: Optional[str | Path] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Linear-probe accuracy of ``backbone``'s frozen features (``None``: raw pixels).
+
+    ``features="auto"``: the SPARO embedding for SPARO models, DINO's last-blocks class tokens for
+    class-token models (``feature_kinds.dino_linear_spec``). ``batch_size`` is the global probe
+    batch (the base lrs are scaled by batch / 256). With ``augment``, ``augment_dataset`` is the
+    train split with a training transform, row for row the same images as ``train_dataset``.
+    ``save_head`` writes the chosen classifier with what is needed to apply it. The backbone is
+    moved to ``device`` and keeps its train/eval mode. Under ``torch.distributed`` every rank
+    calls this and returns rank 0's result.
+    """
+    dev = resolve_device(device, key="device")
+    spec = features if isinstance(features, FeatureSpec) else resolve_spec(
+        features, backbone, grayscale=is_grayscale(train_dataset))
+    layout = slot_layout(backbone, spec)
+    block_fn = slot_block_fn(slots, layout)
+    if augment and (backbone is None or augment_dataset is None):
+        raise ValueError("--augment needs a network and the train split with the training transform")
+    if augment and len(augment_dataset) != len(train_dataset):
+        raise ValueError(f"the augmented train split has {len(augment_dataset)} images, the train split "
+                         f"{len(train_dataset)}: they must be the same images")
+    if num_classes is None:
+        num_classes = num_classes_of(train_dataset)
+    n_heads = len(lrs) * len(weight_decays)
+    if val_fraction is None:
+        val_fraction = 0.1 if n_heads > 1 else 0.0
+
+    t0 = time.perf_counter()
+    with FeatureWorkspace(cache_dir) as workspace, frozen(backbone, dev):
+        stores, hits = extract_splits(workspace, backbone, spec, {"train": train_dataset, "test": test_dataset},
+                                      fp16_features, extract_batch_size, num_workers, dev, progress)
+        t_features = time.perf_counter() - t0
+        train, test = stores["train"], stores["test"]
+        probe = None
+        if not augment:
+            if distributed.is_main_process():
+                probe = linear_probe(train.features, train.labels, test.features, test.labels, num_classes,
+                                     lrs=lrs, weight_decays=weight_decays, epochs=epochs, batch_size=batch_size,
+                                     val_fraction=val_fraction, block_fn=block_fn, seed=seed, device=dev,
+                                     progress=progress)
+        else:
+            probe = _augmented_probe(backbone, spec, augment_dataset, train, test, num_classes, lrs, weight_decays,
+                                     epochs, batch_size, val_fraction, block_fn, num_workers, seed, dev, progress)
+        result = None
+        if distributed.is_main_process():
+            result = {
+                "features": spec.describe(), "feature_spec": spec.to_dict(), "feature_dim": train.dim,
+                "slots": [int(s) for s in slots] if slots is not None else None,
+                "mode": "augment" if augment else "cached features", "epochs": epochs, "batch_size": batch_size,
+                "lrs": [float(v) for v in lrs], "weight_decays": [float(v) for v in weight_decays],
+                "lr_scaling": f"lr × {batch_size}/256", "val_fraction": val_fraction, "num_classes": num_classes,
+                **probe.to_dict(), "cache_hit": hits,
+                "cache_dir": str(cache_dir) if cache_dir is not None else None,
+                "seconds": {"features": round(t_features, 3), "probe": round(time.perf_counter() - t0 - t_features, 3)},
+            }
+            if save_head is not None:
+                result["head_path"] = str(_save_head(save_head, probe, spec, slots, num_classes))
+        result = distributed.broadcast_object(result)
+    return result
+
+
+def _save_head(path: str | Path, probe: Any, spec: FeatureSpec, slots: Optional[Sequence[int]],
+               num_classes: int) -> Path:
+    path = Path(path)
+    save_checkpoint({
+        "state_dict": probe.classifier.state_dict(),  # nn.Linear(D, C), applied to feature_scale · features
+        "feature_scale": probe.feature_scale,
+        "feature_spec": spec.to_dict(),
+        "slots": [int(s) for s in slots] if slots is not None else None,
+        "num_classes": num_classes,
+        "lr": probe.lrs[probe.selected],
+        "weight_decay": probe.weight_decays[probe.selected],
+        "epoch": probe.selected_epoch,
+    }, path)
+    return path
+
+
+def format_linear_table(result: dict[str, Any]) -> str:
+    """Per-head accuracies and the chosen head, as aligned text (percent)."""
+    slots = f", slots {result['slots']}" if result.get("slots") else ""
+    lines = [f"linear probe on {result['features']}{slots} ({result.get('source', 'model')}), "
+             f"{result['num_fit']} fit / {result['num_val']} held-out train / {result['num_test']} test, "
+             f"{result['epochs']} epochs, {result['mode']}"]
+    lines.append(f"{'lr':>10} {'wd':>8} {'epoch':>6} {'held-out':>9} {'top-1':>7} {'top-5':>7}")
+    chosen = result["selected"]["head"]
+    for i, head in enumerate(result["heads"]):
+        val = f"{100 * head['val_top1']:9.2f}" if head["val_top1"] is not None else f"{'-':>9}"
+        mark = "  <- chosen on held-out train" if i == chosen and len(result["heads"]) > 1 else ""
+        lines.append(f"{head['lr']:>10.3g} {head['weight_decay']:>8.3g} {head['epoch']:>6} {val} "
+                     f"{100 * head['test_top1']:7.2f} {100 * head['test_top5']:7.2f}{mark}")
+    best = result["test_best_over_epochs"]
+    lines.append(f"test top-1 {100 * result['test_top1']:.2f}, top-5 {100 * result['test_top5']:.2f} "
+                 f"(max over epochs of test top-1, DINO v1's optimistic report: {100 * best['top1']:.2f} "
+                 f"at epoch {best['epoch']})")
+    return "\n".join(lines)

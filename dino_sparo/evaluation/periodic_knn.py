@@ -3,56 +3,39 @@ self-supervised features learn, every N epochs, without stopping the run.
 
 The evaluation sets are built once, at start-up, from class-balanced subsets of the method's
 labelled data (``eval.knn_train_limit`` / ``eval.knn_test_limit``) with the evaluation transform.
-Each evaluation is :func:`dino_sparo.evaluation.knn_cli.evaluate_knn` on the method's image
-backbone (DINO: the teacher's): every rank extracts its shard, rank 0 searches, all ranks get the
+Each evaluation is :func:`dino_sparo.evaluation.knn.evaluate_knn` on the image backbone a method
+hands over (DINO: the teacher's): every rank extracts its shard, rank 0 searches, all ranks get the
 result. The global RNGs are restored afterwards, so a run with k-NN trains exactly as one without.
+It is one of the epoch-end hooks the training loop runs: ``due(epochs_done)``, then ``evaluate()``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import random
-from typing import Any, Iterator
+from typing import Any, Callable
 
-import numpy as np
 import torch
+from torch import nn
 
 from dino_sparo.config import DataConfig, EvalConfig
 from dino_sparo.data.datasets import ImageFolder, build_dataset
-from dino_sparo.evaluation.knn_cli import evaluate_knn
-from dino_sparo.methods.base import Method
-
-
-@contextlib.contextmanager
-def preserved_rng(device: torch.device) -> Iterator[None]:
-    """Python, NumPy and torch (CPU and ``device``'s) RNG states as they were on entry."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+from dino_sparo.evaluation.knn import evaluate_knn
+from dino_sparo.runtime import preserved_rng
 
 
 class PeriodicKnn:
-    """Weighted k-NN top-1 / top-5 of ``method.eval_backbone()`` every ``cfg.knn_every`` epochs."""
+    """Weighted k-NN top-1 / top-5 of ``backbone`` every ``cfg.knn_every`` epochs, on the labelled
+    images ``data_cfg`` names (a ``data`` config section: dataset, path) seen through ``transform``."""
 
-    def __init__(self, cfg: EvalConfig, method: Method, batch_size: int, num_workers: int,
-                 device: torch.device) -> None:
+    def __init__(self, cfg: EvalConfig, backbone: nn.Module, data_cfg: Any, transform: Callable, batch_size: int,
+                 num_workers: int, device: torch.device) -> None:
         if cfg.knn_every < 0:
             raise ValueError(f"config key 'eval.knn_every' must be >= 0 (0 = never), got {cfg.knn_every}")
         if cfg.knn_k < 1:
             raise ValueError(f"config key 'eval.knn_k' must be >= 1, got {cfg.knn_k}")
         if cfg.knn_temperature <= 0:
             raise ValueError(f"config key 'eval.knn_temperature' must be > 0, got {cfg.knn_temperature}")
-        if method.eval_backbone() is None:
-            raise ValueError(f"config key 'eval.knn_every': the {type(method).__name__} method has no image "
-                             "backbone to evaluate")
-        self.cfg, self.method = cfg, method
+        self.cfg, self.backbone = cfg, backbone
         self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
-        data_cfg, transform = method.eval_data()
         with preserved_rng(device):
             self.train_set = build_dataset(self._limited(data_cfg, cfg.knn_train_limit), "train", transform)
             self.test_set = build_dataset(self._limited(data_cfg, cfg.knn_test_limit), cfg.knn_split, transform)
@@ -77,7 +60,7 @@ class PeriodicKnn:
         """``{"knn_top1", "knn_top5"}`` as fractions in [0, 1]; call on every rank. The backbone
         keeps its train/eval mode (``evaluate_knn`` restores it)."""
         with preserved_rng(self.device):
-            result = evaluate_knn(self.method.eval_backbone(), self.train_set, self.test_set, ks=(self.cfg.knn_k,),
+            result = evaluate_knn(self.backbone, self.train_set, self.test_set, ks=(self.cfg.knn_k,),
                                   temperature=self.cfg.knn_temperature, batch_size=self.batch_size,
                                   num_workers=self.num_workers, device=self.device, progress=False)
         entry = result["knn"][str(self.cfg.knn_k)]

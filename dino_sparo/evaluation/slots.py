@@ -23,15 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dino_sparo.evaluation.knn import (
+from dino_sparo.evaluation.knn_search import (
     FeatureArray,
-    _default_device,
-    _shape,
+    feature_shape,
     as_label_tensor,
     grouped_knn_search,
     knn_vote,
     read_rows,
 )
+from dino_sparo.runtime import resolve_device
 from dino_sparo.sparo import keep_slots, parse_norm
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class SelectedSlots:
     def __init__(
         self, features: FeatureArray, num_slots: int, slot_dim: int, slots: Sequence[int], norm: str = "cont:const"
     ) -> None:
-        n, dim = _shape(features, "features")
+        n, dim = feature_shape(features, "features")
         _check_layout(dim, num_slots, slot_dim)
         parse_norm(norm)
         self.features, self.num_slots, self.slot_dim, self.norm = features, num_slots, slot_dim, norm
@@ -131,8 +131,8 @@ def per_slot_knn(
     ``L × query_chunk_size × chunk_size × 4`` bytes (64 MB with the defaults and L = 64)
     plus the neighbours, ``L × num_test × k × 12`` bytes.
     """
-    n_train, dim = _shape(train_features, "train_features")
-    n_test, _ = _shape(test_features, "test_features")
+    n_train, dim = feature_shape(train_features, "train_features")
+    n_test, _ = feature_shape(test_features, "test_features")
     _check_layout(dim, num_slots, slot_dim)
     y_train = as_label_tensor(train_labels, n_train, "train_labels")
     y_test = as_label_tensor(test_labels, n_test, "test_labels")
@@ -304,7 +304,7 @@ def greedy_slot_selection(
     ``memory_budget``; otherwise they are recomputed chunk-wise each step (V-wide matmuls).
     The fit and held-out features are held in memory as fp32: subsample very large train sets.
     """
-    n_train, dim = _shape(train_features, "train_features")
+    n_train, dim = feature_shape(train_features, "train_features")
     _check_layout(dim, num_slots, slot_dim)
     labels = as_label_tensor(train_labels, n_train, "train_labels")
     if num_classes is None:
@@ -314,7 +314,7 @@ def greedy_slot_selection(
     fit_idx, heldout_idx = stratified_split(labels.numpy(), val_fraction, seed)
     if not 1 <= k <= fit_idx.size:
         raise ValueError(f"k must be in [1, num_fit={fit_idx.size}], got k={k}")
-    dev = _default_device(device)
+    dev = resolve_device(device)
     scorer = _HeldoutScorer(
         _load_slot_major(train_features, fit_idx, num_slots, slot_dim, dev),
         labels[fit_idx].to(dev),

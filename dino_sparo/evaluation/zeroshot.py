@@ -7,7 +7,8 @@ embeddings is the mean of their L per-slot cosines, so a slot subset S scores
 ``(1/|S|) Σ_{l∈S} cos(x_l, y_l)`` (``slots.select_slot_features``). The subset is chosen greedily
 on data held out from the test set (a part of the train split); the test set only measures it.
 
-Command line: ``dino-sparo-zeroshot`` (:mod:`dino_sparo.evaluation.zeroshot_cli`).
+Command line: ``dino-sparo-zeroshot`` (:mod:`dino_sparo.cli.zeroshot`); from a checkpoint:
+:func:`zeroshot_from_checkpoint`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from dino_sparo.config import DataConfig
+from dino_sparo.data.captions import CaptionTable
+from dino_sparo.data.datasets import build_dataset
+from dino_sparo.data.transforms import clip_eval_transform
 from dino_sparo.evaluation.slots import greedy_forward_selection, select_slot_features
+from dino_sparo.models.clip import load_clip_model
+from dino_sparo.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -280,3 +287,41 @@ def format_table(result: dict[str, Any]) -> str:
                  ("test top-1, all slots", f"{100 * s['test_top1_all']:.2f}%")]
     width = max((len(name) for name, _ in rows), default=0)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def zeroshot_from_checkpoint(
+    checkpoint: str | Path, *, dataset: Optional[str] = None, data_path: Optional[str] = None, split: str = "test",
+    limit: Optional[int] = None, classnames: Optional[str] = None, templates: str = "config",
+    slot_selection: bool = False, selection_size: int = 5000, retrieval: Optional[str] = None,
+    max_slots: Optional[int] = None, batch_size: int = 256, num_workers: int = 2,
+    device: str | torch.device = "auto", progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`evaluate` on a CLIP-mode checkpoint: zero-shot on ``dataset`` (default: Fashion-MNIST
+    when the model was trained on it, else none; ``"none"`` skips it) and retrieval on a caption table."""
+    device = resolve_device(device, key="--device")
+    try:
+        model, cfg, tokenizer = load_clip_model(checkpoint, device)
+    except RuntimeError as exc:  # a state dict that does not fit the config
+        raise ValueError(str(exc)) from None
+    transform = clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)
+    dataset = dataset or ("fashion_mnist" if cfg.clip.dataset == "fashion_mnist" else "none")
+    inputs: dict[str, Any] = {}
+    if dataset != "none":
+        path = data_path or (cfg.clip.train_data or cfg.data.path if dataset == "fashion_mnist" else None)
+        test_set = build_dataset(DataConfig(dataset=dataset, path=path, limit=limit), split, transform)
+        inputs.update(test_set=test_set, classnames=load_classnames(classnames, test_set.classes),
+                      templates=load_templates(templates, cfg.clip.templates))
+        if slot_selection:
+            if model.slot_layout() is None:
+                raise ValueError("--slot-selection needs a model with SPARO read-outs on both towers")
+            inputs["selection_set"] = build_dataset(DataConfig(dataset=dataset, path=path, limit=selection_size),
+                                                    "train", transform)
+    if retrieval:
+        inputs["retrieval_set"] = CaptionTable(retrieval, transform, tokenizer, cfg.clip.image_column,
+                                               cfg.clip.caption_column)
+    if not inputs:
+        raise ValueError("nothing to evaluate: give --dataset and/or --retrieval")
+    result = evaluate(model, tokenizer, max_slots=max_slots, batch_size=batch_size, num_workers=num_workers,
+                      device=device, progress=progress, **inputs)
+    result["checkpoint"] = str(checkpoint)
+    return result

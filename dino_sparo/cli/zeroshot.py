@@ -10,10 +10,9 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
-from dino_sparo.evaluation.sources import HelpFormatter
-from dino_sparo.evaluation.zeroshot import evaluate, format_table, load_classnames, load_templates
+from dino_sparo.cli.common import HelpFormatter, run_program
+from dino_sparo.evaluation.zeroshot import format_table, zeroshot_from_checkpoint
+from dino_sparo.runtime import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -57,41 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """What ``main`` does with parsed options: evaluate, print the table, write the JSON; returns the result."""
-    from dino_sparo.data.captions import CaptionTable, clip_eval_transform  # noqa: PLC0415
-    from dino_sparo.data.datasets import build_dataset  # noqa: PLC0415
-    from dino_sparo.models.clip import load_clip_model  # noqa: PLC0415
-
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
-    try:
-        model, cfg, tokenizer = load_clip_model(args.checkpoint, device)
-    except RuntimeError as exc:  # a state dict that does not fit the config
-        raise ValueError(str(exc)) from None
-    transform = clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)
-    dataset_name = args.dataset or ("fashion_mnist" if cfg.clip.dataset == "fashion_mnist" else "none")
-    kwargs: dict[str, Any] = {}
-    if dataset_name != "none":
-        path = args.data_path or (cfg.clip.train_data or cfg.data.path if dataset_name == "fashion_mnist" else None)
-        data_cfg = argparse.Namespace(dataset=dataset_name, path=path, limit=args.limit, corrupt_images="error")
-        test_set = build_dataset(data_cfg, "val" if args.split == "val" else "test", transform)
-        kwargs.update(test_set=test_set, classnames=load_classnames(args.classnames, test_set.classes),
-                      templates=load_templates(args.templates, cfg.clip.templates))
-        if args.slot_selection:
-            if model.slot_layout() is None:
-                raise ValueError("--slot-selection needs a model with SPARO read-outs on both towers")
-            sel_cfg = argparse.Namespace(dataset=dataset_name, path=path, limit=args.selection_size,
-                                         corrupt_images="error")
-            kwargs["selection_set"] = build_dataset(sel_cfg, "train", transform)
-    if args.retrieval:
-        kwargs["retrieval_set"] = CaptionTable(args.retrieval, transform, tokenizer, cfg.clip.image_column,
-                                               cfg.clip.caption_column)
-    if not kwargs:
-        raise ValueError("nothing to evaluate: give --dataset and/or --retrieval")
-    result = evaluate(model, tokenizer, max_slots=args.max_slots, batch_size=args.batch_size,
-                      num_workers=args.num_workers, device=device, progress=True, **kwargs)
-    result["checkpoint"] = str(args.checkpoint)
+    result = zeroshot_from_checkpoint(
+        args.checkpoint, dataset=args.dataset, data_path=args.data_path, split="val" if args.split == "val" else "test",
+        limit=args.limit, classnames=args.classnames, templates=args.templates, slot_selection=args.slot_selection,
+        selection_size=args.selection_size, retrieval=args.retrieval, max_slots=args.max_slots,
+        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
     print(format_table(result))
     output = Path(args.output) if args.output else Path(args.checkpoint).with_name("zeroshot.json")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -103,12 +72,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> None:
     """The console script: exit status 0 on success; a user's mistake is one line on stderr, status 1."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, KeyError, IndexError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError quotes its text
-        raise SystemExit(f"dino-sparo-zeroshot: error: {message}") from None
+    setup_logging()
+    run_program("dino-sparo-zeroshot", lambda: run(args), errors=(ValueError, FileNotFoundError, KeyError, IndexError))
 
 
 if __name__ == "__main__":

@@ -10,28 +10,39 @@ Distributed: when ``torch.distributed`` is initialised, rank r extracts the r-th
 slice of the dataset into its own shard file in the temporary directory (which must be on
 a file system all ranks share); rank 0 then concatenates the shards by streaming them
 chunk by chunk into the final memmap, so no process ever holds all features in memory.
+
+A :class:`FeatureWorkspace` is what an evaluation extracts into: the cache folder (stores reused
+by later runs, keyed by the weights' fingerprint, the feature kind, the dataset and its transform)
+or a scratch folder removed on exit; :func:`extract_splits` fills it with a network's features of
+named splits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, SequentialSampler, Subset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
+from dino_sparo import distributed
+from dino_sparo.data.datasets import dataset_targets
 from dino_sparo.data.loaders import LoaderWorkers
+from dino_sparo.evaluation.feature_kinds import FeatureSpec, feature_fn, module_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -85,16 +96,6 @@ class FeatureStore:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _broadcast_from_zero(value: Any) -> Any:
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _split_batch(batch: Any) -> tuple[Any, Any]:
@@ -295,7 +296,7 @@ def extract_features(
     dev = torch.device(device) if device is not None else None
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    if not _is_distributed():
+    if not distributed.is_dist():
         token = uuid.uuid4().hex
         tmp = path.with_name(f".{path.name}.tmp-{token}")
         tmp.mkdir()
@@ -309,7 +310,7 @@ def extract_features(
         return FeatureStore.open(path)
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    token = _broadcast_from_zero(uuid.uuid4().hex if rank == 0 else None)
+    token = distributed.broadcast_object(uuid.uuid4().hex if rank == 0 else None)
     tmp = path.with_name(f".{path.name}.tmp-{token}")
     tmp.mkdir(exist_ok=True)
     bounds = _shard_bounds(num, world)
@@ -344,7 +345,7 @@ def extract_features(
             error = error or exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    merge_error = _broadcast_from_zero(merge_error)
+    merge_error = distributed.broadcast_object(merge_error)
     if error is not None:
         raise error
     if failed or merge_error:
@@ -424,8 +425,8 @@ def cached_features(
         parts["checkpoint"] = file_fingerprint(checkpoint, fingerprint)
     path = feature_cache_path(cache_dir, parts, dtype, normalize)
     hit = FeatureStore.exists(path)
-    if _is_distributed():  # one decision for all ranks
-        hit = _broadcast_from_zero(hit)
+    if distributed.is_dist():  # one decision for all ranks
+        hit = distributed.broadcast_object(hit)
     if hit:
         logger.info("feature cache hit: %s", path)
         return FeatureStore.open(path)
@@ -434,3 +435,130 @@ def cached_features(
         model_fn, loader, path, dtype=dtype, normalize=normalize, device=device, progress=progress,
         meta={"key_parts": parts},
     )
+
+
+# --------------------------------------------------------------------------- evaluation workspace
+
+
+def dataset_key(dataset: Dataset) -> Optional[dict[str, Any]]:
+    """What the cache needs to know about a dataset (description, size, labels, transform); None
+    when the dataset has no stable description (features are then not cached)."""
+    if isinstance(dataset, Subset):
+        inner = dataset_key(dataset.dataset)
+        if inner is None:
+            return None
+        indices = np.asarray(dataset.indices, dtype=np.int64)
+        return {"subset_of": inner, "indices": hashlib.sha256(indices.tobytes()).hexdigest()[:32]}
+    text = repr(dataset)
+    if " object at 0x" in text:
+        return None
+    targets = dataset_targets(dataset)
+    return {
+        "dataset": text,
+        "num_samples": len(dataset),
+        "targets": hashlib.sha256(targets.tobytes()).hexdigest()[:32],
+        "transform": repr(getattr(dataset, "transform", None)),
+    }
+
+
+class FeatureWorkspace:
+    """Where the splits' features go: ``cache_dir`` (kept, reused by later runs) or, without one, a
+    scratch folder removed on exit. Datasets without a stable description also go to scratch.
+
+    Use as a context manager; every rank must enter it (the scratch path is decided on rank 0).
+    """
+
+    def __init__(self, cache_dir: Optional[str | os.PathLike] = None) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._scratch: Optional[Path] = None
+
+    def __enter__(self) -> "FeatureWorkspace":
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            base = str(self.cache_dir)
+        else:
+            base = None
+        name = distributed.broadcast_object(
+            tempfile.mkdtemp(prefix="dino_sparo_features_", dir=base) if distributed.get_rank() == 0 else None)
+        self._scratch = Path(name)
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        distributed.barrier()
+        if distributed.get_rank() == 0 and self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def features(
+        self,
+        model_fn: Any,
+        dataset: Dataset,
+        weights: str,
+        spec: FeatureSpec,
+        name: str,
+        fp16: bool = False,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        device: Optional[torch.device] = None,
+        progress: bool = True,
+    ) -> tuple[FeatureStore, bool]:
+        """The feature store of ``dataset`` (extracted or found in the cache) and whether it was found."""
+        if self._scratch is None:
+            raise RuntimeError("FeatureWorkspace must be entered (with ...) before use")
+        dtype = np.float16 if fp16 else np.float32
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=device is not None and device.type == "cuda")
+        data = dataset_key(dataset)
+        if self.cache_dir is None or data is None:
+            if self.cache_dir is not None:
+                logger.warning("dataset %s has no stable description: its features are not cached",
+                               type(dataset).__name__)
+            store = extract_features(model_fn, loader, self._scratch / name, dtype=dtype, normalize=False,
+                                     device=device, progress=progress)
+            return store, False
+        parts = {"weights": weights, "features": spec.to_dict(), "data": data}
+        hit = FeatureStore.exists(feature_cache_path(self.cache_dir, parts, dtype, normalize=False))
+        store = cached_features(self.cache_dir, parts, model_fn, loader, dtype=dtype, normalize=False,
+                                device=device, progress=progress)
+        return store, bool(distributed.broadcast_object(hit))
+
+
+@contextlib.contextmanager
+def frozen(backbone: Optional[nn.Module], device: torch.device) -> Iterator[None]:
+    """The backbone on ``device`` in eval mode for the evaluation; its train/eval mode is restored
+    afterwards (it stays on ``device``), so a model evaluated during training carries on as it was."""
+    if backbone is None:
+        yield
+        return
+    modes = {m: m.training for m in backbone.modules()}
+    backbone.to(device).eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def weights_key(backbone: Optional[nn.Module]) -> str:
+    return "pixels" if backbone is None else module_fingerprint(backbone)
+
+
+def extract_splits(
+    workspace: FeatureWorkspace,
+    backbone: Optional[nn.Module],
+    spec: FeatureSpec,
+    splits: dict[str, Dataset],
+    fp16: bool = False,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: Optional[torch.device] = None,
+    progress: bool = True,
+) -> tuple[dict[str, FeatureStore], dict[str, bool]]:
+    """Feature stores of named splits (``{"train": ds, "test": ds}``) and which came from the cache."""
+    fn = feature_fn(backbone, spec)
+    weights = weights_key(backbone)
+    stores, hits = {}, {}
+    for name, dataset in splits.items():
+        stores[name], hits[name] = workspace.features(fn, dataset, weights, spec, name, fp16, batch_size,
+                                                      num_workers, device, progress)
+    return stores, hits
