@@ -15,18 +15,14 @@ from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods.dino import DinoMethod
 from dino_sparo.train import train
 
+from conftest import TINY_TRAINING
+
 pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
                                 reason="Fashion-MNIST not installed (make data)")
 
 TINY = [
-    "precision=fp32",  # the numbers compared below are fp32 ones, also on CPUs with native bf16
-    "model.arch=vit_pico", "model.depth=2", "model.embed_dim=48", "model.patch_size=4", "model.img_size=28",
-    "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
-    "data.dataset=fashion_mnist", "data.limit=32", "data.batch_size_per_gpu=16", "data.num_workers=0",
-    "crops.global_crops_size=28", "crops.local_crops_number=2", "crops.local_crops_size=12",
-    "dino.out_dim=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
-    "optim.epochs=2", "optim.warmup_epochs=1", "log_every=2", "device=cpu",
-    "eval.knn_k=10", "eval.knn_train_limit=200", "eval.knn_test_limit=100",
+    *TINY_TRAINING, "model.embed_dim=48", "model.drop_path_rate=0.1", "data.limit=32",
+    "optim.warmup_epochs=1", "log_every=2", "eval.knn_k=10", "eval.knn_train_limit=200", "eval.knn_test_limit=100",
 ]
 
 
@@ -58,9 +54,15 @@ def test_knn_rows_are_logged_every_epoch_and_training_is_unchanged(tmp_path):
             assert torch.equal(value, b[name][key]), f"{name}.{key} differs with k-NN during training"
 
 
+def periodic_knn(cfg, method, batch_size):
+    """The k-NN hook of ``method`` as the training loop builds it, on the CPU without loader workers."""
+    data_cfg, transform = method.eval_data()
+    return PeriodicKnn(cfg.eval, method.eval_backbone(), data_cfg, transform, batch_size, 0, torch.device("cpu"))
+
+
 def test_every_n_epochs_only(tmp_path):
     cfg = tiny(tmp_path, "eval.knn_every=2")
-    knn = PeriodicKnn(cfg.eval, DinoMethod(cfg, torch.device("cpu")), 64, 0, torch.device("cpu"))
+    knn = periodic_knn(cfg, DinoMethod(cfg, torch.device("cpu")), 64)
     assert [e for e in range(0, 7) if knn.due(e)] == [2, 4, 6]
     assert len(knn.train_set) == 200 and len(knn.test_set) == 100
     assert knn.test_set.split == "test"
@@ -73,7 +75,7 @@ def test_evaluation_keeps_train_and_eval_modes(tmp_path):
     method.teacher.train()
     method.teacher.backbone.blocks[0].eval()  # a mixed state, restored exactly
     before = {name: m.training for name, m in method.teacher.named_modules()}
-    result = PeriodicKnn(cfg.eval, method, 64, 0, torch.device("cpu")).evaluate()
+    result = periodic_knn(cfg, method, 64).evaluate()
     assert set(result) == {"knn_top1", "knn_top5"}
     assert {name: m.training for name, m in method.teacher.named_modules()} == before
 
@@ -81,7 +83,7 @@ def test_evaluation_keeps_train_and_eval_modes(tmp_path):
 def test_k_larger_than_the_memory_is_refused_naming_the_key(tmp_path):
     cfg = tiny(tmp_path, "eval.knn_every=1", "eval.knn_train_limit=5")
     with pytest.raises(ValueError, match="eval.knn_k"):
-        PeriodicKnn(cfg.eval, DinoMethod(cfg, torch.device("cpu")), 64, 0, torch.device("cpu"))
+        periodic_knn(cfg, DinoMethod(cfg, torch.device("cpu")), 64)
 
 
 def _png_classes(root: Path) -> None:
@@ -98,11 +100,11 @@ def test_an_image_folder_without_a_held_out_split_is_refused(tmp_path):
     cfg = tiny(tmp_path / "out", "eval.knn_every=1", "eval.knn_k=2", "data.dataset=imagefolder", f"data.path={flat}",
                "data.limit=null", "eval.knn_train_limit=null", "eval.knn_test_limit=null")
     with pytest.raises(ValueError, match=r"eval.knn_every.*no val/"):
-        PeriodicKnn(cfg.eval, DinoMethod(cfg, torch.device("cpu")), 4, 0, torch.device("cpu"))
+        periodic_knn(cfg, DinoMethod(cfg, torch.device("cpu")), 4)
     split = tmp_path / "split"
     _png_classes(split / "train")
     _png_classes(split / "val")
     cfg = tiny(tmp_path / "out2", "eval.knn_every=1", "eval.knn_k=2", "data.dataset=imagefolder",
                f"data.path={split}", "data.limit=null", "eval.knn_train_limit=null", "eval.knn_test_limit=null")
-    knn = PeriodicKnn(cfg.eval, DinoMethod(cfg, torch.device("cpu")), 4, 0, torch.device("cpu"))
+    knn = periodic_knn(cfg, DinoMethod(cfg, torch.device("cpu")), 4)
     assert knn.train_set.root != knn.test_set.root and len(knn.test_set) == 8
