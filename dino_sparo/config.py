@@ -375,38 +375,37 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     return cfg
 
 
-def validate_config(cfg: TrainConfig) -> TrainConfig:
-    """Refuse values that have the right type but that the program cannot use, naming the key and
-    what is allowed, before anything is built (instead of an error at the first forward)."""
+class _Checks:
+    """The checks of :func:`validate_config` on one config, each refusal naming its key."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def value(self, key: str) -> Any:
+        value: Any = self.cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
+    def need(self, key: str, ok: bool, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}' must be {allowed}, got {self.value(key)!r}")
+
+    def at_least(self, key: str, low: int, optional: bool = False) -> None:
+        value = self.value(key)
+        self.need(key, (optional and value is None) or (value is not None and value >= low),
+                  f"an integer >= {low}" + (" or null" if optional else ""))
+
+    def scale(self, key: str) -> None:
+        value = self.value(key)
+        self.need(key, 0 < value[0] <= value[1] <= 1, "[low, high] with 0 < low <= high <= 1")
+
+
+def _check_model(c: _Checks, model: ModelConfig) -> None:
     from dino_sparo.models.vit import ARCHS  # noqa: PLC0415 (torch and timm only when validating)
     from dino_sparo.sparo import NORMS  # noqa: PLC0415
 
-    def need(key: str, ok: bool, allowed: str) -> None:
-        if not ok:
-            value: Any = cfg
-            for part in key.split("."):
-                value = getattr(value, part)
-            raise ConfigError(f"config key '{key}' must be {allowed}, got {value!r}")
-
-    def at_least(key: str, low: int, optional: bool = False) -> None:
-        value: Any = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        need(key, (optional and value is None) or (value is not None and value >= low),
-             f"an integer >= {low}" + (" or null" if optional else ""))
-
-    def scale(key: str) -> None:
-        value: Any = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        need(key, 0 < value[0] <= value[1] <= 1, "[low, high] with 0 < low <= high <= 1")
-
-    model, sparo, data, crops, dino, optim, clip, evals = (cfg.model, cfg.model.sparo, cfg.data, cfg.crops,
-                                                            cfg.dino, cfg.optim, cfg.clip, cfg.eval)
-    at_least("log_every", 1)
-    at_least("save_every_epochs", 0)
-    at_least("max_steps", 1, optional=True)
-    # model
+    need, at_least, sparo = c.need, c.at_least, model.sparo
     need("model.arch", model.arch in ARCHS, f"one of {sorted(ARCHS)}")
     for key in ("patch_size", "in_chans"):
         at_least(f"model.{key}", 1)
@@ -433,11 +432,13 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     need("model.sparo.norm", sparo.norm in NORMS, f"one of {list(NORMS)}")
     need("model.sparo.num_slots", sparo.num_heads is None or sparo.num_slots % sparo.num_heads == 0,
          f"a multiple of model.sparo.num_heads ({sparo.num_heads})")
-    # data
+
+
+def _check_data_optim_eval(c: _Checks, cfg: TrainConfig) -> None:
+    need, at_least, optim = c.need, c.at_least, cfg.optim
     at_least("data.batch_size_per_gpu", 1)
     at_least("data.num_workers", 0)
     at_least("data.limit", 0, optional=True)
-    # optimisation
     at_least("optim.epochs", 1)
     need("optim.lr", optim.lr > 0, "> 0")
     for key in ("min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
@@ -445,44 +446,60 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     for key in ("warmup_steps", "freeze_last_layer"):
         at_least(f"optim.{key}", 0)
     at_least("optim.warmup_epochs", 0)  # longer than the run: refused where the schedule is built, naming it
-    # evaluation during training
-    at_least("eval.knn_every", 0)
+    at_least("eval.knn_every", 0)  # evaluation during training
     at_least("eval.knn_k", 1)
-    need("eval.knn_temperature", evals.knn_temperature > 0, "> 0")
+    need("eval.knn_temperature", cfg.eval.knn_temperature > 0, "> 0")
     at_least("eval.knn_train_limit", 1, optional=True)
     at_least("eval.knn_test_limit", 1, optional=True)
-    if cfg.mode == "dino":
-        need("crops.global_crops_number", crops.global_crops_number == 2, "2 (DINO's loss pairs two global crops)")
-        at_least("crops.local_crops_number", 0)
-        need("crops.global_crops_size", crops.global_crops_size % model.patch_size == 0,
-             f"a multiple of model.patch_size ({model.patch_size})")
-        at_least("crops.global_crops_size", model.patch_size)
-        if crops.local_crops_number:
-            need("crops.local_crops_size", crops.local_crops_size % model.patch_size == 0,
-                 f"a multiple of model.patch_size ({model.patch_size})")
-            at_least("crops.local_crops_size", model.patch_size)
-        scale("crops.global_crops_scale")
-        scale("crops.local_crops_scale")
-        for key in ("out_dim", "head_hidden_dim", "head_bottleneck_dim"):
-            at_least(f"dino.{key}", 1)
-        for key in ("momentum_teacher", "center_momentum"):
-            need(f"dino.{key}", 0 <= getattr(dino, key) <= 1, "in [0, 1]")
-        for key in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
-            need(f"dino.{key}", getattr(dino, key) > 0, "> 0")
-        need("dino.warmup_teacher_temp_epochs", 0 <= dino.warmup_teacher_temp_epochs <= optim.epochs,
-             f"in [0, optim.epochs ({optim.epochs})]")
-        need("dino.koleo_weight", dino.koleo_weight >= 0, ">= 0")
-    else:
-        for key in ("text_width", "text_depth", "text_heads", "embed_dim"):
-            at_least(f"clip.{key}", 1)
-        need("clip.text_width", clip.text_width % clip.text_heads == 0,
-             f"a multiple of clip.text_heads ({clip.text_heads})")
-        at_least("clip.context_length", 2)
-        need("clip.accum_steps", clip.accum_steps >= 1 and data.batch_size_per_gpu % clip.accum_steps == 0,
-             f"an integer >= 1 that divides data.batch_size_per_gpu ({data.batch_size_per_gpu})")
-        need("clip.init_temperature", clip.init_temperature > 0, "> 0")
-        scale("clip.crop_scale")
-        at_least("clip.zeroshot_every_epochs", 0)
+
+
+def _check_dino(c: _Checks, cfg: TrainConfig) -> None:
+    need, at_least, crops, dino, patch = c.need, c.at_least, cfg.crops, cfg.dino, cfg.model.patch_size
+    need("crops.global_crops_number", crops.global_crops_number == 2, "2 (DINO's loss pairs two global crops)")
+    at_least("crops.local_crops_number", 0)
+    need("crops.global_crops_size", crops.global_crops_size % patch == 0, f"a multiple of model.patch_size ({patch})")
+    at_least("crops.global_crops_size", patch)
+    if crops.local_crops_number:
+        need("crops.local_crops_size", crops.local_crops_size % patch == 0,
+             f"a multiple of model.patch_size ({patch})")
+        at_least("crops.local_crops_size", patch)
+    c.scale("crops.global_crops_scale")
+    c.scale("crops.local_crops_scale")
+    for key in ("out_dim", "head_hidden_dim", "head_bottleneck_dim"):
+        at_least(f"dino.{key}", 1)
+    for key in ("momentum_teacher", "center_momentum"):
+        need(f"dino.{key}", 0 <= getattr(dino, key) <= 1, "in [0, 1]")
+    for key in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
+        need(f"dino.{key}", getattr(dino, key) > 0, "> 0")
+    need("dino.warmup_teacher_temp_epochs", 0 <= dino.warmup_teacher_temp_epochs <= cfg.optim.epochs,
+         f"in [0, optim.epochs ({cfg.optim.epochs})]")
+    need("dino.koleo_weight", dino.koleo_weight >= 0, ">= 0")
+
+
+def _check_clip(c: _Checks, cfg: TrainConfig) -> None:
+    need, at_least, clip, batch = c.need, c.at_least, cfg.clip, cfg.data.batch_size_per_gpu
+    for key in ("text_width", "text_depth", "text_heads", "embed_dim"):
+        at_least(f"clip.{key}", 1)
+    need("clip.text_width", clip.text_width % clip.text_heads == 0,
+         f"a multiple of clip.text_heads ({clip.text_heads})")
+    at_least("clip.context_length", 2)
+    need("clip.accum_steps", clip.accum_steps >= 1 and batch % clip.accum_steps == 0,
+         f"an integer >= 1 that divides data.batch_size_per_gpu ({batch})")
+    need("clip.init_temperature", clip.init_temperature > 0, "> 0")
+    c.scale("clip.crop_scale")
+    at_least("clip.zeroshot_every_epochs", 0)
+
+
+def validate_config(cfg: TrainConfig) -> TrainConfig:
+    """Refuse values that have the right type but that the program cannot use, naming the key and
+    what is allowed, before anything is built (instead of an error at the first forward)."""
+    checks = _Checks(cfg)
+    checks.at_least("log_every", 1)
+    checks.at_least("save_every_epochs", 0)
+    checks.at_least("max_steps", 1, optional=True)
+    _check_model(checks, cfg.model)
+    _check_data_optim_eval(checks, cfg)
+    (_check_dino if cfg.mode == "dino" else _check_clip)(checks, cfg)
     return cfg
 
 

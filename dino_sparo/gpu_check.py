@@ -255,21 +255,40 @@ BENCH_RUNS = (
 def build_plan(args: Options) -> list[Step]:
     """Every step the check runs for ``args``, in order (``--steps`` chooses the groups)."""
     sizes = _sizes(args.smoke)
-    work, py = Path(args.work_dir).resolve(), sys.executable
+    work = Path(args.work_dir).resolve()
     data = work / "data"
     wanted = set(args.steps)
-    plan: list[Step] = []
+    plan = _install_steps(args) if "install" in wanted else []
+    plan += _probe_steps(work)
+    if "pytest" in wanted:
+        plan += _pytest_steps(work)
+    if "bench" in wanted:
+        plan += _bench_steps(sizes, work)
+    if "dino" in wanted:
+        plan += _dino_steps(args, sizes, work, data)
+    if "clip" in wanted:
+        plan += _clip_steps(args, sizes, work, data, generate_data="dino" not in wanted)
+    return plan + _curve_steps(args, work, wanted)
 
-    if "install" in wanted:
-        plan.append(Step("install-project", "install", "pip install --no-deps -e . (no package index)", 120, 20,
-                         argv=[py, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation",
-                               "--disable-pip-version-check", "-q", "-e", str(ROOT)]))
-        wheels = find_wheels(args.wheels)
-        plan.append(Step("install-wheels", "install", f"pip install {len(wheels)} wheels from {args.wheels}", 120,
-                         15, argv=[py, "-m", "pip", "install", "--no-deps", "--no-index",
-                                   "--disable-pip-version-check", "-q", *map(str, wheels)] if wheels else None,
-                         optional=not wheels,  # then the steps needing them say what is missing
-                         note="" if wheels else "no wheels found: xformers, open_clip and submitit must be there"))
+
+def _install_steps(args: Options) -> list[Step]:
+    """The project, then the wheels brought along, both without a package index."""
+    py, plan = sys.executable, []
+    plan.append(Step("install-project", "install", "pip install --no-deps -e . (no package index)", 120, 20,
+                     argv=[py, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation",
+                           "--disable-pip-version-check", "-q", "-e", str(ROOT)]))
+    wheels = find_wheels(args.wheels)
+    plan.append(Step("install-wheels", "install", f"pip install {len(wheels)} wheels from {args.wheels}", 120,
+                     15, argv=[py, "-m", "pip", "install", "--no-deps", "--no-index",
+                               "--disable-pip-version-check", "-q", *map(str, wheels)] if wheels else None,
+                     optional=not wheels,  # then the steps needing them say what is missing
+                     note="" if wheels else "no wheels found: xformers, open_clip and submitit must be there"))
+    return plan
+
+
+def _probe_steps(work: Path) -> list[Step]:
+    """What the machine has (torch, CUDA, xformers, k-NN backends): run whichever groups are chosen."""
+    py, plan = sys.executable, []
     plan.append(Step("environment", "install", "torch, CUDA, xformers, k-NN backends, open_clip", 60, 10,
                      argv=[py, "-m", "dino_sparo.cli.gpu_check", "--probe-json", str(work / "environment.json")],
                      outputs={"json": work / "environment.json"}))
@@ -277,72 +296,89 @@ def build_plan(args: Options) -> list[Step]:
                      optional=True, needs="cuda"))
     plan.append(Step("xformers-info", "install", "python -m xformers.info (which kernels xformers has)", 30, 5,
                      argv=[py, "-m", "xformers.info"], optional=True, needs="xformers"))
+    return plan
 
-    if "pytest" in wanted:
-        xml = work / "pytest_gpu.xml"
-        plan.append(Step("pytest-gpu", "pytest", "pytest -m gpu: xformers/SDPA/math, packed = per size, no host "
-                         "sync in bf16/fp16 steps, CUDA k-NN = CPU k-NN", 150, 40,
-                         argv=[py, "-m", "pytest", "-m", "gpu", "-v", "-rs", "-p", "no:cacheprovider",
-                               f"--junitxml={xml}", str(ROOT / "tests")], outputs={"xml": xml}))
 
-    if "bench" in wanted:
-        common = [*sizes["bench_s"], "--precision", sizes["precision"]]
-        for name, title, ours, ref in BENCH_RUNS:
-            out = work / "bench" / f"{name}.json"
-            plan.append(Step(name, "bench", f"ViT-S/16: {title}", 75, 25,
-                             argv=["dino-sparo-bench", *common, *ours, "--reference-precision",
-                                   ref if sizes["precision"] != "auto" else "same", "--json", str(out)],
-                             needs="xformers" if "xformers" in ours else None, outputs={"json": out}))
-        out = work / "bench" / "bench-b16-packed.json"
-        plan.append(Step("bench-b16-packed", "bench", "ViT-B/16: ours xformers, packed crops / reference bf16", 75,
-                         35, argv=["dino-sparo-bench", *sizes["bench_b"], "--precision", sizes["precision"],
-                                   "--attn-backend", "xformers", "--pack-crops", "--json", str(out)],
-                         optional=True, needs="xformers", outputs={"json": out}))
+def _pytest_steps(work: Path) -> list[Step]:
+    py, plan = sys.executable, []
+    xml = work / "pytest_gpu.xml"
+    plan.append(Step("pytest-gpu", "pytest", "pytest -m gpu: xformers/SDPA/math, packed = per size, no host "
+                     "sync in bf16/fp16 steps, CUDA k-NN = CPU k-NN", 150, 40,
+                     argv=[py, "-m", "pytest", "-m", "gpu", "-v", "-rs", "-p", "no:cacheprovider",
+                           f"--junitxml={xml}", str(ROOT / "tests")], outputs={"xml": xml}))
+    return plan
 
-    if "dino" in wanted:
-        run_dir = work / "dino"
-        train = ["dino-sparo-train", "--config", str(ROOT / sizes["dino_config"]), "--output-dir", str(run_dir),
-                 f"data.path={data}"]
-        plan.append(Step("shapes-data", "dino", "generate the image folder of ten shape classes", 60, 5,
+
+def _bench_steps(sizes: dict[str, Any], work: Path) -> list[Step]:
+    plan = []
+    common = [*sizes["bench_s"], "--precision", sizes["precision"]]
+    for name, title, ours, ref in BENCH_RUNS:
+        out = work / "bench" / f"{name}.json"
+        plan.append(Step(name, "bench", f"ViT-S/16: {title}", 75, 25,
+                         argv=["dino-sparo-bench", *common, *ours, "--reference-precision",
+                               ref if sizes["precision"] != "auto" else "same", "--json", str(out)],
+                         needs="xformers" if "xformers" in ours else None, outputs={"json": out}))
+    out = work / "bench" / "bench-b16-packed.json"
+    plan.append(Step("bench-b16-packed", "bench", "ViT-B/16: ours xformers, packed crops / reference bf16", 75,
+                     35, argv=["dino-sparo-bench", *sizes["bench_b"], "--precision", sizes["precision"],
+                               "--attn-backend", "xformers", "--pack-crops", "--json", str(out)],
+                     optional=True, needs="xformers", outputs={"json": out}))
+    return plan
+
+
+def _dino_steps(args: Options, sizes: dict[str, Any], work: Path, data: Path) -> list[Step]:
+    """DINO training killed, resumed, stopped and resumed to its end; k-NN of the result and of its start."""
+    plan = []
+    run_dir = work / "dino"
+    train = ["dino-sparo-train", "--config", str(ROOT / sizes["dino_config"]), "--output-dir", str(run_dir),
+             f"data.path={data}"]
+    plan.append(Step("shapes-data", "dino", "generate the image folder of ten shape classes", 60, 5,
+                     action=lambda ctx: make_shapes_folder(data, **sizes["data"])))
+    log = run_dir / "log.jsonl"
+    packed = ["model.attn_backend=xformers", "model.pack_crops=true"]  # all crop sizes in one forward
+    plan.append(Step("dino-train-killed", "dino", f"DINO training, SIGKILL once step {sizes['kill_at']} "
+                     "is logged", 90, 40, argv=list(train), signal_at=(sizes["kill_at"], signal.SIGKILL),
+                     watch_log=log, xformers_argv=packed))
+    plan.append(Step("dino-train-stopped", "dino", f"resumed, SIGTERM once step {sizes['term_at']} is logged "
+                     "(saves and stops)", 90, 40, argv=list(train), signal_at=(sizes["term_at"], signal.SIGTERM),
+                     watch_log=log, xformers_argv=packed))
+    plan.append(Step("dino-train-finish", "dino", f"resumed to the end (step {sizes['total_steps']})", 120, 40,
+                     argv=list(train), watch_log=log, xformers_argv=packed))
+    knn = ["--dataset", "imagefolder", "--data-path", str(data), "--device", "auto" if args.smoke else "cuda",
+           "--backend", "torch", "--ks", "10,20", "--batch-size", sizes["eval_batch"], "--num-workers",
+           sizes["workers"], "--no-cache", "--quiet"]
+    plan.append(Step("dino-knn", "dino", "k-NN of the trained teacher (torch backend on the GPU)", 60, 15,
+                     argv=["dino-sparo-knn", "--checkpoint", str(run_dir / "checkpoint.pth"), *knn,
+                           "--output-json", str(work / "knn.json")], outputs={"json": work / "knn.json"}))
+    plan.append(Step("dino-knn-init", "dino", "k-NN of the same network at initialisation", 45, 15,
+                     argv=["dino-sparo-knn", "--baseline", "init", "--config", str(ROOT / sizes["dino_config"]),
+                           *knn, "--output-json", str(work / "knn_init.json")],
+                     optional=True, outputs={"json": work / "knn_init.json"}))
+    return plan
+
+
+def _clip_steps(args: Options, sizes: dict[str, Any], work: Path, data: Path, generate_data: bool) -> list[Step]:
+    plan = []
+    run_dir = work / "clip"
+    if generate_data:
+        plan.append(Step("shapes-data", "clip", "generate the image folder of ten shape classes", 60, 5,
                          action=lambda ctx: make_shapes_folder(data, **sizes["data"])))
-        log = run_dir / "log.jsonl"
-        packed = ["model.attn_backend=xformers", "model.pack_crops=true"]  # all crop sizes in one forward
-        plan.append(Step("dino-train-killed", "dino", f"DINO training, SIGKILL once step {sizes['kill_at']} "
-                         "is logged", 90, 40, argv=list(train), signal_at=(sizes["kill_at"], signal.SIGKILL),
-                         watch_log=log, xformers_argv=packed))
-        plan.append(Step("dino-train-stopped", "dino", f"resumed, SIGTERM once step {sizes['term_at']} is logged "
-                         "(saves and stops)", 90, 40, argv=list(train), signal_at=(sizes["term_at"], signal.SIGTERM),
-                         watch_log=log, xformers_argv=packed))
-        plan.append(Step("dino-train-finish", "dino", f"resumed to the end (step {sizes['total_steps']})", 120, 40,
-                         argv=list(train), watch_log=log, xformers_argv=packed))
-        knn = ["--dataset", "imagefolder", "--data-path", str(data), "--device", "auto" if args.smoke else "cuda",
-               "--backend", "torch", "--ks", "10,20", "--batch-size", sizes["eval_batch"], "--num-workers",
-               sizes["workers"], "--no-cache", "--quiet"]
-        plan.append(Step("dino-knn", "dino", "k-NN of the trained teacher (torch backend on the GPU)", 60, 15,
-                         argv=["dino-sparo-knn", "--checkpoint", str(run_dir / "checkpoint.pth"), *knn,
-                               "--output-json", str(work / "knn.json")], outputs={"json": work / "knn.json"}))
-        plan.append(Step("dino-knn-init", "dino", "k-NN of the same network at initialisation", 45, 15,
-                         argv=["dino-sparo-knn", "--baseline", "init", "--config", str(ROOT / sizes["dino_config"]),
-                               *knn, "--output-json", str(work / "knn_init.json")],
-                         optional=True, outputs={"json": work / "knn_init.json"}))
+    plan.append(Step("clip-train", "clip", "CLIP training with zero-shot at each epoch's end", 90, 30,
+                     argv=["dino-sparo-train", "--config", str(ROOT / sizes["clip_config"]), "--output-dir",
+                           str(run_dir), f"clip.train_data={data / 'captions_train.csv'}",
+                           f"clip.zeroshot_data={data}"], watch_log=run_dir / "log.jsonl"))
+    plan.append(Step("clip-zeroshot", "clip", "zero-shot classification and retrieval of the CLIP checkpoint",
+                     60, 15, argv=["dino-sparo-zeroshot", "--checkpoint", str(run_dir / "checkpoint.pth"),
+                                   "--dataset", "imagefolder", "--data-path", str(data), "--split", "val",
+                                   "--retrieval", str(data / "captions_val.csv"), "--batch-size",
+                                   sizes["eval_batch"], "--num-workers", sizes["workers"], "--device",
+                                   "auto" if args.smoke else "cuda", "--output", str(work / "zeroshot.json")],
+                     outputs={"json": work / "zeroshot.json"}))
+    return plan
 
-    if "clip" in wanted:
-        run_dir = work / "clip"
-        if "dino" not in wanted:
-            plan.append(Step("shapes-data", "clip", "generate the image folder of ten shape classes", 60, 5,
-                             action=lambda ctx: make_shapes_folder(data, **sizes["data"])))
-        plan.append(Step("clip-train", "clip", "CLIP training with zero-shot at each epoch's end", 90, 30,
-                         argv=["dino-sparo-train", "--config", str(ROOT / sizes["clip_config"]), "--output-dir",
-                               str(run_dir), f"clip.train_data={data / 'captions_train.csv'}",
-                               f"clip.zeroshot_data={data}"], watch_log=run_dir / "log.jsonl"))
-        plan.append(Step("clip-zeroshot", "clip", "zero-shot classification and retrieval of the CLIP checkpoint",
-                         60, 15, argv=["dino-sparo-zeroshot", "--checkpoint", str(run_dir / "checkpoint.pth"),
-                                       "--dataset", "imagefolder", "--data-path", str(data), "--split", "val",
-                                       "--retrieval", str(data / "captions_val.csv"), "--batch-size",
-                                       sizes["eval_batch"], "--num-workers", sizes["workers"], "--device",
-                                       "auto" if args.smoke else "cuda", "--output", str(work / "zeroshot.json")],
-                         outputs={"json": work / "zeroshot.json"}))
 
+def _curve_steps(args: Options, work: Path, wanted: set[str]) -> list[Step]:
+    py, plan = sys.executable, []
     logs = [str(work / run / "log.jsonl") for run in ("dino", "clip") if run in wanted]
     if logs:
         plan.append(Step("curves", "plot", "training curves of the DINO and CLIP runs", 45, 10,
