@@ -18,6 +18,8 @@ from dino_sparo.config import load_config
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.distributed import DistInfo, env_info, expand_nodelist, first_host, port_for_job
 
+from conftest import TINY_TRAINING
+
 # --------------------------------------------------------------------------------------------
 # Variables of torchrun and SLURM
 # --------------------------------------------------------------------------------------------
@@ -103,20 +105,15 @@ needs_data = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
                                 reason="Fashion-MNIST not installed (make data)")
 
 TINY = [
-    "precision=fp32",  # the numbers compared below are fp32 ones, also on CPUs with native bf16
-    "model.arch=vit_pico", "model.depth=2", "model.patch_size=4", "model.img_size=28", "model.drop_path_rate=0.0",
-    "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
-    "data.dataset=fashion_mnist", "data.limit=64", "data.num_workers=0",
-    "crops.global_crops_size=28", "crops.local_crops_number=2", "crops.local_crops_size=12",
-    "dino.out_dim=256", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
-    "optim.epochs=3", "optim.warmup_epochs=1", "optim.lr=0.004", "log_every=1", "device=cpu",
+    *TINY_TRAINING, "dino.out_dim=256", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
+    "optim.epochs=3", "optim.warmup_epochs=1", "optim.lr=0.004",
 ]  # 64 images, global batch 16: 4 steps per epoch, 12 steps
 
 
 def torchrun(output_dir: Path, *extra: str, wait: bool = True):
-    """``torchrun --nproc_per_node 2 -m dino_sparo.train`` on the tiny config, 8 images per process."""
+    """``torchrun --nproc_per_node 2 -m dino_sparo.cli.train`` on the tiny config, 8 images per process."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "dino_sparo.train", *TINY, "data.batch_size_per_gpu=8", f"output_dir={output_dir}", *extra]
+               "-m", "dino_sparo.cli.train", *TINY, "data.batch_size_per_gpu=8", f"output_dir={output_dir}", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
