@@ -14,6 +14,8 @@ from dino_sparo.config import load_config
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.losses import DINOLoss, koleo_loss, sinkhorn_knopp
 
+from conftest import TINY_TRAINING
+
 
 def _reference_sinkhorn(logits: np.ndarray, temperature: float, iterations: int) -> np.ndarray:
     """N × K float64: alternately give every prototype (column) 1/K and every sample (row) 1/N of
@@ -123,13 +125,7 @@ def test_training_with_sinkhorn_and_koleo_logs_koleo_and_resumes_exactly(tmp_pat
     from dino_sparo.checkpoint import load_checkpoint
     from dino_sparo.train import train
 
-    tiny = ["precision=fp32", "device=cpu", "model.arch=vit_pico", "model.depth=2", "model.embed_dim=48",
-            "model.patch_size=4", "model.img_size=28", "model.drop_path_rate=0.0", "model.sparo.num_slots=4",
-            "model.sparo.slot_dim=8", "data.dataset=fashion_mnist", "data.limit=64", "data.batch_size_per_gpu=16",
-            "data.num_workers=0", "crops.global_crops_size=28", "crops.local_crops_number=2",
-            "crops.local_crops_size=12", "dino.out_dim=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
-            "dino.centering=sinkhorn_knopp", "dino.koleo_weight=0.1", "optim.epochs=2", "optim.warmup_epochs=0",
-            "log_every=1"]
+    tiny = [*TINY_TRAINING, "model.embed_dim=48", "dino.centering=sinkhorn_knopp", "dino.koleo_weight=0.1"]
     train(load_config(None, tiny + [f"output_dir={tmp_path / 'whole'}"]))
     train(load_config(None, tiny + [f"output_dir={tmp_path / 'halves'}", "max_steps=4"]))
     train(load_config(None, tiny + [f"output_dir={tmp_path / 'halves'}"]))

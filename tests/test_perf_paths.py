@@ -16,13 +16,12 @@ from dino_sparo.methods.dino import DinoMethod
 from dino_sparo.models.vit import drop_path_per_image, vit
 from dino_sparo.train import apply_speed_options, build_optimizer, clip_gradients, train_step
 
+from conftest import TINY_MODEL
+
 TINY = [
-    "precision=fp32",  # the numbers compared below are fp32 ones, also on CPUs with native bf16
-    "model.arch=vit_pico", "model.depth=3", "model.embed_dim=48", "model.patch_size=4", "model.img_size=16",
-    "model.drop_path_rate=0.0", "model.sparo.num_slots=4", "model.sparo.slot_dim=8",
+    *TINY_MODEL, "model.depth=3", "model.embed_dim=48", "model.img_size=16", "model.attn_backend=sdpa",
     "crops.global_crops_size=16", "crops.local_crops_number=3", "crops.local_crops_size=8",
-    "dino.out_dim=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
-    "optim.epochs=1", "optim.freeze_last_layer=0", "optim.lr=0.01", "device=cpu", "model.attn_backend=sdpa",
+    "optim.epochs=1", "optim.freeze_last_layer=0", "optim.lr=0.01",
 ]
 
 
@@ -166,7 +165,7 @@ def emulated_xformers(monkeypatch):
     import xformers.ops
 
     import dino_sparo.methods.dino as dino_module
-    import dino_sparo.models.attention as attention_module
+    import dino_sparo.layers.attention as attention_module
 
     assert hasattr(fmha, "BlockDiagonalMask")
 
@@ -174,8 +173,8 @@ def emulated_xformers(monkeypatch):
         return "math" if backend == "math" else "xformers"
 
     monkeypatch.setattr(xformers.ops, "memory_efficient_attention", reference_memory_efficient_attention)
-    monkeypatch.setattr(attention_module, "resolve_backend", resolve)
-    monkeypatch.setattr(dino_module, "resolve_backend", resolve)
+    monkeypatch.setattr(attention_module, "resolve_attention_backend", resolve)
+    monkeypatch.setattr(dino_module, "resolve_attention_backend", resolve)
 
 
 @pytest.mark.parametrize("readout", ["sparo", "cls"])
@@ -279,7 +278,7 @@ def test_bf16_step_on_cpu_tracks_the_fp32_step():
 # --------------------------------------------------------------------------------------------
 
 def _xformers_on_gpu():
-    from dino_sparo.models.attention import xformers_available
+    from dino_sparo.layers.attention import xformers_available
 
     if not xformers_available():
         pytest.skip("xformers does not run on this GPU")

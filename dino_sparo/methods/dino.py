@@ -11,8 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dino_sparo.data.datasets import build_dataset
-from dino_sparo.data.transforms import MultiCropTransform, multicrop_collate, normalization_for
-from dino_sparo.evaluation.sources import eval_transform_for
+from dino_sparo.data.transforms import MultiCropTransform, eval_transform_for, multicrop_collate, normalization_for
 from dino_sparo.losses import DINOLoss, collapse_warnings, koleo_loss
 from dino_sparo.methods.base import Method
 from dino_sparo.layers.attention import resolve_attention_backend
