@@ -25,6 +25,20 @@ def option(default: Any = dataclasses.MISSING, meaning: str = "", *, factory: An
     return field(default=default, metadata={"meaning": meaning})
 
 
+# The values some keys name, kept here (the lowest floor) so that loading a config can check them;
+# models.vit builds these sizes and sparo implements these normalisations.
+ARCHS: dict[str, tuple[int, int, int]] = {  # model.arch -> (width, depth, heads)
+    "vit_pico": (96, 6, 3),  # for 28–32 px images on a laptop CPU
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+SPARO_REPRESENTATIONS = ("cont", "sem", "sqrtsem")  # model.sparo.norm = representation:weighting
+SPARO_WEIGHTINGS = ("const", "norm", "softmax", "sqrtsoftmax")
+SPARO_NORMS = tuple(f"{r}:{w}" for r in SPARO_REPRESENTATIONS for w in SPARO_WEIGHTINGS)
+
+
 @dataclass
 class SparoConfig:
     num_slots: int = option(64, "L, the number of slots read out")
@@ -402,9 +416,6 @@ class _Checks:
 
 
 def _check_model(c: _Checks, model: ModelConfig) -> None:
-    from dino_sparo.models.vit import ARCHS  # noqa: PLC0415 (torch and timm only when validating)
-    from dino_sparo.sparo import NORMS  # noqa: PLC0415
-
     need, at_least, sparo = c.need, c.at_least, model.sparo
     need("model.arch", model.arch in ARCHS, f"one of {sorted(ARCHS)}")
     for key in ("patch_size", "in_chans"):
@@ -429,7 +440,7 @@ def _check_model(c: _Checks, model: ModelConfig) -> None:
         at_least(f"model.sparo.{key}", 1)
     for key in ("attn_dim", "value_dim", "num_heads"):
         at_least(f"model.sparo.{key}", 1, optional=True)
-    need("model.sparo.norm", sparo.norm in NORMS, f"one of {list(NORMS)}")
+    need("model.sparo.norm", sparo.norm in SPARO_NORMS, f"one of {list(SPARO_NORMS)}")
     need("model.sparo.num_slots", sparo.num_heads is None or sparo.num_slots % sparo.num_heads == 0,
          f"a multiple of model.sparo.num_heads ({sparo.num_heads})")
 

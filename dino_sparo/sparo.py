@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dino_sparo.config import SPARO_NORMS as NORMS
+from dino_sparo.config import SPARO_REPRESENTATIONS as REPRESENTATIONS
+from dino_sparo.config import SPARO_WEIGHTINGS as WEIGHTINGS
 from dino_sparo.layers.attention import attention
 
-REPRESENTATIONS = ("cont", "sem", "sqrtsem")
-WEIGHTINGS = ("const", "norm", "softmax", "sqrtsoftmax")
-NORMS = tuple(f"{r}:{w}" for r in REPRESENTATIONS for w in WEIGHTINGS)
 
 
 @dataclass

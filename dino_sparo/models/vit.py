@@ -16,17 +16,10 @@ import torch
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
+from dino_sparo.config import ARCHS  # width, depth, heads of the standard sizes; patch and image size are free
 from dino_sparo.layers.attention import Attention
 from dino_sparo.sparo import SPARO
 
-# width, depth, heads of the standard sizes; patch size and image size are free
-ARCHS: dict[str, tuple[int, int, int]] = {
-    "vit_pico": (96, 6, 3),  # for 28–32 px images on a laptop CPU
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-}
 READOUTS = ("sparo", "cls")
 
 
