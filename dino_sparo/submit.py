@@ -21,12 +21,6 @@ from typing import Any, Callable, Optional
 
 from dino_sparo import distributed
 
-# Entry points by job name; evaluation entry points take their own command-line arguments.
-ENTRY_POINTS = {
-    "train": "dino_sparo.cli.train:train_entry",
-    "knn": "dino_sparo.cli.knn:main",
-    "linear": "dino_sparo.cli.linear:main",
-}
 # Seconds a job stopped by SIGTERM alone waits for the USR2 that SLURM sends on preemption.
 TERM_GRACE_S = 3.0
 

@@ -17,8 +17,8 @@ import torch
 
 from dino_sparo.checkpoint import load_checkpoint
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
-from dino_sparo.cli.submit import build_parser, main, plan_submission
-from dino_sparo.submit import ENTRY_POINTS, EntryPointJob
+from dino_sparo.cli.submit import ENTRY_POINTS, build_parser, main, plan_submission
+from dino_sparo.submit import EntryPointJob
 
 from conftest import TINY_TRAINING
 

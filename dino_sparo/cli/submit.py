@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from dino_sparo.submit import ENTRY_POINTS, Resources, Submission, describe, submit
+from dino_sparo.submit import Resources, Submission, describe, submit
+
+# Entry points by job name; evaluation entry points take their own command-line arguments.
+ENTRY_POINTS = {
+    "train": "dino_sparo.cli.train:train_entry",
+    "knn": "dino_sparo.cli.knn:main",
+    "linear": "dino_sparo.cli.linear:main",
+}
 
 EPILOG = """\
 examples:
