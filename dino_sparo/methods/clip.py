@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dino_sparo import distributed
+from dino_sparo.config import DataConfig
 from dino_sparo.data.captions import build_caption_dataset
 from dino_sparo.data.transforms import clip_eval_transform, clip_train_transform
 from dino_sparo.losses import ClipLoss
@@ -71,7 +71,7 @@ class ClipMethod(Method):
         clip = self.cfg.clip
         transform = clip_eval_transform(self.cfg.model.img_size, clip.image_mean, clip.image_std)
         if clip.dataset == "fashion_mnist":  # the labels behind the captions
-            return SimpleNamespace(dataset="fashion_mnist", path=clip.train_data or self.cfg.data.path), transform
+            return DataConfig(dataset="fashion_mnist", path=clip.train_data or self.cfg.data.path), transform
         return self.cfg.data, transform  # caption data has no labels: data.path names a labelled image folder
 
     def param_groups(self) -> list[dict]:
@@ -140,10 +140,9 @@ class ClipMethod(Method):
             name = clip.zeroshot_data or "fashion_mnist"
             if name == "fashion_mnist":
                 path = clip.train_data if clip.dataset == "fashion_mnist" and clip.train_data else self.cfg.data.path
-                data_cfg, split = SimpleNamespace(dataset="fashion_mnist", path=path), "test"
+                data_cfg, split = DataConfig(dataset="fashion_mnist", path=path), "test"
             else:
-                data_cfg, split = SimpleNamespace(dataset="imagefolder", path=name), "val"
-            data_cfg.limit, data_cfg.corrupt_images = None, "error"
+                data_cfg, split = DataConfig(dataset="imagefolder", path=name), "val"
             transform = clip_eval_transform(self.cfg.model.img_size, clip.image_mean, clip.image_std)
             test_set = build_dataset(data_cfg, split, transform)
             was_training = self.model.training
