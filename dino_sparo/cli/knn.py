@@ -78,19 +78,6 @@ def _plot_path(args: argparse.Namespace, source_name: str) -> Optional[Path]:
     return Path("knn_per_slot.png")
 
 
-def _plot_path(args: argparse.Namespace, source_name: str) -> Optional[Path]:
-    if not args.per_slot:
-        return None
-    if args.plot:
-        return Path(args.plot)
-    if args.output_json:
-        out = Path(args.output_json)
-        return out.with_name(out.stem + "_per_slot.png")
-    if args.checkpoint:
-        return Path(args.checkpoint).resolve().parent / f"knn_per_slot_{source_name}.png"
-    return Path("knn_per_slot.png")
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """What ``main`` does with parsed options; returns the result (on every rank)."""
     ks = parse_int_list(args.ks, "--ks")
