@@ -31,7 +31,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-ARCH_CHOICES = ("vit_pico", "vit_tiny", "vit_small", "vit_base", "vit_large")
+from dino_sparo.config import ARCHS
+from dino_sparo.runtime import resolve_device
+
+ARCH_CHOICES = tuple(ARCHS)
 # The benchmark's options: an object with the attributes dino-sparo-bench's flags give
 # (dino_sparo.cli.bench.build_parser), e.g. a parsed argparse namespace or a SimpleNamespace.
 Options = Any
@@ -109,7 +112,6 @@ class OursStep:
 
 def reference_step(args: Options, device: torch.device, batch: Optional[int] = None):
     from dino_sparo.bench_reference import ReferenceStep
-    from dino_sparo.models.vit import ARCHS
 
     torch.manual_seed(args.seed)
     batch = batch or args.batch
@@ -198,7 +200,7 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[i
 def time_readout_vs_block(args: Options, device: torch.device, repeats: int = 5) -> dict:
     """Forward + backward of the SPARO read-out against one transformer block (the one SPARO's
     ``reduce_depth`` removes) on the step's token tensors: every global and local crop's tokens."""
-    from dino_sparo.models.vit import ARCHS, Block
+    from dino_sparo.models.vit import Block
     from dino_sparo.sparo import SPARO
 
     cfg = train_config(args)
@@ -442,8 +444,7 @@ def reference_precision(args: Options) -> str:
 
 
 def validate(args: Options) -> None:
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = str(resolve_device(args.device, key="--device"))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     if args.threads is None:

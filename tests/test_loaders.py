@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import TINY_MODEL
+
 TIMEOUT_S = 90  # a hang is forever; a healthy run of these tiny programs takes seconds
 CORRUPT = "b/05.png"
 
@@ -39,12 +41,9 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("workers", [0, 1, 3])
 def test_training_stops_on_a_corrupt_image_naming_it(folder_with_a_corrupt_image, tmp_path, workers):
-    done = run(["-m", "dino_sparo.cli.train", "device=cpu", "precision=fp32", "model.arch=vit_pico", "model.depth=2",
-                   "model.patch_size=4", "model.img_size=28", "model.sparo.num_slots=2", "model.sparo.slot_dim=4",
-                   f"data.path={folder_with_a_corrupt_image}", "data.batch_size_per_gpu=4",
-                   f"data.num_workers={workers}", "crops.global_crops_size=28", "crops.local_crops_number=0",
-                   "dino.out_dim=16", "dino.head_hidden_dim=16", "dino.head_bottleneck_dim=8", "optim.epochs=1",
-                   "optim.warmup_epochs=0", f"output_dir={tmp_path}"])
+    done = run(["-m", "dino_sparo.cli.train", *TINY_MODEL, "crops.local_crops_number=0",
+                f"data.path={folder_with_a_corrupt_image}", "data.batch_size_per_gpu=4", f"data.num_workers={workers}",
+                "optim.epochs=1", "optim.warmup_epochs=0", f"output_dir={tmp_path}"])
     assert done.returncode == 1, done.stderr[-3000:]
     error = [line for line in done.stderr.splitlines() if " ERROR " in line]
     assert len(error) == 1 and str(folder_with_a_corrupt_image / CORRUPT) in error[0], done.stderr[-3000:]

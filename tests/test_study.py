@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from dino_sparo import study
+from dino_sparo.config import load_config, save_config
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
+
+from conftest import TINY_MODEL
 
 
 def _fake_run(arm, seed, knn, linear, selected=None, slots=None):
@@ -92,11 +95,7 @@ def test_gain_table_is_trained_minus_the_same_seeds_initialisation(tmp_path):
 
 @pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(), reason="Fashion-MNIST not installed (make data)")
 def test_a_real_smoke_run_reports_its_initialisation_and_the_gain(tmp_path):
-    (tmp_path / "base.yaml").write_text(
-        "precision: fp32\nmodel: {arch: vit_pico, depth: 2, patch_size: 4, img_size: 28, drop_path_rate: 0.0,\n"
-        "  sparo: {num_slots: 4, slot_dim: 8}}\ndata: {dataset: fashion_mnist}\n"
-        "crops: {global_crops_size: 28, local_crops_number: 2, local_crops_size: 12}\n"
-        "dino: {out_dim: 64, head_hidden_dim: 32, head_bottleneck_dim: 16}\n")
+    save_config(load_config(None, [*TINY_MODEL, "data.dataset=fashion_mnist"]), tmp_path / "base.yaml")
     run = study.run_one(tmp_path / "base.yaml", "sparo", 0, study.BUDGETS["smoke"], tmp_path / "run")
     init = study.run_baseline("init", "sparo", 0, study.BUDGETS["smoke"], tmp_path / "run")
     assert run["init_knn_top1"] == init["knn_top1"]  # the same seed's untrained network, same protocol
