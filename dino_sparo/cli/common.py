@@ -8,8 +8,6 @@ import argparse
 import logging
 from typing import Any, Callable, Optional
 
-import torch
-
 from dino_sparo import distributed
 from dino_sparo.evaluation.inputs import (
     BASELINES,

@@ -24,8 +24,6 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 
 from dino_sparo.data.datasets import FashionMNIST
 from dino_sparo.data.transforms import to_rgb

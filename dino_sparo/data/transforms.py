@@ -9,7 +9,7 @@ so the ImageNet recipe is unchanged and 28-px images are not blurred into blobs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -285,7 +285,7 @@ def eval_normalization(cfg: Optional[TrainConfig], dataset: str) -> tuple[Any, A
     return mean, std, grayscale
 
 
-def to_rgb(image: Any) -> Any:
+def to_rgb(image: Image.Image) -> Image.Image:
     """An RGB copy, loaded now (so the file behind a lazily opened image may be closed)."""
     return image.convert("RGB")
 
@@ -311,7 +311,7 @@ def clip_train_transform(size: int, scale: Sequence[float], mean: Sequence[float
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"config key 'clip.crop_scale' must be (low, high) with 0 < low <= high <= 1, got {scale}")
     return transforms.Compose([
-        transforms.Lambda(to_rgb),
+        to_rgb,
         transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
         transforms.ToTensor(),
         transforms.Normalize(tuple(mean), tuple(std)),
@@ -321,8 +321,3 @@ def clip_train_transform(size: int, scale: Sequence[float], mean: Sequence[float
 def clip_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
     """CLIP's evaluation view: resize the short side to ``size``, centre crop, normalise."""
     return eval_transform(size, mean, std, resize_ratio=1.0)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB copy, loaded now (so the file behind a lazily opened image may be closed)."""
-    return image.convert("RGB")
