@@ -125,29 +125,26 @@ def run_program(prog: str, run: Callable[[], Any], errors: tuple = USER_ERRORS) 
         distributed.cleanup()
 
 
-def parse_int_list(text: Optional[str], name: str) -> Optional[list[int]]:
-    """``"10,20,100"`` -> [10, 20, 100]; errors name the option."""
+def _parse_list(text: Optional[str], name: str, kind: Callable[[str], Any], what: str) -> Optional[list]:
     if text is None:
         return None
     try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+        values = [kind(v) for v in text.replace(" ", "").split(",") if v != ""]
     except ValueError:
-        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+        raise ValueError(f"{name} must be comma-separated {what}, got {text!r}") from None
     if not values:
         raise ValueError(f"{name} must name at least one value, got {text!r}")
     return values
+
+
+def parse_int_list(text: Optional[str], name: str) -> Optional[list[int]]:
+    """``"10,20,100"`` -> [10, 20, 100]; errors name the option."""
+    return _parse_list(text, name, int, "integers")
 
 
 def parse_float_list(text: Optional[str], name: str) -> Optional[list[float]]:
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{name} must name at least one value, got {text!r}")
-    return values
+    """``"0.001,0.01"`` -> [0.001, 0.01]; errors name the option."""
+    return _parse_list(text, name, float, "numbers")
 
 
 def slots_from_args(args: argparse.Namespace) -> Optional[list[int]]:
