@@ -77,7 +77,9 @@ def run_overrides(arm: str, seed: int, budget: Budget, output_dir: Path) -> list
 def run_one(config: str | Path, arm: str, seed: int, budget: Budget, output_dir: Path,
             device: str = "cpu") -> dict[str, Any]:
     """Train one arm/seed (resuming if interrupted), then evaluate its teacher: k-NN (k = 20),
-    k-NN on greedily selected slots (SPARO only; chosen on held-out train rows), linear probe."""
+    k-NN on greedily selected slots (SPARO only; chosen on held-out train rows), linear probe. A stop
+    request during training (Ctrl-C, SIGTERM) returns only ``stopped_by``: a half-trained teacher is
+    not evaluated."""
     from dino_sparo.config import load_config  # noqa: PLC0415  (heavy imports only when running)
     from dino_sparo.evaluation.api import knn_from_checkpoint, linear_from_checkpoint  # noqa: PLC0415
     from dino_sparo.models.vit import count_parameters  # noqa: PLC0415
@@ -89,7 +91,9 @@ def run_one(config: str | Path, arm: str, seed: int, budget: Budget, output_dir:
     params = count_parameters(build_backbone(cfg.model))
     logger.info("%s seed %d: backbone %d parameters; training into %s", arm, seed, params, output_dir)
     t0 = time.perf_counter()
-    train(cfg)
+    stopped_by = train(cfg).get("stopped_by")
+    if stopped_by:
+        return {"stopped_by": stopped_by}
     train_s = time.perf_counter() - t0
     checkpoint = output_dir / "checkpoint.pth"
     common = dict(train_limit=budget.knn_train_limit, test_limit=budget.test_limit, device=device,
@@ -202,7 +206,8 @@ def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, result
               output_dir: str | Path, arms: Sequence[str] = tuple(ARMS), device: str = "cpu",
               baselines: bool = False) -> dict[str, Any]:
     """Every arm × seed not yet done (seed-major, so partial results stay balanced), then the summary;
-    with ``baselines`` also raw pixels and each arm at initialisation (first seed), same protocol."""
+    with ``baselines`` also raw pixels and each arm at initialisation (first seed), same protocol.
+    A run stopped by a signal ends the study there, with only ``stopped_by`` returned."""
     if budget_name not in BUDGETS:
         raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
     budget = BUDGETS[budget_name]
@@ -216,6 +221,9 @@ def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, result
                 logger.info("%s: done, skipping", path)
                 continue
             run = run_one(config, arm, seed, budget, Path(output_dir) / budget_name / run_name(arm, seed), device)
+            if "stopped_by" in run:
+                logger.info("%s seed %d stopped; re-run the same command to resume it", arm, seed)
+                return run
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(run, indent=2))
             tmp.replace(path)

@@ -101,3 +101,28 @@ def test_a_real_smoke_run_reports_its_initialisation_and_the_gain(tmp_path):
     assert run["init_knn_top1"] == init["knn_top1"]  # the same seed's untrained network, same protocol
     assert run["knn_gain"] == pytest.approx(run["knn_top1"] - run["init_knn_top1"])
     assert run["linear_gain"] == pytest.approx(run["linear_top1"] - run["init_linear_top1"])
+
+
+@pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(), reason="Fashion-MNIST not installed (make data)")
+def test_a_signal_during_training_ends_the_study_without_a_result(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from dino_sparo.cli.study import main
+    from dino_sparo.methods.dino import DinoMethod
+    original = DinoMethod.loss
+
+    def interrupted(self, batch, step, epoch):
+        if step == 0:  # the first of the smoke budget's 2 steps
+            os.kill(os.getpid(), signal.SIGTERM)  # what a shell's kill or a scheduler sends
+        return original(self, batch, step, epoch)
+
+    monkeypatch.setattr(DinoMethod, "loss", interrupted)
+    save_config(load_config(None, [*TINY_MODEL, "data.dataset=fashion_mnist"]), tmp_path / "base.yaml")
+    argv = ["--config", str(tmp_path / "base.yaml"), "--budget", "smoke", "--seeds", "0", "--arms", "cls",
+            "--results-dir", str(tmp_path / "results"), "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "results" / "smoke" / "runs" / "cls_seed0.json").exists()  # nothing half-trained
+    assert not (tmp_path / "out" / "smoke" / "cls_seed0" / "eval_features").exists()  # and nothing evaluated

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per arm (at least 3 for a std)")
     parser.add_argument("--budget", default="cpu", choices=sorted(BUDGETS),
                         help="smoke: a 2-step pipeline check; cpu: ~40 min for 6 runs on 2 shared cores; cpu3x: 3× its steps; "
-                             "demo: the demo's full schedule and evaluation")
+                             "demo: the demo's full schedule and evaluation; "
+                             "recipe: the config's own schedule, full 60k/10k evaluation")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which read-outs to run")
     parser.add_argument("--results-dir", default="results/study", help="per-run JSONs and the summary go here")
     parser.add_argument("--output-dir", default="output/study", help="checkpoints and training logs go here")
@@ -40,9 +41,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     else:
         import torch  # noqa: PLC0415
 
+        from dino_sparo.train import stopped_exit_code  # noqa: PLC0415
+
         torch.set_num_threads(args.threads)
         payload = run_study(args.config, args.seeds, args.budget, args.results_dir, args.output_dir, args.arms,
                             args.device, baselines=args.baselines)
+        if "stopped_by" in payload:  # no JSON for the stopped run; the exit code says which signal
+            raise SystemExit(stopped_exit_code(payload["stopped_by"]))
     print(format_summary(payload["arms"]))
     for name, entry in payload["baselines"].items():
         print(f"{name}: k-NN top-1 {100 * entry['knn_top1']:.2f}, linear top-1 {100 * entry['linear_top1']:.2f}")
