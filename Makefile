@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo data clean
+.PHONY: install test test-fast demo demo-clip data clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: install data
 
 demo: install data
 	$(PY) -m dino_sparo.cli.demo
+
+demo-clip: install
+	$(PY) -m dino_sparo.cli.demo --config configs/clip/scenes_sparo.yaml
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -38,6 +38,8 @@ setup(
             "dino-sparo-linear=dino_sparo.cli.linear:main",
             "dino-sparo-submit=dino_sparo.cli.submit:main",
             "dino-sparo-zeroshot=dino_sparo.cli.zeroshot:main",
+            "dino-sparo-sugarcrepe=dino_sparo.cli.sugarcrepe:main",
+            "dino-sparo-scenes=dino_sparo.cli.scenes:main",
             "dino-sparo-visualize=dino_sparo.cli.visualize:main",
             "dino-sparo-gpu-check=dino_sparo.cli.gpu_check:main",
         ],

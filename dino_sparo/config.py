@@ -37,6 +37,10 @@ ARCHS: dict[str, tuple[int, int, int]] = {  # model.arch -> (width, depth, heads
 SPARO_REPRESENTATIONS = ("cont", "sem", "sqrtsem")  # model.sparo.norm = representation:weighting
 SPARO_WEIGHTINGS = ("const", "norm", "softmax", "sqrtsoftmax")
 SPARO_NORMS = tuple(f"{r}:{w}" for r in SPARO_REPRESENTATIONS for w in SPARO_WEIGHTINGS)
+SCENE_SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")  # data.scenes.shapes
+SCENE_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")  # data.scenes.colours
+# SugarCrepe's seven hard-negative categories (dino-sparo-sugarcrepe --categories; the scene world's kinds)
+SUGARCREPE_CATEGORIES = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
 
 
 @dataclass
@@ -73,15 +77,36 @@ class ModelConfig:
 
 
 @dataclass
+class ScenesConfig:
+    """The procedural scene world (``data.dataset: scenes``, ``clip.dataset: scenes``): every scene is
+    a pure function of (seed, split, index); see dino_sparo/data/scenes.py."""
+    size: int = option(32, "canvas side in pixels")
+    shapes: int = option(6, "shapes used (2..8: circle square triangle diamond cross ring star bar)")
+    colours: int = option(6, "colours used (2..8: red green blue yellow purple orange cyan white)")
+    sizes: int = option(2, "object sizes (1, or 2: small and large)")
+    objects: tuple[int, int] = option((1, 3), "objects a caption describes, drawn in [low, high] (at most 4)")
+    distractors: tuple[int, int] = option((0, 0), "objects no caption names, drawn in [low, high]")
+    size_words: float = option(0.5, "chance that a caption names an object's size (with sizes: 2)")
+    heldout_pairs: int = option(0, "colour-shape pairs never in train/test scenes, only in the heldout split")
+    seed: int = option(0, "the world's seed: which pairs are withheld, and every split's scenes")
+    train_size: int = option(100000, "scenes in the train split (an epoch)")
+    test_size: int = option(5000, "scenes in the test and heldout splits")
+    margin: float = option(0.1, "a caption's relation holds by at least this fraction of the canvas")
+    label: Literal["shape", "colour", "colour_shape"] = option(
+        "shape", "the label of a scene for k-NN and the linear probe: its first object's")
+
+
+@dataclass
 class DataConfig:
-    dataset: Literal["imagefolder", "fashion_mnist"] = option(
-        "imagefolder", "imagefolder (root/<class>/<image>) or fashion_mnist (its IDX files)")
+    dataset: Literal["imagefolder", "fashion_mnist", "scenes"] = option(
+        "imagefolder", "imagefolder (root/<class>/<image>), fashion_mnist (its IDX files) or scenes (made by the code)")
     path: Optional[str] = option(None, "image-folder root, or a folder with the four Fashion-MNIST files")
     corrupt_images: Literal["error", "skip"] = option(
         "error", "error: stop, naming the file; skip: warn, naming it, and take the next image")
     limit: Optional[int] = option(None, "use only this many training images (class-balanced)")
     batch_size_per_gpu: int = option(64, "per process; the global batch is this × world size")
     num_workers: int = option(8, "DataLoader worker processes per training process (0 = load in the main process)")
+    scenes: ScenesConfig = option(meaning="the procedural scene world", factory=ScenesConfig)
 
 
 @dataclass
@@ -170,8 +195,9 @@ class ClipConfig:
     betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas (CLIP's)")
     eps: float = option(1e-6, "AdamW epsilon (CLIP's)")
     # data
-    dataset: Literal["fashion_mnist", "table", "webdataset"] = option(
-        "fashion_mnist", "fashion_mnist (captions from templates), table (.csv/.tsv) or webdataset (.tar shards)")
+    dataset: Literal["fashion_mnist", "table", "webdataset", "scenes"] = option(
+        "fashion_mnist", "fashion_mnist (captions from templates), table (.csv/.tsv), webdataset (.tar shards) "
+        "or scenes (data.scenes' world, captions with relations)")
     train_data: Optional[str] = option(None, "table (.csv/.tsv), shards ('x/{00000..00099}.tar'), Fashion-MNIST folder")
     image_column: str = option("path", "table column with image paths, relative to the table's folder")
     caption_column: str = option("caption", "table column with the captions")
@@ -181,6 +207,8 @@ class ClipConfig:
         meaning="templates of the Fashion-MNIST captions ({} = the class name)",
         factory=lambda: list(DEFAULT_CAPTION_TEMPLATES))
     crop_scale: tuple[float, float] = option((0.9, 1.0), "RandomResizedCrop scale of the training images")
+    crop_ratio: tuple[float, float] = option(
+        (0.75, 4 / 3), "RandomResizedCrop aspect-ratio range (no flip ever: captions say 'left of')")
     image_mean: tuple[float, float, float] = option(CLIP_MEAN, "image normalisation mean (OpenAI CLIP's)")
     image_std: tuple[float, float, float] = option(CLIP_STD, "image normalisation std (OpenAI CLIP's)")
     # zero-shot classification during training (every N epochs, 0 = never); fashion_mnist or a folder
@@ -462,6 +490,8 @@ def _check_data_optim_eval(c: _Checks, cfg: TrainConfig) -> None:
     need("eval.knn_temperature", cfg.eval.knn_temperature > 0, "> 0")
     at_least("eval.knn_train_limit", 1, optional=True)
     at_least("eval.knn_test_limit", 1, optional=True)
+    if cfg.data.dataset == "scenes" or (cfg.mode == "clip" and cfg.clip.dataset == "scenes"):
+        check_scene_settings(cfg.data.scenes)
 
 
 def _check_dino(c: _Checks, cfg: TrainConfig) -> None:
@@ -498,7 +528,32 @@ def _check_clip(c: _Checks, cfg: TrainConfig) -> None:
          f"an integer >= 1 that divides data.batch_size_per_gpu ({batch})")
     need("clip.init_temperature", clip.init_temperature > 0, "> 0")
     c.scale("clip.crop_scale")
+    need("clip.crop_ratio", 0 < clip.crop_ratio[0] <= clip.crop_ratio[1], "(low, high) with 0 < low <= high")
     at_least("clip.zeroshot_every_epochs", 0)
+
+
+def check_scene_settings(s: Any, key: str = "data.scenes") -> None:
+    """Refuse scene-world settings the world cannot honour, naming the key (configs and the
+    world's own constructor both call this)."""
+    objects, distractors = tuple(s.objects), tuple(s.distractors)
+    rules = [
+        ("size", 16 <= s.size <= 256, "within 16..256 pixels"),
+        ("shapes", 2 <= s.shapes <= len(SCENE_SHAPES), f"within 2..{len(SCENE_SHAPES)}"),
+        ("colours", 2 <= s.colours <= len(SCENE_COLOURS), f"within 2..{len(SCENE_COLOURS)}"),
+        ("sizes", s.sizes in (1, 2), "1 or 2"),
+        ("objects", len(objects) == 2 and 1 <= objects[0] <= objects[1] <= 4, "[low, high], 1 <= low <= high <= 4"),
+        ("distractors", len(distractors) == 2 and 0 <= distractors[0] <= distractors[1]
+         and objects[-1] + distractors[-1] <= 5, "[low, high], 0 <= low <= high, at most 5 objects in all"),
+        ("size_words", 0 <= s.size_words <= 1, "a probability"),
+        ("heldout_pairs", 0 <= s.heldout_pairs <= min(s.shapes, s.colours),
+         f"within 0..min(shapes, colours) = {min(s.shapes, s.colours)} (one pair per colour and shape at most)"),
+        ("margin", 0 <= s.margin < 0.5, "a fraction of the canvas in [0, 0.5)"),
+        ("train_size", s.train_size >= 1, ">= 1"),
+        ("test_size", s.test_size >= 1, ">= 1"),
+    ]
+    for name, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"config key '{key}.{name}' must be {allowed}, got {getattr(s, name)!r}")
 
 
 def validate_config(cfg: TrainConfig) -> TrainConfig:

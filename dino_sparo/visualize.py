@@ -137,9 +137,11 @@ def plot_text_attention(
 
 
 def load_images(items: Sequence[str | int], size: int, mean: Sequence[float], std: Sequence[float],
-                grayscale: bool, fashion_mnist_root: Optional[str] = None) -> tuple[torch.Tensor, np.ndarray]:
+                grayscale: bool, fashion_mnist_root: Optional[str] = None, world: Any = None
+                ) -> tuple[torch.Tensor, np.ndarray]:
     """Network inputs ``B × C × size × size`` and display images (``B × H × W`` grey or
-    ``B × H × W × 3``, in [0, 1]) from Fashion-MNIST test indices (integers) or image file paths."""
+    ``B × H × W × 3``, in [0, 1]) from test indices (integers: Fashion-MNIST's, or the scene
+    ``world``'s test split when given) or image file paths."""
     from PIL import Image  # noqa: PLC0415
 
     from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST  # noqa: PLC0415
@@ -149,7 +151,11 @@ def load_images(items: Sequence[str | int], size: int, mean: Sequence[float], st
     test_set = None
     pictures = []
     for item in items:
-        if isinstance(item, int) or str(item).isdigit():
+        if world is not None and (isinstance(item, int) or str(item).isdigit()):
+            if not 0 <= int(item) < world.split_size("test"):
+                raise IndexError(f"scene index {item} is outside the test split's 0..{world.split_size('test') - 1}")
+            picture = world.image(world.scene("test", int(item)))
+        elif isinstance(item, int) or str(item).isdigit():
             if test_set is None:
                 test_set = FashionMNIST(fashion_mnist_root or DEFAULT_FASHION_MNIST_ROOT, "test")
             if not 0 <= int(item) < len(test_set):
@@ -168,7 +174,7 @@ def load_images(items: Sequence[str | int], size: int, mean: Sequence[float], st
 
 def visualize_checkpoint(
     checkpoint: str | Path,
-    items: Sequence[str | int],
+    items: Optional[Sequence[str | int]],
     output: str | Path,
     slots: Optional[Sequence[int]] = None,
     num_slots: int = 8,
@@ -196,8 +202,15 @@ def visualize_checkpoint(
 
         backbone, cfg = load_backbone_from_checkpoint(checkpoint, key=key)
         mean, std, grayscale = normalization_for(cfg.data.dataset)
+    world = None
+    if cfg.data.dataset == "scenes" or (mode == "clip" and cfg.clip.dataset == "scenes"):
+        from dino_sparo.data.scenes import world_of  # noqa: PLC0415
+
+        world = world_of(cfg.data.scenes)
+    if items is None:  # a spread of Fashion-MNIST's classes, or the first scenes
+        items = list(range(8)) if world is not None else [0, 1250, 2500, 3750, 5000, 6250, 7500, 8750]
     images, display = load_images(items, cfg.model.img_size, mean, std, grayscale,
-                                  fashion_mnist_root or cfg.data.path)
+                                  fashion_mnist_root or cfg.data.path, world=world)
     shown = plot_slot_attention(backbone, images, display, output, slots=slots, num_slots=num_slots,
                                 title=f"{Path(checkpoint).parent.name}: slot attention over patches")
     result: dict[str, Any] = {"image_png": str(output), "slots": shown}

@@ -56,9 +56,19 @@ EVAL = ["--train-limit", "60", "--test-limit", "20", "--num-workers", "0", "--ba
         "--quiet", "--device", "cpu"]
 
 
+def scene_files(out: Path) -> Path:
+    """A few scenes in SugarCrepe's file format, as dino-sparo-scenes export writes them."""
+    from dino_sparo.data.scenes import SceneWorld
+    from dino_sparo.data.scenes_export import export_scenes
+
+    export_scenes(SceneWorld(), out, 8, progress=False)
+    return out
+
+
 def cases(tmp: Path, dino: Path, clip: Path) -> dict[str, tuple[list[str], list[str], str]]:
     """Per script: arguments that succeed, arguments that fail, and a word the failure's line must hold."""
     missing = str(tmp / "missing.pth")
+    scenes = scene_files(tmp / "scenes")
     return {
         "dino-sparo-train": (["--output-dir", str(tmp / "train"), *overrides(TINY_CONFIG), "max_steps=1"],
                              ["--output-dir", str(tmp / "bad"), "optim.learning_rate=1"], "optim.learning_rate"),
@@ -76,6 +86,12 @@ def cases(tmp: Path, dino: Path, clip: Path) -> dict[str, tuple[list[str], list[
                                 ["--checkpoint", str(dino), "--num-workers", "0", "--device", "cpu"], "CLIP"),
         "dino-sparo-gpu-check": (["--dry-run", "--output", str(tmp / "gpu_check")],
                                  ["--budget", "0", "--output", str(tmp / "gpu_check")], "--budget"),
+        "dino-sparo-scenes": (["export", "--out", str(tmp / "scenes_export"), "--count", "8"],
+                              ["show", "--out", str(tmp / "x.png"), "data.scenes.shapes=12"], "data.scenes.shapes"),
+        "dino-sparo-sugarcrepe": (["--checkpoint", str(clip), "--data", str(scenes / "sugarcrepe"),
+                                   "--images", str(scenes / "images"), "--num-workers", "0", "--device", "cpu"],
+                                  ["--checkpoint", str(clip), "--data", str(tmp / "nowhere"), "--images",
+                                   str(scenes / "images")], "not found"),
         "dino-sparo-visualize": (["--checkpoint", str(dino), "--images", "0", "1", "--output", str(tmp / "s.png")],
                                  ["--checkpoint", str(dino), "--images", "99999", "--output", str(tmp / "t.png")],
                                  "99999"),

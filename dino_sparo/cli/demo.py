@@ -1,5 +1,7 @@
 """``make demo`` / ``python -m dino_sparo.cli.demo``: DINO + SPARO on Fashion-MNIST on the CPU, then
-k-NN beside the untrained network and raw pixels (the work: :mod:`dino_sparo.demo`)."""
+k-NN beside the untrained network and raw pixels; ``make demo-clip`` (``--config
+configs/clip/scenes_sparo.yaml``): CLIP + SPARO on the scene world, then zero-shot, retrieval and the
+SugarCrepe-style table (the work: :mod:`dino_sparo.demo`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from dino_sparo.config import ConfigError
 from dino_sparo.demo import DEMO_CONFIG, format_demo, run_demo
 from dino_sparo.train import stopped_exit_code
 
@@ -16,8 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dino_sparo.cli.demo",
         description="Train DINO+SPARO on Fashion-MNIST on the CPU, then compare k-NN accuracy with the "
-                    "untrained network and with raw pixels.")
-    parser.add_argument("--config", default=str(DEMO_CONFIG), help="training config (default: the demo's)")
+                    "untrained network and with raw pixels. With a CLIP config on the scene world "
+                    "(configs/clip/scenes_sparo.yaml, as make demo-clip runs), train CLIP+SPARO and print zero-shot, "
+                    "retrieval and SugarCrepe-style accuracy beside the untrained model and a text-only baseline.")
+    parser.add_argument("--config", default=str(DEMO_CONFIG),
+                        help="training config: a DINO one on Fashion-MNIST, or a CLIP one on the scene world")
     parser.add_argument("--output-dir", help="where the run goes (default: the config's output_dir)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, all cores)")
@@ -32,7 +38,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     try:
         summary = run_demo(args.config, overrides)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ConfigError) as exc:
         raise SystemExit(str(exc)) from None
     if "stopped_by" in summary:
         raise SystemExit(stopped_exit_code(summary["stopped_by"]))

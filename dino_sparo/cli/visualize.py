@@ -17,8 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "printed above each map); for CLIP checkpoints also the per-token attention of a caption.",
         formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth of a DINO or CLIP run with a SPARO read-out")
-    parser.add_argument("--images", nargs="+", default=["0", "1250", "2500", "3750", "5000", "6250", "7500", "8750"],
-                        help="Fashion-MNIST test indices and/or image file paths (default: 8 spread-out test images)")
+    parser.add_argument("--images", nargs="+",
+                        help="test indices (Fashion-MNIST's; for a run on the scene world, its test scenes) and/or "
+                             "image file paths (default: 8 Fashion-MNIST test images of different classes, or "
+                             "scenes 0-7)")
     parser.add_argument("--slots", type=int, nargs="+", help="slots to show (default: the most attended ones)")
     parser.add_argument("--num-slots", type=int, default=8, help="how many most-attended slots to show without --slots")
     parser.add_argument("--caption", help="CLIP only: also plot each slot's attention over this caption's tokens")

@@ -307,6 +307,10 @@ def build_caption_dataset(cfg: Any, transform: Optional[Callable], tokenizer: Op
     """The training set that ``cfg.clip`` names (``dataset``, ``train_data``; ``data.limit`` for Fashion-MNIST);
     ``index_cache``: where WebDataset shards keep their index."""
     clip = cfg.clip
+    if clip.dataset == "scenes":
+        from dino_sparo.data.scenes import SceneCaptions, world_of  # noqa: PLC0415
+
+        return SceneCaptions(world_of(cfg.data.scenes), "train", transform, tokenizer)
     if clip.dataset == "fashion_mnist":
         root = clip.train_data or cfg.data.path
         return FashionMNISTCaptions(root, "train", transform, tokenizer, clip.templates, limit=cfg.data.limit)
@@ -318,4 +322,5 @@ def build_caption_dataset(cfg: Any, transform: Optional[Callable], tokenizer: Op
     if clip.dataset == "webdataset":
         return TarShardCaptions(clip.train_data, transform, tokenizer, clip.shard_image_keys, clip.shard_caption_key,
                                 index_cache=index_cache)
-    raise ValueError(f"config key 'clip.dataset' must be fashion_mnist, table or webdataset, got {clip.dataset!r}")
+    raise ValueError(f"config key 'clip.dataset' must be fashion_mnist, table, webdataset or scenes, "
+                     f"got {clip.dataset!r}")

@@ -520,6 +520,12 @@ def build_dataset(data_cfg: Any, split: str, transform: Callable | None = None) 
         dataset: FashionMNIST | ImageFolder = FashionMNIST(
             root, split="train" if split == "train" else "test", transform=transform, limit=limit
         )
+    elif name == "scenes":
+        from dino_sparo.data.scenes import SceneImages, world_of  # noqa: PLC0415
+
+        settings = getattr(data_cfg, "scenes", None)
+        dataset = SceneImages(world_of(settings), "train" if split == "train" else "test", transform,
+                              label=getattr(settings, "label", "shape"), limit=limit)
     elif name == "imagefolder":
         if path in (None, ""):
             raise ValueError("config key 'data.path' must name the image folder for data.dataset=imagefolder")
@@ -527,7 +533,7 @@ def build_dataset(data_cfg: Any, split: str, transform: Callable | None = None) 
         dataset = ImageFolder(root, transform=transform, corrupt_images=corrupt_images, limit=limit)
     else:
         raise ValueError(
-            f"config key 'data.dataset' must be 'fashion_mnist' or 'imagefolder', got {data_cfg.dataset!r}"
+            f"config key 'data.dataset' must be 'fashion_mnist', 'imagefolder' or 'scenes', got {data_cfg.dataset!r}"
         )
     logger.info("%s split '%s': %d samples, %d classes", dataset, split, len(dataset), dataset.num_classes)
     return dataset

@@ -306,13 +306,17 @@ def probe_train_transform(dataset: str, image_size: int, scale: tuple[float, flo
     return transforms.Compose(steps)
 
 
-def clip_train_transform(size: int, scale: Sequence[float], mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """CLIP's training view: RandomResizedCrop (bicubic) at ``scale``, nothing else (open_clip's)."""
+def clip_train_transform(size: int, scale: Sequence[float], mean: Sequence[float], std: Sequence[float],
+                         ratio: Sequence[float] = (3 / 4, 4 / 3)) -> Callable:
+    """CLIP's training view: RandomResizedCrop (bicubic) at ``scale`` and aspect ``ratio``, nothing
+    else (open_clip's). No horizontal flip, deliberately: a flipped image makes a caption that says
+    "left of" false."""
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"config key 'clip.crop_scale' must be (low, high) with 0 < low <= high <= 1, got {scale}")
     return transforms.Compose([
         to_rgb,
-        transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
+                                     interpolation=InterpolationMode.BICUBIC),
         transforms.ToTensor(),
         transforms.Normalize(tuple(mean), tuple(std)),
     ])

@@ -97,23 +97,26 @@ def zeroshot_accuracy(image_features: torch.Tensor, class_features: torch.Tensor
 
 
 def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
-                     chunk_size: int = 4096) -> dict[str, float]:
+                     chunk_size: int = 4096, groups: Optional[torch.Tensor] = None) -> dict[str, float]:
     """Recall@k for image→text and text→image retrieval over N matching pairs (row i ↔ row i).
 
-    A query counts at k when its own partner ranks among the k most similar candidates (ties
-    counted against it), in chunks of ``chunk_size`` queries."""
+    A query counts at k when a candidate of its own group ranks among the k most similar ones,
+    i.e. fewer than k candidates of other groups score at least as high as its best (ties counted
+    against it). ``groups`` (``N`` ids, e.g. one per distinct caption text) makes every pair with the
+    same caption a hit, as a finite world repeats captions; by default each pair is its own group."""
     if image_features.shape != text_features.shape:
         raise ValueError(f"retrieval needs paired features of one shape, got {tuple(image_features.shape)} "
                          f"and {tuple(text_features.shape)}")
+    groups = torch.arange(len(image_features)) if groups is None else torch.as_tensor(groups)
     result: dict[str, float] = {}
     for name, queries, candidates in (("image_to_text", image_features, text_features),
                                       ("text_to_image", text_features, image_features)):
         ranks = []
         for start in range(0, len(queries), chunk_size):
             sims = queries[start:start + chunk_size].float() @ candidates.float().T  # q × N
-            rows = torch.arange(start, start + sims.shape[0])
-            positive = sims[torch.arange(sims.shape[0]), rows]
-            ranks.append((sims >= positive[:, None]).sum(dim=-1) - 1)  # others scoring at least as high
+            same = groups[start:start + sims.shape[0], None] == groups[None, :]  # q × N
+            best = sims.masked_fill(~same, float("-inf")).max(dim=-1, keepdim=True).values
+            ranks.append(((sims >= best) & ~same).sum(dim=-1))  # other groups' candidates at least as high
         rank = torch.cat(ranks)
         for k in ks:
             result[f"{name}_R@{k}"] = int((rank < k).sum()) / len(rank)
@@ -254,7 +257,9 @@ def evaluate(model: Any, tokenizer: Callable, *, test_set: Optional[Dataset] = N
     if retrieval_set is not None:
         images, tokens = encode_images(model, _loader(retrieval_set, batch_size, num_workers), device, progress)
         texts = encode_tokens(model, tokens, device, batch_size)
-        result["retrieval"] = {**retrieval_recall(images, texts), "num_pairs": len(images)}
+        groups = torch.unique(tokens, dim=0, return_inverse=True)[1]  # pairs with the same caption: one group
+        result["retrieval"] = {**retrieval_recall(images, texts, groups=groups), "num_pairs": len(images),
+                               "num_distinct_captions": int(groups.max()) + 1}
         if layout is not None:
             result["slot_alignment_pairs"] = slot_alignment(images, texts, *layout)
     return result

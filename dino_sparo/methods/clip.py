@@ -10,6 +10,7 @@ value zero, so the loop sees one loss and one backward pass, as in any other met
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -50,7 +51,8 @@ class ClipMethod(Method):
 
     def train_dataset(self) -> Dataset:
         clip = self.cfg.clip
-        transform = clip_train_transform(self.cfg.model.img_size, clip.crop_scale, clip.image_mean, clip.image_std)
+        transform = clip_train_transform(self.cfg.model.img_size, clip.crop_scale, clip.image_mean, clip.image_std,
+                                         clip.crop_ratio)
         # WebDataset shards: the main process keeps their index for resumed runs (the others index
         # alone the first time rather than wait on a collective that could time out)
         cache = Path(self.cfg.output_dir) / "shard_index.npz"
@@ -72,6 +74,8 @@ class ClipMethod(Method):
         transform = clip_eval_transform(self.cfg.model.img_size, clip.image_mean, clip.image_std)
         if clip.dataset == "fashion_mnist":  # the labels behind the captions
             return DataConfig(dataset="fashion_mnist", path=clip.train_data or self.cfg.data.path), transform
+        if clip.dataset == "scenes":  # the scenes labelled by data.scenes.label
+            return dataclasses.replace(self.cfg.data, dataset="scenes"), transform
         return self.cfg.data, transform  # caption data has no labels: data.path names a labelled image folder
 
     def param_groups(self) -> list[dict]:
@@ -133,24 +137,14 @@ class ClipMethod(Method):
         others wait and return ``{}``)."""
         metrics: dict[str, float] = {}
         if distributed.is_main_process():
-            from dino_sparo.data.datasets import build_dataset  # noqa: PLC0415
-            from dino_sparo.evaluation.zeroshot import evaluate, load_classnames, load_templates  # noqa: PLC0415
+            from dino_sparo.evaluation.zeroshot import evaluate  # noqa: PLC0415
 
-            clip = self.cfg.clip
-            name = clip.zeroshot_data or "fashion_mnist"
-            if name == "fashion_mnist":
-                path = clip.train_data if clip.dataset == "fashion_mnist" and clip.train_data else self.cfg.data.path
-                data_cfg, split = DataConfig(dataset="fashion_mnist", path=path), "test"
-            else:
-                data_cfg, split = DataConfig(dataset="imagefolder", path=name), "val"
-            transform = clip_eval_transform(self.cfg.model.img_size, clip.image_mean, clip.image_std)
-            test_set = build_dataset(data_cfg, split, transform)
+            name, test_set, classnames, templates = self._zeroshot_inputs()
             was_training = self.model.training
             bf16 = self.device.type == "cuda" and self.cfg.precision in ("auto", "bf16")
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                result = evaluate(self.model, self.tokenizer, test_set=test_set,
-                                  classnames=load_classnames(clip.zeroshot_classnames, test_set.classes),
-                                  templates=load_templates(clip.zeroshot_templates, clip.templates),
+                result = evaluate(self.model, self.tokenizer, test_set=test_set, classnames=classnames,
+                                  templates=templates,
                                   batch_size=self.cfg.data.batch_size_per_gpu,
                                   num_workers=self.cfg.data.num_workers, device=self.device)
             self.model.train(was_training)
@@ -160,6 +154,33 @@ class ClipMethod(Method):
             metrics = {"zeroshot_top1": zs["top1"], "zeroshot_top5": zs["top5"]}
         distributed.barrier()
         return metrics
+
+    def _zeroshot_inputs(self) -> tuple[str, Dataset, list[str], list[str]]:
+        """What zero-shot during training scores: ``(name, test set, class names, prompt templates)``."""
+        from dino_sparo.data.datasets import build_dataset  # noqa: PLC0415
+        from dino_sparo.evaluation.zeroshot import load_classnames, load_templates  # noqa: PLC0415
+
+        clip = self.cfg.clip
+        transform = clip_eval_transform(self.cfg.model.img_size, clip.image_mean, clip.image_std)
+        if clip.dataset == "scenes" and not clip.zeroshot_data:  # colour + shape of one-object scenes
+            from dino_sparo.data.scenes import SceneImages, world_of, zeroshot_prompts  # noqa: PLC0415
+
+            name = "colour_shape"
+            test_set = SceneImages(world_of(self.cfg.data.scenes), "test", transform, label=name, single=True,
+                                   limit=2000)
+            classnames, templates = zeroshot_prompts(name, self.cfg.data.scenes.shapes, self.cfg.data.scenes.colours)
+        else:
+            name = clip.zeroshot_data or "fashion_mnist"
+            if name == "fashion_mnist":
+                path = (clip.train_data if clip.dataset == "fashion_mnist" and clip.train_data
+                        else self.cfg.data.path)
+                data_cfg, split = DataConfig(dataset="fashion_mnist", path=path), "test"
+            else:
+                data_cfg, split = DataConfig(dataset="imagefolder", path=name), "val"
+            test_set = build_dataset(data_cfg, split, transform)
+            classnames = load_classnames(clip.zeroshot_classnames, test_set.classes)
+            templates = load_templates(clip.zeroshot_templates, clip.templates)
+        return name, test_set, classnames, templates
 
     def describe(self) -> list[str]:
         lines = describe_parameters(self.model)
