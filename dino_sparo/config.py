@@ -92,6 +92,8 @@ class ScenesConfig:
     train_size: int = option(100000, "scenes in the train split (an epoch)")
     test_size: int = option(5000, "scenes in the test and heldout splits")
     margin: float = option(0.1, "a caption's relation holds by at least this fraction of the canvas")
+    hard_replacements: bool = option(
+        False, "replace_att / replace_obj negatives take, when they can, a colour / shape of a distractor")
     label: Literal["shape", "colour", "colour_shape"] = option(
         "shape", "the label of a scene for k-NN and the linear probe: its first object's")
 

@@ -96,10 +96,12 @@ def test_word_order_does_not_give_position_away():
     assert abs(np.mean(first_is_left) - 0.5) < 0.05
 
 
-def test_a_bag_of_words_model_finds_no_text_shortcut():
+@pytest.mark.parametrize("settings", [dict(heldout_pairs=4),
+                                      dict(shapes=8, colours=8, distractors=(1, 1), hard_replacements=True, margin=0.2)])
+def test_a_bag_of_words_model_finds_no_text_shortcut(settings):
     from dino_sparo.evaluation.scene_eval import bag_of_words_baseline
 
-    world = SceneWorld(WorldSettings(heldout_pairs=4, train_size=20000, test_size=20000))
+    world = SceneWorld(WorldSettings(**settings, train_size=20000, test_size=20000))
     fit, score = benchmark(world, "train", 2000), benchmark(world, "test", 2000)
     accuracy = bag_of_words_baseline(fit, score)
     assert set(accuracy) == set(KINDS)
@@ -258,3 +260,21 @@ def test_clip_demo_and_scene_evaluation_run_end_to_end(tmp_path, capsys):
                      "--device", "cpu", "--output-json", str(tmp_path / "e.json")])
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["zeroshot"]["colour_shape"]["num_classes"] == 36 and "swap_att" in capsys.readouterr().out
+
+
+def test_hard_replacements_take_a_distractor_s_colour_or_shape_when_one_makes_the_caption_false():
+    world = SceneWorld(WorldSettings(distractors=(1, 1), hard_replacements=True, test_size=400))
+    plain = SceneWorld(WorldSettings(distractors=(1, 1), test_size=400))
+    shares = {}
+    for name, w in (("hard", world), ("plain", plain)):
+        from_distractor = []
+        for kind, attribute, words in (("replace_att", "colour", COLOURS), ("replace_obj", "shape", SHAPES)):
+            for index, positive, negative in benchmark(w, "test", 200, kinds=(kind,))[kind]:
+                scene = w.scene("test", index)
+                assert not true_of(scene, negative, 0.0)
+                new = set(negative.rstrip(".").replace(",", "").split()) - set(positive.rstrip(".").replace(",", "").split())
+                hidden = {words[getattr(o, attribute)] for o in scene.objects[scene.described:]}
+                if new & set(words):
+                    from_distractor.append(bool(new & hidden))
+        shares[name] = np.mean(from_distractor)
+    assert shares["hard"] > 0.7 and shares["plain"] < 0.3, shares

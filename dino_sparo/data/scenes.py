@@ -176,6 +176,7 @@ class WorldSettings:
     train_size: int = 100_000
     test_size: int = 5_000
     margin: float = 0.1
+    hard_replacements: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> "WorldSettings":
@@ -207,7 +208,8 @@ class SceneWorld:
         s = self.settings
         return (f"SceneWorld({s.size} px, {s.shapes} shapes, {s.colours} colours, {s.sizes} sizes, "
                 f"{s.objects[0]}-{s.objects[1]} objects + {s.distractors[0]}-{s.distractors[1]} distractors, "
-                f"{len(self.heldout)} withheld pairs)")
+                f"{len(self.heldout)} withheld pairs" + (f", margin {s.margin:g}" if s.margin != 0.1 else "")
+                + (", hard replacements" if s.hard_replacements else "") + ")")
 
     def split_size(self, split: str) -> int:
         return self.settings.train_size if split == "train" else self.settings.test_size
@@ -375,21 +377,32 @@ def _with(spec: CaptionSpec, i: int, **change: Any) -> CaptionSpec:
     return replace(spec, objects=tuple(objects))
 
 
+def _replacement(world: SceneWorld, scene: Scene, candidates: list[tuple[CaptionSpec, Optional[int]]],
+                 attribute: str, rng: Any) -> Optional[tuple[CaptionSpec, CaptionSpec]]:
+    """A false candidate ``(spec, new value)``; with ``hard_replacements``, one whose new value an
+    unnamed object of the scene has comes first: the picture then holds the word, only not bound to
+    that object (the text never shows it, so no word count gives it away)."""
+    first: Optional[CaptionSpec] = None
+    if world.settings.hard_replacements:
+        hidden = {getattr(o, attribute) for o in scene.objects[scene.described:]}
+        first = _first_false([c for c, value in candidates if value in hidden], scene.objects, rng)
+    negative = first or _first_false([c for c, _ in candidates], scene.objects, rng)
+    return None if negative is None else (scene.spec, negative)
+
+
 def _replace_obj(world: SceneWorld, scene: Scene, rng: Any) -> Optional[tuple[CaptionSpec, CaptionSpec]]:
     spec = scene.spec
-    candidates = [_with(spec, i, shape=s) for i, d in enumerate(spec.objects)
+    candidates = [(_with(spec, i, shape=s), s) for i, d in enumerate(spec.objects)
                   for s in range(world.settings.shapes) if s != d.shape]
-    negative = _first_false(candidates, scene.objects, rng)
-    return None if negative is None else (spec, negative)
+    return _replacement(world, scene, candidates, "shape", rng)
 
 
 def _replace_att(world: SceneWorld, scene: Scene, rng: Any) -> Optional[tuple[CaptionSpec, CaptionSpec]]:
     spec = scene.spec
-    candidates = [_with(spec, i, colour=c) for i, d in enumerate(spec.objects)
+    candidates = [(_with(spec, i, colour=c), c) for i, d in enumerate(spec.objects)
                   for c in range(world.settings.colours) if c != d.colour]
-    candidates += [_with(spec, i, size=1 - d.size) for i, d in enumerate(spec.objects) if d.size is not None]
-    negative = _first_false(candidates, scene.objects, rng)
-    return None if negative is None else (spec, negative)
+    candidates += [(_with(spec, i, size=1 - d.size), None) for i, d in enumerate(spec.objects) if d.size is not None]
+    return _replacement(world, scene, candidates, "colour", rng)
 
 
 def _replace_rel(world: SceneWorld, scene: Scene, rng: Any) -> Optional[tuple[CaptionSpec, CaptionSpec]]:
