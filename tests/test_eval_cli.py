@@ -303,19 +303,24 @@ def test_image_folder_without_train_and_val_is_refused_unless_both_paths_are_giv
 
 
 @pytest.mark.parametrize("module", ["dino_sparo.cli.knn", "dino_sparo.cli.linear", "dino_sparo.cli.zeroshot",
-                                    "dino_sparo.cli.visualize"])
+                                    "dino_sparo.cli.visualize", "dino_sparo.cli.sugarcrepe", "dino_sparo.cli.scenes",
+                                    "dino_sparo.cli.clip_study"])
 def test_every_option_has_a_help_text_that_shows_its_default(module):
     import argparse
     import importlib
 
     parser = importlib.import_module(module).build_parser()
-    text = " ".join(parser.format_help().split())
-    for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
-        assert action.help, f"{action.option_strings or action.dest} has no help text"
-        if action.default not in (None, False, argparse.SUPPRESS):
-            assert f"(default: {action.default})" in text or "default" in action.help.lower(), action.option_strings
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    parsers = [parser] + [p for a in subparsers for p in a.choices.values()]  # dino-sparo-scenes' commands
+    for one in parsers:
+        text = " ".join(one.format_help().split())
+        for action in one._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"{action.option_strings or action.dest} has no help text"
+            if not (action.default is None or action.default is False or action.default == argparse.SUPPRESS):
+                assert f"(default: {action.default})" in text or "default" in action.help.lower(), \
+                    action.option_strings  # 0 included
 
 
 def test_knn_table_names_its_columns(checkpoint, tmp_path, capsys):

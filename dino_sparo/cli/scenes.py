@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="choose slots greedily on a held-out part of the items, score them on the rest (SPARO)")
     evaluate.add_argument("--selection-fraction", type=float, default=0.5,
                           help="share of each kind's items the slot selection may see")
-    evaluate.add_argument("--seed", type=int, default=0, help="seeds the selection split (default: 0)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seeds the selection split")
     evaluate.add_argument("--no-text-baseline", action="store_true", help="skip the bag-of-words text-only row")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
     evaluate.add_argument("--output-json", help="write the result here (default: scenes_eval.json beside the "

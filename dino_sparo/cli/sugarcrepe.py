@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", required=True, metavar="DIR",
                         help="folder the JSON files' image names are relative to (COCO val2017 for the real set)")
     parser.add_argument("--categories", default=",".join(CATEGORIES),
-                        help="comma-separated categories to evaluate; name fewer for a quicker look at some")
+                        help="comma-separated categories to evaluate; name fewer for a quicker look at some "
+                             "(default: all seven)")
     parser.add_argument("--per-slot", action="store_true",
                         help="also score each slot on its own, to see which slots carry compositional "
                              "information (SPARO models)")
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "it stops when no slot raises accuracy)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the split into selection and evaluation items; change it to see how much "
-                             "the selection depends on the split (default: 0)")  # 0 reads as 'no default' to argparse
+                             "the selection depends on the split")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="images (and captions) per forward pass; lower it when the GPU runs out of memory")
     parser.add_argument("--num-workers", type=int, default=2, help="image-loading processes (0: load in this process)")
