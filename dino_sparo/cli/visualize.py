@@ -46,3 +46,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """The console script: exit status 0 on success; a user's mistake is one line on stderr, status 1."""
     args = build_parser().parse_args(argv)
     run_program("dino-sparo-visualize", lambda: run(args), errors=(ValueError, FileNotFoundError, KeyError, IndexError))
+
+
+if __name__ == "__main__":
+    main()
