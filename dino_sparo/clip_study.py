@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from dino_sparo.data.scenes import KINDS, ZEROSHOT_TASKS
-from dino_sparo.study import aggregate, check_base_config, load_runs
+from dino_sparo.study import aggregate, check_base_config, load_runs, run_name, run_pending
 
 logger = logging.getLogger("dino_sparo.clip_study")
 
@@ -160,20 +160,12 @@ def run_study(config: str | Path, seeds: Sequence[int], results_dir: str | Path,
     if not text_path.exists():
         world = world_of(load_config(config, list(overrides)).data.scenes)
         text_path.write_text(json.dumps(text_only_baseline(world, count, SPLITS), indent=2))
-    for seed in seeds:
-        for arm in arms:
-            path = results / "runs" / f"{arm}_seed{seed}.json"
-            if path.exists():
-                logger.info("%s: done, skipping", path)
-                continue
-            run = run_one(config, arm, seed, Path(output_dir) / f"{arm}_seed{seed}", overrides, count, device)
-            if "stopped_by" in run:
-                logger.info("%s seed %d stopped; re-run the same command to resume it", arm, seed)
-                return run
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(run, indent=2))
-            tmp.replace(path)
-            logger.info("%s seed %d: test micro %.4f (init %.4f), replace_obj %.4f, swap_att %.4f", arm, seed,
-                        run["test_micro"], run["init_test_micro"], run["test_replace_obj"], run["test_swap_att"])
-            write_summary(results, config)
-    return write_summary(results, config)
+
+    def done(run: dict[str, Any]) -> None:
+        logger.info("%s seed %d: test micro %.4f (init %.4f), replace_obj %.4f, swap_att %.4f", run["arm"],
+                    run["seed"], run["test_micro"], run["init_test_micro"], run["test_replace_obj"], run["test_swap_att"])
+        write_summary(results, config)
+
+    stopped = run_pending(results, seeds, arms, lambda arm, seed: run_one(
+        config, arm, seed, Path(output_dir) / run_name(arm, seed), overrides, count, device), done)
+    return stopped if stopped is not None else write_summary(results, config)

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 logger = logging.getLogger("dino_sparo.study")
 
@@ -202,6 +202,28 @@ def format_summary(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_pending(results: Path, seeds: Sequence[int], arms: Sequence[str], run: Callable[[str, int], dict[str, Any]],
+                done: Callable[[dict[str, Any]], None]) -> Optional[dict[str, Any]]:
+    """Every arm × seed without its JSON in ``results/runs`` (seed-major, so partial results stay
+    balanced): ``run(arm, seed)``, its JSON written atomically, then ``done(run)``. A run stopped by a
+    signal ends the loop there and is returned (no JSON); None when every run is done."""
+    for seed in seeds:
+        for arm in arms:
+            path = results / "runs" / f"{run_name(arm, seed)}.json"
+            if path.exists():
+                logger.info("%s: done, skipping", path)
+                continue
+            entry = run(arm, seed)
+            if "stopped_by" in entry:
+                logger.info("%s seed %d stopped; re-run the same command to resume it", arm, seed)
+                return entry
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(entry, indent=2))
+            tmp.replace(path)
+            done(entry)
+    return None
+
+
 def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, results_dir: str | Path,
               output_dir: str | Path, arms: Sequence[str] = tuple(ARMS), device: str = "cpu",
               baselines: bool = False) -> dict[str, Any]:
@@ -214,22 +236,16 @@ def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, result
     results = Path(results_dir) / budget_name
     (results / "runs").mkdir(parents=True, exist_ok=True)
     check_base_config(config, results)
-    for seed in seeds:
-        for arm in arms:
-            path = results / "runs" / f"{run_name(arm, seed)}.json"
-            if path.exists():
-                logger.info("%s: done, skipping", path)
-                continue
-            run = run_one(config, arm, seed, budget, Path(output_dir) / budget_name / run_name(arm, seed), device)
-            if "stopped_by" in run:
-                logger.info("%s seed %d stopped; re-run the same command to resume it", arm, seed)
-                return run
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(run, indent=2))
-            tmp.replace(path)
-            logger.info("%s seed %d: k-NN %.4f, linear %.4f, selected-slot k-NN %s", arm, seed, run["knn_top1"],
-                        run["linear_top1"], run["selected_knn_top1"])
-            write_summary(results, budget_name, config)
+
+    def done(run: dict[str, Any]) -> None:
+        logger.info("%s seed %d: k-NN %.4f, linear %.4f, selected-slot k-NN %s", run["arm"], run["seed"],
+                    run["knn_top1"], run["linear_top1"], run["selected_knn_top1"])
+        write_summary(results, budget_name, config)
+
+    stopped = run_pending(results, seeds, arms, lambda arm, seed: run_one(
+        config, arm, seed, budget, Path(output_dir) / budget_name / run_name(arm, seed), device), done)
+    if stopped is not None:
+        return stopped
     if baselines:
         (results / "baselines").mkdir(exist_ok=True)
         todo = [("pixels", arms[0])] + [("init", arm) for arm in arms]
