@@ -53,12 +53,8 @@ def run_one(config: str | Path, arm: str, seed: int, output_dir: Path, overrides
     """Train one arm and seed (resuming if interrupted), then measure it and the same seed's model at
     initialisation on the scene world. A stop request during training returns only ``stopped_by``."""
     from dino_sparo.config import load_config  # noqa: PLC0415  (heavy imports only when running)
-    from dino_sparo.data.scenes import world_of  # noqa: PLC0415
-    from dino_sparo.data.transforms import clip_eval_transform  # noqa: PLC0415
-    from dino_sparo.evaluation.scene_eval import evaluate_scenes  # noqa: PLC0415
-    from dino_sparo.models.clip import build_clip_model, load_clip_model  # noqa: PLC0415
+    from dino_sparo.evaluation.scene_eval import evaluate_scenes, load_scene_run  # noqa: PLC0415
     from dino_sparo.models.vit import count_parameters  # noqa: PLC0415
-    from dino_sparo.runtime import seed_everything  # noqa: PLC0415
     from dino_sparo.train import train  # noqa: PLC0415
 
     if arm not in ARMS:
@@ -70,11 +66,9 @@ def run_one(config: str | Path, arm: str, seed: int, output_dir: Path, overrides
     if stopped_by:
         return {"stopped_by": stopped_by}
     train_s = time.perf_counter() - start
-    trained, cfg, tokenizer = load_clip_model(output_dir / "checkpoint.pth", device)
-    seed_everything(cfg.seed)  # train() seeds the same way before it builds the model
-    initial = build_clip_model(cfg).to(device).eval()
-    world = world_of(cfg.data.scenes)
-    transform = clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)
+    run = load_scene_run(output_dir / "checkpoint.pth", device, with_initial=True)
+    trained, initial, tokenizer, world, transform = (run[k] for k in ("model", "initial", "tokenizer", "world",
+                                                                      "transform"))
     sparo = trained.slot_layout() is not None
     t1 = time.perf_counter()
     results = {name: evaluate_scenes(model, tokenizer, world, transform, count=count, splits=SPLITS,

@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dino_sparo.config import ConfigError, load_config
@@ -123,10 +124,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: Sequence[str] = ()) ->
 def run_clip_demo(cfg: Any, config: str | Path, count: int = 1000) -> dict:
     """Train (or resume) a CLIP run on the scene world, then measure it and the same model at
     initialisation on ``count`` scenes per measure, with the text-only baseline, and draw the slots."""
-    from dino_sparo.data.scenes import world_of  # noqa: PLC0415
-    from dino_sparo.data.transforms import clip_eval_transform  # noqa: PLC0415
-    from dino_sparo.evaluation.scene_eval import evaluate_scenes, text_only_baseline  # noqa: PLC0415
-    from dino_sparo.models.clip import build_clip_model, load_clip_model  # noqa: PLC0415
+    from dino_sparo.evaluation.scene_eval import evaluate_scenes, load_scene_run, text_only_baseline  # noqa: PLC0415
 
     if cfg.clip.dataset != "scenes":
         raise ConfigError(f"the CLIP demo runs on the scene world (clip.dataset: scenes); {config} sets "
@@ -137,11 +135,9 @@ def run_clip_demo(cfg: Any, config: str | Path, count: int = 1000) -> dict:
     if stopped_by:
         return {"stopped_by": stopped_by}
     train_s = time.perf_counter() - start
-    trained, cfg, tokenizer = load_clip_model(output_dir / "checkpoint.pth")
-    seed_everything(cfg.seed)  # train() seeds the same way before building the model
-    initial = build_clip_model(cfg).eval()
-    world = world_of(cfg.data.scenes)
-    transform = clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)
+    run = load_scene_run(output_dir / "checkpoint.pth", with_initial=True)
+    trained, initial, tokenizer, world, transform = (run[k] for k in ("model", "initial", "tokenizer", "world",
+                                                                      "transform"))
     sparo = trained.slot_layout() is not None
     results = {name: evaluate_scenes(model, tokenizer, world, transform, count=count, select_slots=sparo and
                                      name == "trained", progress=False)
@@ -150,8 +146,9 @@ def run_clip_demo(cfg: Any, config: str | Path, count: int = 1000) -> dict:
     picture = output_dir / "slot_attention.png"
     if sparo:
         scenes = [world.scene("test", i) for i in range(8)]
-        images = torch.stack([transform(world.image(scene)) for scene in scenes])
-        display = np.stack([world.render(scene)[0] for scene in scenes]).astype(np.float32) / 255
+        pictures = [world.render(scene)[0] for scene in scenes]
+        images = torch.stack([transform(Image.fromarray(picture)) for picture in pictures])
+        display = np.stack(pictures).astype(np.float32) / 255
         slots = plot_slot_attention(trained.visual, images, display, picture, num_slots=8,
                                     title="test scenes: the 8 most-attended SPARO slots of the image tower")
         logger.info("slot attention of slots %s: %s", slots, picture)

@@ -92,21 +92,16 @@ def world_from_args(args: argparse.Namespace) -> Any:
 
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from dino_sparo.data.scenes import world_of  # noqa: PLC0415
-    from dino_sparo.data.transforms import clip_eval_transform  # noqa: PLC0415
-    from dino_sparo.evaluation.scene_eval import evaluate_scenes, format_scene_table, text_only_baseline  # noqa: PLC0415
-    from dino_sparo.models.clip import load_clip_model  # noqa: PLC0415
+    from dino_sparo.evaluation.scene_eval import (evaluate_scenes, format_scene_table,  # noqa: PLC0415
+                                                  load_scene_run, text_only_baseline)
     from dino_sparo.runtime import resolve_device  # noqa: PLC0415
 
     if args.count < 2:
         raise ValueError(f"--count must be at least 2, got {args.count}")
     device = resolve_device(args.device, key="--device")
-    model, cfg, tokenizer = load_clip_model(args.checkpoint, device)
-    if cfg.clip.dataset != "scenes":
-        raise ValueError(f"checkpoint {args.checkpoint} was trained on clip.dataset={cfg.clip.dataset!r}, not scenes")
-    world = world_of(cfg.data.scenes)
-    transform = clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)
-    result = evaluate_scenes(model, tokenizer, world, transform, count=args.count, per_slot=args.per_slot,
+    run = load_scene_run(args.checkpoint, device)
+    world = run["world"]
+    result = evaluate_scenes(run["model"], run["tokenizer"], world, run["transform"], count=args.count, per_slot=args.per_slot,
                              select_slots=args.select_slots, selection_fraction=args.selection_fraction,
                              seed=args.seed, device=device, progress=True)
     baseline = None if args.no_text_baseline else text_only_baseline(world, args.count)

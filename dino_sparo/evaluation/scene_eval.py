@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from dino_sparo.data.scenes import (KINDS, ZEROSHOT_TASKS, SceneCaptions, SceneImages, SceneWorld, benchmark,
@@ -25,6 +27,26 @@ from dino_sparo.evaluation.slot_objects import patch_coverage, slot_object_align
 from dino_sparo.evaluation.zeroshot import encode_images, encode_tokens, evaluate, retrieval_recall
 
 logger = logging.getLogger(__name__)
+
+
+def load_scene_run(checkpoint: str | Path, device: Any = "cpu", with_initial: bool = False) -> dict[str, Any]:
+    """A CLIP run on the scene world, ready to measure: ``model``, ``cfg``, ``tokenizer``, its
+    ``world`` and evaluation ``transform``, and with ``with_initial`` the same seed's model at
+    initialisation (``initial``; the training program seeds the same way before it builds the model)."""
+    from dino_sparo.data.scenes import world_of  # noqa: PLC0415
+    from dino_sparo.data.transforms import clip_eval_transform  # noqa: PLC0415
+    from dino_sparo.models.clip import build_clip_model, load_clip_model  # noqa: PLC0415
+    from dino_sparo.runtime import seed_everything  # noqa: PLC0415
+
+    model, cfg, tokenizer = load_clip_model(checkpoint, device)
+    if cfg.clip.dataset != "scenes":
+        raise ValueError(f"checkpoint {checkpoint} was trained on clip.dataset={cfg.clip.dataset!r}, not scenes")
+    run = {"model": model, "cfg": cfg, "tokenizer": tokenizer, "world": world_of(cfg.data.scenes),
+           "transform": clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)}
+    if with_initial:
+        seed_everything(cfg.seed)
+        run["initial"] = build_clip_model(cfg).to(device).eval()
+    return run
 
 
 def scene_benchmark(world: SceneWorld, split: str, count: int, kinds: Sequence[str] = KINDS
@@ -75,7 +97,7 @@ def scene_slot_objects(model: Any, world: SceneWorld, transform: Any, count: int
         picture, object_masks = world.render(scene)
         padded = np.zeros((k_max, *object_masks.shape[1:]), dtype=bool)
         padded[:len(object_masks)] = object_masks
-        images.append(transform(world.image(scene)))
+        images.append(transform(Image.fromarray(picture)))
         masks.append(torch.from_numpy(padded))
         counts.append(len(object_masks))
     attn = []
