@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,13 @@ def keep_slots(slots: torch.Tensor, keep: Sequence[int]) -> torch.Tensor:
     return F.normalize(kept, dim=-1)
 
 
+def _drop_unused_key_bias(module: "SPARO", state_dict: dict, prefix: str, *args: Any) -> None:
+    """Checkpoints written before the unused key bias was left out (``share_kv: false``) still load:
+    the bias never changed an output, so dropping it loses nothing."""
+    if module.key.bias is None:
+        state_dict.pop(prefix + "key.bias", None)
+
+
 class SPARO(nn.Module):
     """The SPARO read-out.
 
@@ -131,15 +138,20 @@ class SPARO(nn.Module):
         self.share_kv, self.norm = share_kv, norm
         self.slots_per_head = num_slots // num_heads
 
-        self.key = nn.Linear(dim, num_heads * attn_dim)
+        # The key bias only adds a per-slot constant to the logits, which the softmax ignores: it is kept
+        # where it is the value bias too (share_kv) and left out otherwise, where it would get no gradient
+        # (DistributedDataParallel then fails at its second step waiting for it).
+        self.key = nn.Linear(dim, num_heads * attn_dim, bias=share_kv)
         self.value = None if share_kv else nn.Linear(dim, num_heads * value_dim)
+        self.register_load_state_dict_pre_hook(_drop_unused_key_bias)
         self.queries = nn.Parameter(torch.randn(num_heads, self.slots_per_head, attn_dim))
         extra = 1 if parse_norm(norm)[1] in ("softmax", "sqrtsoftmax") else 0
         self.out_proj = nn.Linear(value_dim, slot_dim + extra)
         for layer in (self.key, self.value):
             if layer is not None:
                 nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
         nn.init.zeros_(self.out_proj.bias)
 
     @property

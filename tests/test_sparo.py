@@ -17,7 +17,9 @@ def reference_sparo(m: SPARO, x: torch.Tensor, mask=None):
     for slot in range(m.num_slots):
         head, sub = divmod(slot, m.slots_per_head)
         ka, kb = head * m.attn_dim, (head + 1) * m.attn_dim
-        keys = x @ m.key.weight[ka:kb].T + m.key.bias[ka:kb]  # B × N × d_a
+        keys = x @ m.key.weight[ka:kb].T  # B × N × d_a
+        if m.key.bias is not None:
+            keys = keys + m.key.bias[ka:kb]
         if m.value is None:
             values = keys
         else:
@@ -68,8 +70,9 @@ def _module_and_reference(setting, norm, dtype):
     torch.manual_seed(0)
     m = SPARO(dim=16, norm=norm, **setting).to(dtype)
     with torch.no_grad():  # non-zero biases so they are exercised
-        m.key.bias.normal_()
-        m.out_proj.bias.normal_()
+        for layer in (m.key, m.value, m.out_proj):
+            if layer is not None and layer.bias is not None:
+                layer.bias.normal_()
     x = torch.randn(3, 11, 16, dtype=dtype)
     mask = torch.zeros(3, 11, dtype=torch.bool)
     mask[1, 7:] = True
@@ -204,3 +207,24 @@ def test_keep_slots_renormalises_to_mean_of_kept_cosines():
 def test_bad_settings_are_refused_by_name(bad):
     with pytest.raises(ValueError, match="SPARO"):
         SPARO(dim=16, **bad)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_every_parameter_gets_a_gradient(setting):
+    """What DistributedDataParallel needs (it waits for every parameter's gradient): no parameter of the
+    read-out may be left out of the output, whichever keys and values it shares."""
+    torch.manual_seed(0)
+    m = SPARO(dim=16, **setting)
+    m(torch.randn(2, 9, 16)).embedding.square().sum().backward()
+    missing = [name for name, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_checkpoints_with_the_unused_key_bias_still_load():
+    torch.manual_seed(0)
+    m = SPARO(dim=16, num_slots=4, slot_dim=3, attn_dim=4, value_dim=5, share_kv=False)
+    old = dict(m.state_dict(), **{"key.bias": torch.randn(16)})  # as written before the bias was left out
+    fresh = SPARO(dim=16, num_slots=4, slot_dim=3, attn_dim=4, value_dim=5, share_kv=False)
+    fresh.load_state_dict(old, strict=True)
+    x = torch.randn(2, 7, 16)
+    assert torch.equal(fresh(x).embedding, m(x).embedding)
