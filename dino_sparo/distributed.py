@@ -233,8 +233,11 @@ def init_distributed(device_type: str, timeout_s: Optional[float] = None) -> Dis
         init_method = "env://"  # torchrun's agent may host the store: let torch find it
     else:
         init_method = f"tcp://{info.master_addr}:{info.master_port}"
+    # device_id binds the group to this process' GPU: NCCL then knows the device at start-up instead of
+    # guessing it at the first collective (and warning that it may hang)
+    device_id = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else None
     dist.init_process_group(backend=backend, init_method=init_method, rank=info.rank,
-                            world_size=info.world_size, timeout=_timeout(timeout_s))
+                            world_size=info.world_size, timeout=_timeout(timeout_s), device_id=device_id)
     logger.info("process group: %s, rank %d of %d (local rank %d), master %s:%s, from %s", backend, info.rank,
                 info.world_size, info.local_rank, info.master_addr or os.environ.get("MASTER_ADDR"),
                 info.master_port or os.environ.get("MASTER_PORT"), info.launcher)
@@ -311,14 +314,28 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def host_group() -> Optional[object]:
+    """A process group for small host-side votes: the default group when it is gloo, else a gloo group
+    over the same ranks. Collective (every rank must call it at the same point). Under NCCL a vote on
+    CUDA tensors costs two device synchronisations (the host list copied in, the result read back),
+    each waiting for the whole queued step; a gloo vote on CPU tensors waits for nothing on the GPU."""
+    if not is_dist():
+        return None
+    if dist.get_backend() == "gloo":
+        return None  # the default group
+    return dist.new_group(backend="gloo")
+
+
 class AnyRankFlags:
     """Flags raised on any rank (e.g. "a stop signal arrived"), agreed on by all ranks at the same
-    step. With several processes the vote is one step late: the all-reduce started at step k is
-    read at step k+1, so the host never waits for the GPU to finish the step it just queued."""
+    step. With several processes the vote runs on CPU tensors over a gloo group (:func:`host_group`)
+    and is one step late: the all-reduce started at step k is read at step k+1, so the host never
+    waits for the vote nor for the GPU. Created at the same point on every rank."""
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
         self._pending: Optional[tuple[torch.Tensor, object]] = None
+        self.group = host_group()
 
     def vote(self, raised: set[str]) -> set[str]:
         """Offer this rank's ``raised`` flags; returns the flags every rank now agrees were raised."""
@@ -327,9 +344,8 @@ class AnyRankFlags:
         agreed: set[str] = set()
         if self._pending is not None:
             agreed = self._collect()
-        flags = torch.tensor([name in raised for name in self.names], dtype=torch.int32,
-                             device=collective_device())
-        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+        flags = torch.tensor([name in raised for name in self.names], dtype=torch.int32)  # on the CPU
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         self._pending = (flags, work)
         return agreed
 

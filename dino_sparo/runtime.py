@@ -18,6 +18,8 @@ import torch
 
 from dino_sparo import distributed
 
+logger = logging.getLogger(__name__)
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 LOG_DATE_FORMAT = "%H:%M:%S"
 
@@ -88,19 +90,32 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
+    """Python's, NumPy's, torch's CPU and this process' own GPU's generator states (one GPU per process:
+    the state of every visible GPU would tie a checkpoint to the number of GPUs it was written with)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()  # the current device's
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state`; its tensors may have been loaded onto a GPU, torch wants them on the CPU."""
+    """Restore :func:`rng_state`; its tensors may have been loaded onto a GPU, torch wants them on the CPU.
+    Checkpoints written before held every visible GPU's state (``cuda``): the current device's entry is
+    restored when there is one, so a run resumes on fewer visible GPUs too."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"].cpu())
+    elif "cuda" in state:
+        states, index = state["cuda"], torch.cuda.current_device()
+        if index < len(states):
+            torch.cuda.set_rng_state(states[index].cpu())
+        else:
+            logger.warning("the checkpoint holds GPU generator states for %d device(s), none for device %d: "
+                           "this GPU's random numbers (drop path) start afresh", len(states), index)
 
 
 @contextlib.contextmanager

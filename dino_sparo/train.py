@@ -90,6 +90,27 @@ def apply_speed_options(method: Method, cfg: TrainConfig) -> None:
         method.train_module = torch.compile(method.train_module)
 
 
+def sync_batchnorms(method: Method, device: torch.device, world_size: int) -> None:
+    """Batch norm layers (``dino.use_bn_in_head``) normalise over the global batch under several
+    processes, as DINO does (SyncBatchNorm in the student and the teacher). torch's SyncBatchNorm has
+    GPU kernels only: on CPU (gloo) each process normalises its own batch, and the log says so."""
+    if world_size == 1:
+        return
+    norms = [m for module in method.modules().values() for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    if device.type != "cuda":
+        logger.warning("batch norm in %d layer(s) normalises each process' batch separately: SyncBatchNorm "
+                       "runs on GPUs only", len(norms))
+        return
+    for name, module in method.modules().items():
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        if converted is not module:  # a top-level batch norm would be replaced, not changed in place
+            raise TypeError(f"{name} is itself a batch norm layer: cannot convert it in place")
+    logger.info("batch norm: %d layer(s) synchronised over %d processes (SyncBatchNorm)", len(norms), world_size)
+
+
 def train_step(method: Method, batch: Any, step: int, epoch: int, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, params: list[nn.Parameter], optim_cfg: Any,
                autocast_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -271,6 +292,7 @@ class TrainingRun:
         method.use_schedules(self.schedules)
         self.epoch_end_hooks = method.epoch_end_hooks()
         apply_speed_options(method, cfg)
+        sync_batchnorms(method, device, info.world_size)
         if info.world_size > 1:
             method.train_module = nn.parallel.DistributedDataParallel(
                 method.train_module, device_ids=[device.index] if device.type == "cuda" else None)

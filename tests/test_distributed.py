@@ -97,6 +97,49 @@ def test_collectives_are_identities_in_one_process():
     assert flags.vote({"SIGUSR2"}) == {"SIGUSR2"} and flags.close() == set()
 
 
+def _vote_in_two_processes(rank: int, init_file: str, default_backend: str, queue) -> None:
+    """Rank 1 raises SIGTERM before step 2; every rank records what each step's vote agreed on."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    if default_backend == "nccl":  # as under NCCL: the vote must build a gloo group of its own
+        real = dist.get_backend
+        dist.get_backend = lambda group=None: "nccl" if group is None else real(group)
+    try:
+        flags = distributed.AnyRankFlags(["SIGTERM", "SIGUSR2"])
+        agreed = []
+        for step in range(4):
+            raised = {"SIGTERM"} if rank == 1 and step >= 2 else set()
+            agreed.append(sorted(flags.vote(raised)))
+            assert flags._pending[0].device.type == "cpu"
+        agreed.append(sorted(flags.close()))
+        own_group = flags.group is not None
+        if own_group:
+            dist.get_backend = real
+            assert dist.get_backend(flags.group) == "gloo"
+        queue.put((rank, agreed, own_group))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("default_backend", ["gloo", "nccl"])
+def test_two_ranks_agree_on_a_stop_one_step_late_on_a_cpu_group(tmp_path, default_backend):
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    processes = [context.Process(target=_vote_in_two_processes,
+                                 args=(rank, str(tmp_path / "init"), default_backend, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    results = dict((rank, (agreed, own)) for rank, agreed, own in (queue.get(timeout=120) for _ in processes))
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    # the flag raised on rank 1 before step 2 is agreed by both ranks at step 3 (one step late), and stays
+    expected = [[], [], [], ["SIGTERM"], ["SIGTERM"]]
+    assert results[0][0] == results[1][0] == expected
+    assert results[0][1] == results[1][1] == (default_backend == "nccl")
+
+
 # --------------------------------------------------------------------------------------------
 # Two processes against one
 # --------------------------------------------------------------------------------------------
@@ -212,3 +255,16 @@ def test_signal_to_one_rank_stops_both_and_resume_is_bit_identical(two_process_r
     assert b["step"] == 12
     assert_states(a, b, atol=0)
     assert [r["loss"] for r in read_log(two_process_run)] == [r["loss"] for r in read_log(tmp_path)]
+
+
+@needs_data
+def test_two_processes_train_sparo_with_separate_values_and_a_batch_norm_head(tmp_path):
+    """DistributedDataParallel waits for every parameter's gradient: with ``share_kv: false`` the read-out
+    once had a key bias without one, and DDP failed at step 2. With the head's batch norm (per process on
+    CPU, SyncBatchNorm on GPUs) the run ends and logs every step."""
+    out = tmp_path / "run"
+    done = torchrun(out, "model.sparo.share_kv=false", "dino.use_bn_in_head=true",
+                    "optim.epochs=1")
+    assert [row["step"] for row in read_log(out) if "loss" in row][-1] == 4
+    assert "normalises each process' batch separately" in (out / "train.log").read_text()
+    assert done.returncode == 0
