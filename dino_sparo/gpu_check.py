@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ WHEELS = ("xformers==0.0.35", "submitit==1.5.4", "open_clip_torch==3.3.0", "ftfy
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
                    "manylinux2014_x86_64", "manylinux1_x86_64")
 DEFAULT_WHEELS = ".gpu_wheels"
-DEFAULT_BUDGET_S = 480
+DEFAULT_BUDGET_S = 285  # one call of the two (CALLS); a call may run 300 s
 GROUPS = ("install", "pytest", "bench", "dino", "clip")
 OUTPUT_FILES = ("summary.txt", "gpu_check.json", "gpu_check.log", "training_curves.png")
 BOOKKEEPING_S = 5  # of the budget, kept for reading results and writing the report between steps
@@ -165,14 +164,45 @@ def probe_environment() -> dict[str, Any]:
             info[f"{module}_version"] = None
             info[f"{module}_error"] = f"{type(exc).__name__}: {exc}"[:300]
     from dino_sparo.evaluation.knn_search import available_backends  # noqa: PLC0415
-    from dino_sparo.layers.attention import xformers_available  # noqa: PLC0415
+    from dino_sparo.layers.attention import xformers_report  # noqa: PLC0415
 
-    info["xformers_runs"] = bool(info["cuda_available"] and xformers_available())
+    xformers = xformers_report()  # the calls the runs make: bf16 block-diagonal forward + backward at head dim 64, ...
+    info.update(xformers_imports=xformers["imports"], xformers_runs=xformers["runs"],
+                xformers_reason=xformers["reason"], xformers_checks=xformers["checks"])
+    info.update(host_resources())
     info["knn_backends"] = list(available_backends())
     info["nccl_available"] = bool(torch.distributed.is_available() and torch.distributed.is_nccl_available())
     if info["nccl_available"] and info["cuda_available"]:
         info["nccl_version"] = ".".join(str(v) for v in torch.cuda.nccl.version())
     return info
+
+
+def host_resources() -> dict[str, Any]:
+    """The host's memory and ``/dev/shm`` (where loader workers hand over batches: containers often
+    give it 64 MiB, and workers then die with a bus error), and its CPU count."""
+    info: dict[str, Any] = {"cpu_count": os.cpu_count()}
+    try:
+        stat = os.statvfs("/dev/shm")
+        info["shm_gib"] = round(stat.f_frsize * stat.f_blocks / 2**30, 2)
+    except OSError:
+        info["shm_gib"] = None
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        for key, name in (("MemTotal", "memory_gib"), ("MemAvailable", "memory_available_gib")):
+            info[name] = round(int(meminfo[key].split()[0]) / 2**20, 1)
+    except (OSError, KeyError, ValueError):
+        pass
+    return info
+
+
+def loader_workers(configured: int, shm_gib: Optional[float]) -> int:
+    """Loader workers that ``/dev/shm`` can hold: each keeps about two batches there (a DINO batch of 64
+    images with 2×224 + 6×96 crops is about 150 MB in fp32), so a small ``/dev/shm`` gets fewer."""
+    if shm_gib is None or shm_gib >= 8:
+        return configured
+    if shm_gib < 1:
+        return 0  # the main process loads: slower, but nothing goes through /dev/shm
+    return max(1, min(configured, int(shm_gib * 2)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,27 +211,38 @@ def probe_environment() -> dict[str, Any]:
 
 @dataclass
 class Step:
-    """One time-boxed step: a command (``argv``) or an in-process ``action``. ``cap_s`` is the
-    most it may take, ``floor_s`` the least worth starting it with (kept free for it by the steps
-    before it unless it is ``optional``). ``signal_at`` = (logged training step, signal): send
-    the signal once ``watch_log`` shows that step."""
+    """One time-boxed step: a command run as a child process in its own process group. ``cap_s`` is
+    the most it may take, ``floor_s`` the least it needs (what an H100 needs, with some margin: kept free
+    for it by the steps before it unless it is ``optional``; optional steps come last). ``signal_at`` =
+    (logged training step, signal): send the signal once ``watch_log`` shows that step; ``exit_code`` is
+    the code that means success (a signal stop exits 128 + the signal, a kill -9 gives -9)."""
 
-    def command(self, xformers_runs: bool) -> Optional[list[str]]:
-        return None if self.argv is None else self.argv + (self.xformers_argv if xformers_runs else [])
     name: str
     group: str
     title: str
     cap_s: float
     floor_s: float
     argv: Optional[list[str]] = None
-    action: Optional[Callable[["Context"], dict]] = None
     optional: bool = False
-    needs: Optional[str] = None  # "cuda" or "xformers": skipped where the probe found it missing
+    needs: Optional[str] = None  # "cuda", "xformers" (its kernels run) or "xformers-import": skipped without it
     signal_at: Optional[tuple[int, int]] = None
     watch_log: Optional[Path] = None
+    exit_code: int = 0
     xformers_argv: list[str] = field(default_factory=list)  # appended where the probe found xformers running
+    workers: Optional[int] = None  # the config's loader workers: lowered where /dev/shm is small
     outputs: dict[str, Path] = field(default_factory=dict)  # what the result is read from
     note: str = ""
+
+    def command(self, environment: dict[str, Any]) -> Optional[list[str]]:
+        """The argv to run on the machine the probe described in ``environment``."""
+        if self.argv is None:
+            return None
+        argv = self.argv + (self.xformers_argv if environment.get("xformers_runs") else [])
+        if self.workers is not None:
+            workers = loader_workers(self.workers, environment.get("shm_gib"))
+            if workers != self.workers:
+                argv = argv + [f"data.num_workers={workers}"]
+        return argv
 
 
 @dataclass
@@ -213,7 +254,7 @@ class Context:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _sizes(smoke: bool) -> dict[str, Any]:
+def plan_sizes(smoke: bool) -> dict[str, Any]:
     """Every number of the plan that differs between the GPU check and its toy-size smoke run."""
     if smoke:
         return dict(data=dict(train_per_class=8, val_per_class=4, size=32),
@@ -225,7 +266,7 @@ def _sizes(smoke: bool) -> dict[str, Any]:
                              "--warmup", "1", "--matmul-size", "256", "--device", "auto"],
                     precision="auto", dino_config="configs/gpu_check/dino_smoke.yaml",
                     clip_config="configs/gpu_check/clip_smoke.yaml", kill_at=15, term_at=25, total_steps=40,
-                    eval_batch="16", workers="1", caps=1.0)
+                    eval_batch="16", workers="1")
     return dict(data=dict(train_per_class=256, val_per_class=50, size=128),
                 bench_s=["--arch", "vit_small", "--patch-size", "16", "--batch", "64", "--local-crops", "10",
                          "--global-size", "224", "--local-size", "96", "--steps", "10", "--warmup", "3",
@@ -235,26 +276,43 @@ def _sizes(smoke: bool) -> dict[str, Any]:
                          "--device", "cuda"],
                 precision="bf16", dino_config="configs/gpu_check/dino.yaml",
                 clip_config="configs/gpu_check/clip.yaml", kill_at=100, term_at=220, total_steps=320,
-                eval_batch="256", workers="12", caps=1.0)
+                eval_batch="256", workers="12")
 
 
-# the benchmark rows: (step name, title, our options, the reference's precision)
+# The benchmark rows: (step name, title, our options, the reference's precision, required). Required: the
+# headline (SPARO, packed crops), the same with the class-token read-out (SPARO runs 11 blocks and the
+# read-out, the reference 12 blocks, so only the cls row compares implementations of one architecture),
+# and SDPA, the figure that stands where xformers does not run.
 BENCH_RUNS = (
-    ("bench-s16-packed", "ours xformers, packed crops / reference bf16", ["--attn-backend", "xformers", "--pack-crops"],
-     "bf16"),
+    ("bench-s16-packed", "ours SPARO, xformers, packed crops / reference bf16",
+     ["--attn-backend", "xformers", "--pack-crops"], "bf16", True),
+    ("bench-s16-cls-packed", "ours class token (12 blocks, as the reference), xformers, packed / reference bf16",
+     ["--readout", "cls", "--attn-backend", "xformers", "--pack-crops"], "bf16", True),
+    ("bench-s16-sdpa", "ours SDPA, per crop size / reference bf16", ["--attn-backend", "sdpa"], "bf16", True),
     ("bench-s16-packed-fp16ref", "ours xformers, packed crops / reference fp16 (as DINO v1 runs)",
-     ["--attn-backend", "xformers", "--pack-crops"], "fp16"),
+     ["--attn-backend", "xformers", "--pack-crops"], "fp16", False),
     ("bench-s16-xformers", "ours xformers, one forward per crop size / reference bf16",
-     ["--attn-backend", "xformers"], "bf16"),
-    ("bench-s16-sdpa", "ours SDPA, per crop size / reference bf16", ["--attn-backend", "sdpa"], "bf16"),
+     ["--attn-backend", "xformers"], "bf16", False),
     ("bench-s16-math", "ours explicit softmax attention, per crop size / reference bf16",
-     ["--attn-backend", "math"], "bf16"),
+     ["--attn-backend", "math"], "bf16", False),
 )
+
+# The two calls that fit the GPU machine's lending (15 minutes a session, machine start included, and
+# time left for a second try): each at most DEFAULT_BUDGET_S. Each installs again: a machine given back
+# between the calls comes back bare, and on a warm one the install takes seconds.
+CALLS = {1: ("install", "pytest", "bench"), 2: ("install", "dino", "clip")}
+
+
+def _program(tool: str) -> list[str]:
+    """A program of this project by module (``python -m dino_sparo.cli.<tool>``): it runs from the
+    source tree even where the editable install failed, so one failure does not fail every step."""
+    return [sys.executable, "-m", f"dino_sparo.cli.{tool}"]
 
 
 def build_plan(args: Options) -> list[Step]:
-    """Every step the check runs for ``args``, in order (``--steps`` chooses the groups)."""
-    sizes = _sizes(args.smoke)
+    """Every step the check runs for ``args``, in order (``--steps`` chooses the groups): the required
+    steps first, then the optional ones, so that an optional step never takes a required one's time."""
+    sizes = plan_sizes(args.smoke)
     work = Path(args.work_dir).resolve()
     data = work / "data"
     wanted = set(args.steps)
@@ -264,21 +322,24 @@ def build_plan(args: Options) -> list[Step]:
         plan += _pytest_steps(work)
     if "bench" in wanted:
         plan += _bench_steps(sizes, work)
+    if "dino" in wanted or "clip" in wanted:
+        plan += _data_steps(args, data)
     if "dino" in wanted:
         plan += _dino_steps(args, sizes, work, data)
     if "clip" in wanted:
-        plan += _clip_steps(args, sizes, work, data, generate_data="dino" not in wanted)
-    return plan + _curve_steps(args, work, wanted)
+        plan += _clip_steps(args, sizes, work, data)
+    plan += _curve_steps(args, work, wanted)
+    return [s for s in plan if not s.optional] + [s for s in plan if s.optional]
 
 
 def _install_steps(args: Options) -> list[Step]:
     """The project, then the wheels brought along, both without a package index."""
     py, plan = sys.executable, []
-    plan.append(Step("install-project", "install", "pip install --no-deps -e . (no package index)", 120, 20,
+    plan.append(Step("install-project", "install", "pip install --no-deps -e . (no package index)", 60, 20,
                      argv=[py, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation",
                            "--disable-pip-version-check", "-q", "-e", str(ROOT)]))
     wheels = find_wheels(args.wheels)
-    plan.append(Step("install-wheels", "install", f"pip install {len(wheels)} wheels from {args.wheels}", 120,
+    plan.append(Step("install-wheels", "install", f"pip install {len(wheels)} wheels from {args.wheels}", 60,
                      15, argv=[py, "-m", "pip", "install", "--no-deps", "--no-index",
                                "--disable-pip-version-check", "-q", *map(str, wheels)] if wheels else None,
                      optional=not wheels,  # then the steps needing them say what is missing
@@ -287,15 +348,16 @@ def _install_steps(args: Options) -> list[Step]:
 
 
 def _probe_steps(work: Path) -> list[Step]:
-    """What the machine has (torch, CUDA, xformers, k-NN backends): run whichever groups are chosen."""
+    """What the machine has (torch, CUDA, xformers and its kernels, k-NN backends, memory, /dev/shm): run
+    whichever groups are chosen; the GPU's and xformers' own reports last, as optional steps."""
     py, plan = sys.executable, []
-    plan.append(Step("environment", "install", "torch, CUDA, xformers, k-NN backends, open_clip", 60, 10,
-                     argv=[py, "-m", "dino_sparo.cli.gpu_check", "--probe-json", str(work / "environment.json")],
+    plan.append(Step("environment", "install", "torch, CUDA, xformers kernels, k-NN backends, open_clip, /dev/shm",
+                     45, 20, argv=[*_program("gpu_check"), "--probe-json", str(work / "environment.json")],
                      outputs={"json": work / "environment.json"}))
-    plan.append(Step("nvidia-smi", "install", "the GPU, its driver and clocks", 20, 5, argv=["nvidia-smi"],
+    plan.append(Step("nvidia-smi", "install", "the GPU, its driver and clocks", 15, 3, argv=["nvidia-smi"],
                      optional=True, needs="cuda"))
-    plan.append(Step("xformers-info", "install", "python -m xformers.info (which kernels xformers has)", 30, 5,
-                     argv=[py, "-m", "xformers.info"], optional=True, needs="xformers"))
+    plan.append(Step("xformers-info", "install", "python -m xformers.info (which kernels xformers has)", 20, 5,
+                     argv=[py, "-m", "xformers.info"], optional=True, needs="xformers-import"))
     return plan
 
 
@@ -303,7 +365,7 @@ def _pytest_steps(work: Path) -> list[Step]:
     py, plan = sys.executable, []
     xml = work / "pytest_gpu.xml"
     plan.append(Step("pytest-gpu", "pytest", "pytest -m gpu: xformers/SDPA/math, packed = per size, no host "
-                     "sync in bf16/fp16 steps, CUDA k-NN = CPU k-NN", 150, 40,
+                     "sync in bf16/fp16 steps, CUDA k-NN = CPU k-NN", 120, 60,
                      argv=[py, "-m", "pytest", "-m", "gpu", "-v", "-rs", "-p", "no:cacheprovider",
                            f"--junitxml={xml}", str(ROOT / "tests")], outputs={"xml": xml}))
     return plan
@@ -312,63 +374,67 @@ def _pytest_steps(work: Path) -> list[Step]:
 def _bench_steps(sizes: dict[str, Any], work: Path) -> list[Step]:
     plan = []
     common = [*sizes["bench_s"], "--precision", sizes["precision"]]
-    for name, title, ours, ref in BENCH_RUNS:
+    for name, title, ours, ref, required in BENCH_RUNS:
         out = work / "bench" / f"{name}.json"
-        plan.append(Step(name, "bench", f"ViT-S/16: {title}", 75, 25,
-                         argv=["dino-sparo-bench", *common, *ours, "--reference-precision",
+        plan.append(Step(name, "bench", f"ViT-S/16: {title}", 60, 40,
+                         argv=[*_program("bench"), *common, *ours, "--reference-precision",
                                ref if sizes["precision"] != "auto" else "same", "--json", str(out)],
-                         needs="xformers" if "xformers" in ours else None, outputs={"json": out}))
+                         optional=not required, needs="xformers" if "xformers" in ours else None,
+                         outputs={"json": out}))
     out = work / "bench" / "bench-b16-packed.json"
-    plan.append(Step("bench-b16-packed", "bench", "ViT-B/16: ours xformers, packed crops / reference bf16", 75,
-                     35, argv=["dino-sparo-bench", *sizes["bench_b"], "--precision", sizes["precision"],
+    plan.append(Step("bench-b16-packed", "bench", "ViT-B/16: ours xformers, packed crops / reference bf16", 60,
+                     40, argv=[*_program("bench"), *sizes["bench_b"], "--precision", sizes["precision"],
                                "--attn-backend", "xformers", "--pack-crops", "--json", str(out)],
                      optional=True, needs="xformers", outputs={"json": out}))
     return plan
+
+
+def _data_steps(args: Options, data: Path) -> list[Step]:
+    """The generated image folder and caption tables, in a child process like every step (time-boxed)."""
+    return [Step("shapes-data", "data", "generate the image folder of ten shape classes", 40, 10,
+                 argv=[*_program("gpu_check"), "--make-shapes", str(data), *(["--smoke"] if args.smoke else [])])]
 
 
 def _dino_steps(args: Options, sizes: dict[str, Any], work: Path, data: Path) -> list[Step]:
     """DINO training killed, resumed, stopped and resumed to its end; k-NN of the result and of its start."""
     plan = []
     run_dir = work / "dino"
-    train = ["dino-sparo-train", "--config", str(ROOT / sizes["dino_config"]), "--output-dir", str(run_dir),
-             f"data.path={data}"]
-    plan.append(Step("shapes-data", "dino", "generate the image folder of ten shape classes", 60, 5,
-                     action=lambda ctx: make_shapes_folder(data, **sizes["data"])))
+    config = ROOT / sizes["dino_config"]
+    train = [*_program("train"), "--config", str(config), "--output-dir", str(run_dir), f"data.path={data}"]
+    workers = int(sizes["workers"])
     log = run_dir / "log.jsonl"
     packed = ["model.attn_backend=xformers", "model.pack_crops=true"]  # all crop sizes in one forward
     plan.append(Step("dino-train-killed", "dino", f"DINO training, SIGKILL once step {sizes['kill_at']} "
-                     "is logged", 90, 40, argv=list(train), signal_at=(sizes["kill_at"], signal.SIGKILL),
-                     watch_log=log, xformers_argv=packed))
+                     "is logged", 75, 40, argv=list(train), signal_at=(sizes["kill_at"], signal.SIGKILL),
+                     watch_log=log, exit_code=-signal.SIGKILL, xformers_argv=packed, workers=workers))
     plan.append(Step("dino-train-stopped", "dino", f"resumed, SIGTERM once step {sizes['term_at']} is logged "
-                     "(saves and stops)", 90, 40, argv=list(train), signal_at=(sizes["term_at"], signal.SIGTERM),
-                     watch_log=log, xformers_argv=packed))
-    plan.append(Step("dino-train-finish", "dino", f"resumed to the end (step {sizes['total_steps']})", 120, 40,
-                     argv=list(train), watch_log=log, xformers_argv=packed))
+                     "(saves and stops)", 75, 40, argv=list(train), signal_at=(sizes["term_at"], signal.SIGTERM),
+                     watch_log=log, exit_code=128 + signal.SIGTERM, xformers_argv=packed, workers=workers))
+    plan.append(Step("dino-train-finish", "dino", f"resumed to the end (step {sizes['total_steps']})", 75, 40,
+                     argv=list(train), watch_log=log, xformers_argv=packed, workers=workers))
     knn = ["--dataset", "imagefolder", "--data-path", str(data), "--device", "auto" if args.smoke else "cuda",
            "--backend", "torch", "--ks", "10,20", "--batch-size", sizes["eval_batch"], "--num-workers",
            sizes["workers"], "--no-cache", "--quiet"]
-    plan.append(Step("dino-knn", "dino", "k-NN of the trained teacher (torch backend on the GPU)", 60, 15,
-                     argv=["dino-sparo-knn", "--checkpoint", str(run_dir / "checkpoint.pth"), *knn,
+    plan.append(Step("dino-knn", "dino", "k-NN of the trained teacher (torch backend on the GPU)", 45, 20,
+                     argv=[*_program("knn"), "--checkpoint", str(run_dir / "checkpoint.pth"), *knn,
                            "--output-json", str(work / "knn.json")], outputs={"json": work / "knn.json"}))
-    plan.append(Step("dino-knn-init", "dino", "k-NN of the same network at initialisation", 45, 15,
-                     argv=["dino-sparo-knn", "--baseline", "init", "--config", str(ROOT / sizes["dino_config"]),
-                           *knn, "--output-json", str(work / "knn_init.json")],
+    plan.append(Step("dino-knn-init", "dino", "k-NN of the same network at initialisation", 40, 20,
+                     argv=[*_program("knn"), "--baseline", "init", "--config", str(config), *knn,
+                           "--output-json", str(work / "knn_init.json")],
                      optional=True, outputs={"json": work / "knn_init.json"}))
     return plan
 
 
-def _clip_steps(args: Options, sizes: dict[str, Any], work: Path, data: Path, generate_data: bool) -> list[Step]:
+def _clip_steps(args: Options, sizes: dict[str, Any], work: Path, data: Path) -> list[Step]:
     plan = []
     run_dir = work / "clip"
-    if generate_data:
-        plan.append(Step("shapes-data", "clip", "generate the image folder of ten shape classes", 60, 5,
-                         action=lambda ctx: make_shapes_folder(data, **sizes["data"])))
-    plan.append(Step("clip-train", "clip", "CLIP training with zero-shot at each epoch's end", 90, 30,
-                     argv=["dino-sparo-train", "--config", str(ROOT / sizes["clip_config"]), "--output-dir",
+    plan.append(Step("clip-train", "clip", "CLIP training with zero-shot at each epoch's end", 60, 30,
+                     argv=[*_program("train"), "--config", str(ROOT / sizes["clip_config"]), "--output-dir",
                            str(run_dir), f"clip.train_data={data / 'captions_train.csv'}",
-                           f"clip.zeroshot_data={data}"], watch_log=run_dir / "log.jsonl"))
+                           f"clip.zeroshot_data={data}"], watch_log=run_dir / "log.jsonl",
+                     workers=int(sizes["workers"])))
     plan.append(Step("clip-zeroshot", "clip", "zero-shot classification and retrieval of the CLIP checkpoint",
-                     60, 15, argv=["dino-sparo-zeroshot", "--checkpoint", str(run_dir / "checkpoint.pth"),
+                     40, 15, argv=[*_program("zeroshot"), "--checkpoint", str(run_dir / "checkpoint.pth"),
                                    "--dataset", "imagefolder", "--data-path", str(data), "--split", "val",
                                    "--retrieval", str(data / "captions_val.csv"), "--batch-size",
                                    sizes["eval_batch"], "--num-workers", sizes["workers"], "--device",
@@ -381,7 +447,7 @@ def _curve_steps(args: Options, work: Path, wanted: set[str]) -> list[Step]:
     py, plan = sys.executable, []
     logs = [str(work / run / "log.jsonl") for run in ("dino", "clip") if run in wanted]
     if logs:
-        plan.append(Step("curves", "plot", "training curves of the DINO and CLIP runs", 45, 10,
+        plan.append(Step("curves", "plot", "training curves of the DINO and CLIP runs", 30, 10,
                          argv=[py, str(ROOT / "tools" / "plot_log.py"), *logs, "--labels",
                                *[run for run in ("dino", "clip") if run in wanted], "--title",
                                "GPU check: training curves", "--output",
@@ -403,21 +469,6 @@ def step_timeout(step: Step, later: list[Step], remaining_s: float) -> float:
 # --------------------------------------------------------------------------------------------
 # Running the steps
 # --------------------------------------------------------------------------------------------
-
-def scripts_dir() -> Path:
-    return Path(sysconfig.get_path("scripts"))
-
-
-def resolve_program(argv: list[str]) -> list[str]:
-    """A console script of this project by its path beside this interpreter (pip puts it there)."""
-    if argv[0].startswith("dino-sparo-"):
-        found = shutil.which(argv[0], path=os.pathsep.join([str(scripts_dir()), os.environ.get("PATH", "")]))
-        if found is None:
-            raise FileNotFoundError(f"console script {argv[0]} not found beside {sys.executable}: is the project "
-                                    "installed (the install step)?")
-        return [found, *argv[1:]]
-    return argv
-
 
 def last_logged_step(path: Optional[Path]) -> int:
     if path is None or not path.is_file():
@@ -448,7 +499,7 @@ def run_command(argv: list[str], step: Step, timeout_s: float, log_path: Path) -
     result: dict[str, Any] = {}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
-        process = subprocess.Popen(resolve_program(argv), cwd=ROOT, env=env, stdout=log,
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         sent = False
         while process.poll() is None:
@@ -508,7 +559,8 @@ def read_pytest(xml_path: Path, output: str) -> dict[str, Any]:
 
 def bench_row(figures: dict[str, Any]) -> dict[str, Any]:
     ours, ref = figures["ours"], figures["reference"]
-    return {"ours_images_per_s": ours["images_per_s"], "reference_images_per_s": ref["images_per_s"],
+    return {"ours_tflops_per_s": ours["flops_per_s"] / 1e12, "reference_tflops_per_s": ref["flops_per_s"] / 1e12,
+            "ours_images_per_s": ours["images_per_s"], "reference_images_per_s": ref["images_per_s"],
             "speed_ratio": figures["ratio"]["images_per_s"], "ours_peak_mem_mb": ours["peak_mem_mb"],
             "reference_peak_mem_mb": ref["peak_mem_mb"], "mem_ratio": figures["ratio"]["peak_mem"],
             "ours_fraction_of_matmul_peak": ours["fraction_of_matmul_peak"],
@@ -588,7 +640,7 @@ def judge(step: Step, run: dict[str, Any], ctx: Context, output: str, previous: 
                 problems.append("did not resume from the checkpoint")
             elif killed.get("last_step") is not None and figures["resumed_at"] > killed["last_step"]:
                 problems.append(f"resumed at {figures['resumed_at']}, past the killed run's last step")
-            if figures.get("stopped_at") is None or run["returncode"] != 0:
+            if figures.get("stopped_at") is None:
                 problems.append("SIGTERM did not save and stop cleanly")
         else:
             stopped = previous.get("dino-train-stopped", {}).get("figures", {}).get("stopped_at")
@@ -598,10 +650,6 @@ def judge(step: Step, run: dict[str, Any], ctx: Context, output: str, previous: 
                 problems.append("did not finish")
             if not figures.get("last_eval"):
                 problems.append("no k-NN / zero-shot during training in log.jsonl")
-        if run["returncode"] not in (0, -signal.SIGKILL) and not run.get("timed_out"):
-            problems.append(f"exit code {run['returncode']}")
-        elif run["returncode"] == -signal.SIGKILL and name != "dino-train-killed" and not run.get("timed_out"):
-            problems.append("killed (out of memory?)")
         if name in ("dino-train-finish", "clip-train"):
             figures["log"] = log_rows
     elif name in ("dino-knn", "dino-knn-init"):
@@ -618,9 +666,10 @@ def judge(step: Step, run: dict[str, Any], ctx: Context, output: str, previous: 
             figures = {"zeroshot": result["zeroshot"], "retrieval": result.get("retrieval", {})}
         else:
             problems.append("no zero-shot JSON")
-    training = name.startswith("dino-train") or name == "clip-train"
-    if run.get("returncode") not in (None, 0) and not training and not run.get("timed_out"):
-        problems.append(f"exit code {run['returncode']}")
+    code = run.get("returncode")
+    if code is not None and code != step.exit_code and not run.get("timed_out"):
+        meaning = " (killed: out of memory?)" if code == -signal.SIGKILL else ""
+        problems.append(f"exit code {code}{meaning}, expected {step.exit_code}")
     return {"status": "failed" if problems else "ok", "problems": problems, "figures": figures}
 
 
@@ -639,11 +688,13 @@ def format_summary(report: dict[str, Any]) -> str:
     env, steps = report.get("environment", {}), report["steps"]
     lines = [f"GPU check {report['started']}: {env.get('device_name', 'no CUDA device')}, torch {env.get('torch')} "
              f"(CUDA {env.get('torch_cuda')}), xformers {env.get('xformers_version')} "
-             f"({'runs' if env.get('xformers_runs') else 'does not run'}), k-NN backends "
+             f"({_xformers_state(env) if env else 'not probed'}), k-NN backends "
              f"{','.join(env.get('knn_backends', []))}; {report['seconds']:.0f} s of a {report['budget_s']} s budget",
+             f"host: {env.get('cpu_count')} CPUs, {env.get('memory_gib')} GiB memory "
+             f"({env.get('memory_available_gib')} available), /dev/shm {env.get('shm_gib')} GiB",
              "", f"{'step':<26}{'status':<9}{'s':>6}  detail"]
     for name, step in steps.items():
-        detail = "; ".join(step.get("problems", [])) or step.get("reason", "") or step.get("detail", "")
+        detail = "; ".join(step.get("problems", [])) or step.get("reason", "") or step.get("attention", "")
         lines.append(f"{name:<26}{step['status']:<9}{step.get('seconds', 0):>6.0f}  {detail}"[:160])
     tests = steps.get("pytest-gpu", {}).get("figures", {}).get("tests", [])
     if tests:
@@ -651,12 +702,15 @@ def format_summary(report: dict[str, Any]) -> str:
     rows = {name: s["figures"]["row"] for name, s in steps.items() if s.get("figures", {}).get("row")}
     if rows:
         precision = next(iter(rows.values()))["precision"]
-        lines += ["", f"{'benchmark (' + precision + ')':<27}{'ours im/s':>10}{'ref im/s':>10}{'speed':>7}"
-                      f"{'ours MiB':>10}{'ref MiB':>9}{'mem':>6}{'ours peak':>10}{'ref peak':>9}"]
+        lines += ["", f"{'benchmark (' + precision + ')':<27}{'ours TF/s':>10}{'ref TF/s':>9}{'ours im/s':>10}"
+                      f"{'ref im/s':>10}{'speed':>7}{'ours MiB':>10}{'ref MiB':>9}{'mem':>6}{'ours peak':>10}"
+                      f"{'ref peak':>9}"]
         for name, r in rows.items():
             label = name.replace("bench-", "") + ("" if r["reference_precision"] == r["precision"]
                                                   else f" (ref {r['reference_precision']})")
-            lines.append(f"{label[:27]:<27}{r['ours_images_per_s']:>10.0f}{r['reference_images_per_s']:>10.0f}"
+            lines.append(f"{label[:27]:<27}{r.get('ours_tflops_per_s', 0):>10.1f}"
+                         f"{r.get('reference_tflops_per_s', 0):>9.1f}"
+                         f"{r['ours_images_per_s']:>10.0f}{r['reference_images_per_s']:>10.0f}"
                          f"{r['speed_ratio']:>6.2f}×{r['ours_peak_mem_mb']:>10.0f}{r['reference_peak_mem_mb']:>9.0f}"
                          f"{r['mem_ratio']:>5.2f}×{_pct(r['ours_fraction_of_matmul_peak']):>10}"
                          f"{_pct(r['reference_fraction_of_matmul_peak']):>9}")
@@ -671,6 +725,11 @@ def format_summary(report: dict[str, Any]) -> str:
                          f"{head['mem_ratio']:.2f}× ≤ 0.7× {verdicts['mem_ratio']}; "
                          f"{_pct(head['ours_fraction_of_matmul_peak'])} of the {head['precision']} matmul peak "
                          f"({head['matmul_peak_tflops']:.1f} TFLOP/s) ≥ 35% {verdicts['peak']}")
+        same = rows.get("bench-s16-cls-packed")
+        if same:  # SPARO runs 11 blocks and a read-out, the reference 12 blocks: this row is one architecture
+            lines.append(f"the implementation alone (class token, 12 blocks each): {same['ours_tflops_per_s']:.1f} "
+                         f"against {same['reference_tflops_per_s']:.1f} TFLOP/s, speed {same['speed_ratio']:.2f}×, "
+                         f"memory {same['mem_ratio']:.2f}×")
     dino = {name: steps.get(name, {}).get("figures", {}) for name in
             ("dino-train-killed", "dino-train-stopped", "dino-train-finish", "dino-knn", "dino-knn-init")}
     if dino["dino-train-finish"] or dino["dino-train-killed"]:
@@ -716,6 +775,17 @@ def write_report(ctx: Context, report: dict[str, Any]) -> None:
     (ctx.output / "summary.txt").write_text(format_summary(report) + "\n")
 
 
+def _has(environment: dict[str, Any], need: str) -> bool:
+    return bool(environment.get({"cuda": "cuda_available", "xformers": "xformers_runs",
+                                 "xformers-import": "xformers_imports"}[need]))
+
+
+def _xformers_state(environment: dict[str, Any]) -> str:
+    if environment.get("xformers_runs"):
+        return "runs"
+    return environment.get("xformers_reason") or "was not probed"
+
+
 def run_plan(plan: list[Step], ctx: Context) -> int:
     start = time.monotonic()
     deadline = start + ctx.args.budget - BOOKKEEPING_S
@@ -726,13 +796,14 @@ def run_plan(plan: list[Step], ctx: Context) -> int:
     combined.write_text("")
     for index, step in enumerate(plan):
         timeout = step_timeout(step, plan[index + 1:], deadline - time.monotonic())
-        argv = step.command(bool(ctx.environment.get("xformers_runs")))
+        argv = step.command(ctx.environment)
         entry: dict[str, Any] = {"title": step.title, "command": shlex.join(argv) if argv else None}
-        missing = step.needs and not (ctx.environment.get("cuda_available") if step.needs == "cuda"
-                                      else ctx.environment.get("xformers_runs"))
-        if missing:
-            entry.update(status="skipped", reason=f"{step.needs} is not available here (see environment)")
-        elif step.argv is None and step.action is None:
+        if step.xformers_argv and ctx.environment and not ctx.environment.get("xformers_runs"):
+            entry["attention"] = f"crops not packed, one forward per size (xformers: {_xformers_state(ctx.environment)})"
+        if step.needs and not _has(ctx.environment, step.needs):
+            why = _xformers_state(ctx.environment) if "xformers" in step.needs else "no CUDA device"
+            entry.update(status="skipped", reason=f"{step.needs} is not available here ({why})")
+        elif argv is None:
             entry.update(status="skipped", reason=step.note or "nothing to run")
         elif timeout < step.floor_s:
             entry.update(status="skipped", reason=f"no time left ({max(timeout, 0):.0f} s for a step needing "
@@ -740,27 +811,17 @@ def run_plan(plan: list[Step], ctx: Context) -> int:
         else:
             print(f"[{step.name}] {step.title} (up to {timeout:.0f} s)", flush=True)
             step_log = ctx.work / "logs" / f"{step.name}.log"
-            if step.action is not None:
-                t0 = time.monotonic()
-                try:
-                    entry.update(status="ok", figures=step.action(ctx))
-                except Exception as exc:  # noqa: BLE001  recorded, and the check goes on
-                    entry.update(status="failed", problems=[f"{type(exc).__name__}: {exc}"])
-                entry["seconds"] = round(time.monotonic() - t0, 1)
-                output = ""
-            else:
-                try:
-                    run = run_command(step.command(bool(ctx.environment.get("xformers_runs"))), step, timeout,
-                                      step_log)
-                except FileNotFoundError as exc:
-                    run = {"returncode": None, "seconds": 0.0, "error": str(exc)}
-                run["timeout_s"] = timeout
-                output = step_log.read_text(errors="replace") if step_log.is_file() else run.get("error", "")
-                entry.update(run)
-                entry.update(judge(step, run, ctx, output, report["steps"]))
-                if run.get("error"):
-                    entry["problems"].append(run["error"])
-                    entry["status"] = "failed"
+            try:
+                run = run_command(argv, step, timeout, step_log)
+            except FileNotFoundError as exc:
+                run = {"returncode": None, "seconds": 0.0, "error": str(exc)}
+            run["timeout_s"] = timeout
+            output = step_log.read_text(errors="replace") if step_log.is_file() else run.get("error", "")
+            entry.update(run)
+            entry.update(judge(step, run, ctx, output, report["steps"]))
+            if run.get("error"):
+                entry["problems"].append(run["error"])
+                entry["status"] = "failed"
             with combined.open("a") as handle:
                 handle.write(f"\n===== [{step.name}] {entry.get('command') or step.title}\n")
                 handle.write(output[-LOG_TAIL_BYTES:])

@@ -4,6 +4,7 @@ command lines, its time boxes against the budget, and the data it generates."""
 import filecmp
 import importlib
 import importlib.metadata
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def plan_for(*argv):
     args = gpu_check_cli.build_parser().parse_args(list(argv))
-    args.steps = [g for g in gpu_check.GROUPS if g in args.steps]
+    gpu_check_cli.choose_steps(args)
     return args, gpu_check.build_plan(args)
 
 
@@ -67,19 +68,25 @@ def _options(argv: list[str]) -> list[str]:
     return [a.split("=", 1)[0] for a in argv if a.startswith("--")]
 
 
+RUNS = {"xformers_runs": True, "xformers_imports": True, "cuda_available": True, "shm_gib": 64.0}
+
+
 def check_command(step: gpu_check.Step, scripts: dict, help_cache: dict) -> None:
-    argv = step.command(xformers_runs=True)  # the longer of the two
-    if argv[0] in scripts:  # a console script of this project: its own parser takes the options
-        module = importlib.import_module(scripts[argv[0]].split(":")[0])
+    argv = step.command(RUNS)  # the longer of the two
+    module_name = argv[2] if argv[0] == sys.executable and argv[1] == "-m" else None
+    if module_name and module_name.startswith("dino_sparo.cli.") and module_name != "dino_sparo.cli.gpu_check":
+        # a program of this project, by module: its own parser takes the options, its console script exists
+        assert f"{module_name}:main" in {v for v in scripts.values()}, module_name
+        module = importlib.import_module(module_name)
         try:
-            parsed = module.build_parser().parse_args(argv[1:])
+            parsed = module.build_parser().parse_args(argv[3:])
         except SystemExit:
-            pytest.fail(f"{step.name}: {argv[0]} refuses {argv[1:]}")
-        if argv[0] == "dino-sparo-train":  # the config file and every override load
+            pytest.fail(f"{step.name}: {module_name} refuses {argv[3:]}")
+        if module_name == "dino_sparo.cli.train":  # the config file and every override load
             cfg = module.config_from_args(parsed)
             assert Path(cfg.output_dir) == Path(argv[argv.index("--output-dir") + 1])
             assert cfg.mode == ("clip" if step.group == "clip" else "dino")
-        if argv[0] == "dino-sparo-knn" and parsed.config:
+        if module_name == "dino_sparo.cli.knn" and parsed.config:
             assert Path(parsed.config).is_file()
         return
     assert argv[0] == sys.executable or argv[0] == "nvidia-smi", f"{step.name}: unknown program {argv[0]}"
@@ -117,7 +124,8 @@ def test_every_command_of_the_plan_is_accepted_by_the_real_command_line(tmp_path
         for step in plan:
             if step.argv is None:
                 continue
-            key = (step.argv[0], tuple(step.argv[1:3])) if step.argv[0] == sys.executable else step.name
+            ours = step.argv[0] == sys.executable and str(step.argv[2]).startswith("dino_sparo.cli.")
+            key = (step.argv[0], tuple(step.argv[1:3])) if step.argv[0] == sys.executable and not ours else step.name
             if key in seen and step.argv[0] == sys.executable:
                 continue  # one collection / help run per program
             seen.add(key)
@@ -133,17 +141,25 @@ def test_the_plan_measures_what_the_issue_asks_for(tmp_path):
         assert values["--global-size"] == "224" and values["--local-size"] == "96" and values["--device"] == "cuda"
     kinds = {(argv[argv.index("--attn-backend") + 1], "--pack-crops" in argv,
               argv[argv.index("--reference-precision") + 1] if "--reference-precision" in argv else "same",
-              argv[argv.index("--arch") + 1]) for argv in bench.values()}
-    assert kinds == {("xformers", True, "bf16", "vit_small"), ("xformers", True, "fp16", "vit_small"),
-                     ("xformers", False, "bf16", "vit_small"), ("sdpa", False, "bf16", "vit_small"),
-                     ("math", False, "bf16", "vit_small"), ("xformers", True, "same", "vit_base")}
+              argv[argv.index("--arch") + 1], argv[argv.index("--readout") + 1] if "--readout" in argv else "sparo")
+             for argv in bench.values()}
+    assert kinds == {("xformers", True, "bf16", "vit_small", "sparo"), ("xformers", True, "fp16", "vit_small", "sparo"),
+                     ("xformers", False, "bf16", "vit_small", "sparo"), ("sdpa", False, "bf16", "vit_small", "sparo"),
+                     ("math", False, "bf16", "vit_small", "sparo"), ("xformers", True, "same", "vit_base", "sparo"),
+                     ("xformers", True, "bf16", "vit_small", "cls")}  # cls: the same 12 blocks as the reference
     trainings = [s for s in plan if s.name.startswith("dino-train")]
-    assert len(trainings) == 3 and all(s.command(True)[:len(s.argv)] == s.argv for s in trainings)
-    assert all("model.pack_crops=true" in s.command(True) and "model.pack_crops=true" not in s.command(False)
+    assert len(trainings) == 3 and all(s.command(RUNS)[:len(s.argv)] == s.argv for s in trainings)
+    assert all("model.pack_crops=true" in s.command(RUNS) and "model.pack_crops=true" not in s.command({})
                for s in trainings)  # packed crops where xformers runs, else the per-size forward
+    small_shm = dict(RUNS, shm_gib=0.06)  # a container's default 64 MiB: the main process loads
+    assert all(s.command(small_shm)[-1] == "data.num_workers=0" for s in trainings)
     signals = [s.signal_at[1] for s in plan if s.signal_at]
     assert signals == [signal.SIGKILL, signal.SIGTERM]  # killed, then stopped, then resumed to the end
-    assert [s.name for s in plan if s.group == "dino"][-3:-1] == ["dino-train-finish", "dino-knn"]
+    assert [s.exit_code for s in trainings] == [-signal.SIGKILL, 128 + signal.SIGTERM, 0]
+    names = [s.name for s in plan]
+    assert names.index("dino-train-finish") < names.index("dino-knn")
+    first_optional = next(i for i, s in enumerate(plan) if s.optional)
+    assert all(s.optional for s in plan[first_optional:])  # optional steps last: they take no required time
 
 
 # --------------------------------------------------------------------------- the time boxes
@@ -161,15 +177,64 @@ def worst_case(plan: list, budget: float) -> tuple[float, list[str]]:
     return budget - remaining, left_out
 
 
-def test_time_boxes_end_the_run_within_its_budget_and_starve_no_required_step(tmp_path):
-    _, plan = plan_for("--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"))
-    required = [s.name for s in plan if not s.optional]
-    budget = gpu_check.DEFAULT_BUDGET_S - gpu_check.BOOKKEEPING_S
+@pytest.mark.parametrize("call", sorted(gpu_check.CALLS))
+def test_each_call_fits_its_budget_and_starves_no_required_step(tmp_path, call):
+    args, plan = plan_for("--call", str(call), "--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "w"))
+    gpu_check_cli.choose_steps(args)
+    assert args.budget == gpu_check.DEFAULT_BUDGET_S <= 5 * 60 - 10  # a device call of 5 minutes, with margin
+    plan = gpu_check.build_plan(args)
+    budget = args.budget - gpu_check.BOOKKEEPING_S
+    required = [s for s in plan if not s.optional]
+    assert sum(s.floor_s for s in required) <= budget  # what every required step needs fits
     taken, left_out = worst_case(plan, budget)
-    assert taken <= budget and not set(left_out) & set(required), left_out
-    assert gpu_check.DEFAULT_BUDGET_S <= 8 * 60
-    taken, left_out = worst_case(plan, 200)  # too small a budget: steps are left out, the bound holds
-    assert taken <= 200 and left_out
+    assert taken <= budget and not {s.name for s in required} & set(left_out), left_out
+    assert all(s.argv is not None or s.optional for s in plan)  # every step is a time-boxed child process
+    taken, left_out = worst_case(plan, 120)  # too small a budget: steps are left out, the bound holds
+    assert taken <= 120 and left_out
+
+
+def test_both_calls_cover_every_group(tmp_path):
+    assert set().union(*gpu_check.CALLS.values()) == set(gpu_check.GROUPS)
+    assert all("install" in groups for groups in gpu_check.CALLS.values())  # a machine given back comes bare
+
+
+# --------------------------------------------------------------------------- judging each step
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_judge_takes_each_steps_documented_exit_code_and_no_other(tmp_path, smoke):
+    """A signal stop exits 128 + the signal (143 for SIGTERM), a kill -9 gives -9, everything else 0: the
+    judge accepts exactly the code each step documents, whatever the rest of its findings."""
+    args, plan = plan_for("--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
+                          *(["--smoke"] if smoke else []))
+    ctx = gpu_check.Context(args=args, work=tmp_path / "work", output=tmp_path / "out", environment=dict(RUNS))
+    expected = {"dino-train-killed": -signal.SIGKILL, "dino-train-stopped": 143}
+    for step in plan:
+        assert step.exit_code == expected.get(step.name, 0), step.name
+        for code in {step.exit_code, 0, 1, 2, 143, -signal.SIGKILL}:
+            run = {"returncode": code, "seconds": 1.0, "timeout_s": 60.0}
+            if step.signal_at:
+                run["signal"] = {"name": signal.Signals(step.signal_at[1]).name}
+            problems = gpu_check.judge(step, run, ctx, "", {})["problems"]
+            flagged = any(p.startswith("exit code") for p in problems)
+            assert flagged == (code != step.exit_code), (step.name, code, problems)
+        ctx.environment = dict(RUNS)  # the environment step reads its (absent) JSON into the context
+
+
+def test_the_smoke_call_passes_on_this_machine(tmp_path):
+    """The check itself, end to end at toy size on a CPU: the DINO training is killed, resumed, stopped by
+    SIGTERM (exit 143) and resumed to its end, k-NN runs, CLIP trains and zero-shot runs; exit 0."""
+    done = subprocess.run([sys.executable, "-m", "dino_sparo.cli.gpu_check", "--smoke", "--call", "2",
+                           "--skip-install", "--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    summary = (tmp_path / "out" / "summary.txt").read_text() if (tmp_path / "out" / "summary.txt").is_file() else ""
+    assert done.returncode == 0, summary or done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["status"] == "all steps ok"
+    assert report["steps"]["dino-train-stopped"]["returncode"] == 143
+    figures = report["steps"]["dino-train-finish"]["figures"]
+    assert figures["resumed_at"] == report["steps"]["dino-train-stopped"]["figures"]["stopped_at"]
 
 
 # --------------------------------------------------------------------------- the generated data

@@ -2,6 +2,7 @@
 depth, the fast clipping, the fused optimiser, torch.compile; GPU: packing with xformers, no host
 synchronisation inside a step."""
 
+import importlib
 import logging
 import math
 import os
@@ -164,8 +165,10 @@ def emulated_xformers(monkeypatch):
     fmha = pytest.importorskip("xformers.ops.fmha")
     import xformers.ops
 
-    import dino_sparo.methods.dino as dino_module
-    import dino_sparo.layers.attention as attention_module
+    # by module path: the package ``dino_sparo.layers`` re-exports the function ``attention`` under the
+    # module's name, so ``import dino_sparo.layers.attention as m`` would bind the function
+    attention_module = importlib.import_module("dino_sparo.layers.attention")
+    dino_module = importlib.import_module("dino_sparo.methods.dino")
 
     assert hasattr(fmha, "BlockDiagonalMask")
 

@@ -28,20 +28,85 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "xformers", "sdpa", "math")
 
 
-@functools.lru_cache(maxsize=None)
-def xformers_available() -> bool:
-    """True when xformers imports and its memory-efficient kernel runs on the current GPU."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from xformers.ops import memory_efficient_attention
+def _xformers_checks(device: torch.device) -> dict[str, Any]:
+    """The calls the runs make, each run once: ``{check: None when it ran, else the exception text}``.
 
-        q = torch.zeros(1, 4, 1, 8, device="cuda", dtype=torch.float16)
-        memory_efficient_attention(q, q, q)
-        return True
-    except Exception as exc:  # import error, missing kernel, wrong CUDA build
-        logger.info("xformers not usable (%s): using PyTorch SDPA", exc)
-        return False
+    * ``bf16_block_diagonal_backward``: packed crops (a ``BlockDiagonalMask`` over three sequences of
+      different lengths) in bf16 at head dim 64, forward and backward, as a DINO step runs them;
+    * ``bf16_dense_backward``: one crop size, no mask, bf16, head dim 64, forward and backward;
+    * ``fp32_tensor_bias``: an fp32 forward with a tensor bias (key padding), as the text tower runs.
+    """
+    from xformers.ops import memory_efficient_attention
+    from xformers.ops.fmha import BlockDiagonalMask
+
+    def block_diagonal() -> None:
+        lengths = [197, 50, 37]
+        bias = BlockDiagonalMask.from_seqlens(lengths)
+        q, k, v = (torch.randn(1, sum(lengths), 6, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        memory_efficient_attention(q, k, v, attn_bias=bias).float().sum().backward()
+
+    def dense() -> None:
+        q, k, v = (torch.randn(2, 50, 6, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        memory_efficient_attention(q, k, v).float().sum().backward()
+
+    def tensor_bias() -> None:
+        q = torch.randn(2, 4, 77, 64, device=device)
+        keep = torch.ones(2, 77, dtype=torch.bool, device=device)
+        keep[1, 40:] = False
+        with torch.no_grad():
+            _xformers_attention(q, q, q, ~keep, None, False, 1 / 8)
+
+    results: dict[str, Any] = {}
+    for name, check in (("bf16_block_diagonal_backward", block_diagonal), ("bf16_dense_backward", dense),
+                        ("fp32_tensor_bias", tensor_bias)):
+        try:
+            check()
+            torch.cuda.synchronize(device)
+            results[name] = None
+        except Exception as exc:  # noqa: BLE001  a missing kernel is a finding: the run falls back to SDPA
+            results[name] = f"{type(exc).__name__}: {exc}"[:500]
+    return results
+
+
+@functools.lru_cache(maxsize=None)
+def xformers_report() -> dict[str, Any]:
+    """Whether xformers can serve this process' runs, and why not: ``{"imports": bool, "runs": bool,
+    "version", "reason", "checks"}``. ``runs`` needs CUDA, the import, and every call of
+    :func:`_xformers_checks` (bf16 forward and backward with and without a block-diagonal mask at head
+    dim 64, an fp32 tensor-bias forward): a kernel missing for one of them would fail the training
+    mid-run, so ``auto`` then picks SDPA for the whole run and says why."""
+    report: dict[str, Any] = {"imports": False, "runs": False, "version": None, "reason": None, "checks": {}}
+    try:
+        import xformers
+        import xformers.ops  # noqa: F401
+    except Exception as exc:  # noqa: BLE001  not installed, or built for another torch
+        report["reason"] = f"does not import: {type(exc).__name__}: {exc}"[:500]
+        return report
+    report.update(imports=True, version=getattr(xformers, "__version__", "unknown"))
+    if not torch.cuda.is_available():
+        report["reason"] = "no CUDA device (xformers has no CPU kernels)"
+        return report
+    checks = report["checks"] = _xformers_checks(torch.device("cuda", torch.cuda.current_device()))
+    failed = {name: error for name, error in checks.items() if error}
+    report["runs"] = not failed
+    if failed:
+        report["reason"] = "; ".join(f"{name}: {error}" for name, error in failed.items())
+    return report
+
+
+def xformers_available() -> bool:
+    """True when xformers imports and every kernel the runs use works on the current GPU."""
+    report = xformers_report()
+    if report["imports"] and not report["runs"] and torch.cuda.is_available():
+        _log_xformers_fallback(report["reason"])
+    return report["runs"]
+
+
+@functools.lru_cache(maxsize=None)
+def _log_xformers_fallback(reason: str) -> None:
+    logger.warning("xformers is installed but not usable here (%s): using PyTorch SDPA", reason)
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,26 +175,7 @@ def attention(
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     if backend == "xformers":
-        from xformers.ops import LowerTriangularMask, memory_efficient_attention
-
-        bias = attn_bias
-        if key_padding_mask is not None:
-            if bias is not None:
-                raise ValueError("xformers backend: pass either key_padding_mask or attn_bias, not both")
-            b, h, nq, _ = q.shape
-            # xformers needs the bias' last dim aligned to 8 elements: slice a padded tensor.
-            nk = k.shape[-2]
-            padded = q.new_zeros(b, h, nq, (nk + 7) // 8 * 8)
-            padded[..., :nk].masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
-            bias = padded[..., :nk]
-        if is_causal:
-            if bias is not None:
-                raise ValueError("xformers backend: is_causal cannot be combined with a bias here")
-            bias = LowerTriangularMask()
-        out = memory_efficient_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale
-        )  # B × N × H × D
-        return out.transpose(1, 2), None
+        return _xformers_attention(q, k, v, key_padding_mask, attn_bias, is_causal, scale), None
 
     if attn_bias is not None and not isinstance(attn_bias, torch.Tensor):
         raise ValueError(f"backend '{backend}' takes tensor biases only, got {type(attn_bias).__name__}; "
@@ -161,6 +207,31 @@ def attention(
     weights = scores.softmax(dim=-1)
     out = weights.to(v.dtype) @ v
     return out, weights
+
+
+def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                        attn_bias: Any, is_causal: bool, scale: float) -> torch.Tensor:
+    """:func:`attention`'s xformers path (``B × H × N × D`` in and out)."""
+    from xformers.ops import LowerTriangularMask, memory_efficient_attention
+
+    bias = attn_bias
+    if key_padding_mask is not None:
+        if bias is not None:
+            raise ValueError("xformers backend: pass either key_padding_mask or attn_bias, not both")
+        b, h, nq, _ = q.shape
+        # xformers needs the bias' last dim aligned to 8 elements: slice a padded tensor.
+        nk = k.shape[-2]
+        padded = q.new_zeros(b, h, nq, (nk + 7) // 8 * 8)
+        padded[..., :nk].masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
+        bias = padded[..., :nk]
+    if is_causal:
+        if bias is not None:
+            raise ValueError("xformers backend: is_causal cannot be combined with a bias here")
+        bias = LowerTriangularMask()
+    out = memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale
+    )  # B × N × H × D
+    return out.transpose(1, 2)
 
 
 class Attention(nn.Module):
