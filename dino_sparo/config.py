@@ -249,6 +249,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available, else cpu")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "autocast dtype; auto = bf16 on GPU and on CPUs with native bf16, fp32 on other CPUs")
+    tf32: bool = option(False, "fp32 on GPUs (Ampere and newer): matmuls and convolutions in TF32, several times "
+                               "faster with a 10-bit mantissa; off, so that fp32 means fp32")
     compile: bool = option(False, "torch.compile the backbone")
     grad_checkpointing: bool = option(False, "recompute each block in backward: less memory, more time")
     log_every: int = option(20, "steps between log.jsonl lines")

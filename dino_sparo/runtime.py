@@ -70,6 +70,19 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def set_tf32(enabled: bool) -> None:
+    """The config key ``tf32``: fp32 matmuls and convolutions on GPUs in TF32 or in full fp32 (torch's
+    default lets convolutions use TF32; here fp32 means fp32 unless asked). No effect on CPUs nor on
+    bf16/fp16 autocast, whose matmuls are not fp32."""
+    mode = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:  # torch before 2.9
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 def precision_reason(precision: str, device: torch.device) -> str:
     """Why ``precision: auto`` chose what it chose, for the start-up log ('' when set explicitly)."""
     if precision != "auto":

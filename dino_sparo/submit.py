@@ -178,6 +178,7 @@ class Submission:
     argv: list[str]
     job_dir: Path
     output_dir: Optional[Path] = None  # training only
+    cpus_per_task: Optional[int] = None  # training: its loader workers + the training process, unless asked
 
 
 def submit(submission: Submission, cluster: str, res: Resources) -> tuple[Any, str]:

@@ -35,7 +35,7 @@ from dino_sparo.methods.base import Method
 from dino_sparo.models.build import load_pretrained_file
 from dino_sparo.models.vit import VisionTransformer
 from dino_sparo.runtime import (precision_reason, resolve_device, resolve_precision, rng_state, seed_everything,
-                                set_rng_state, setup_logging)
+                                set_rng_state, set_tf32, setup_logging)
 from dino_sparo.schedules import build_schedules
 
 logger = logging.getLogger("dino_sparo")
@@ -279,6 +279,7 @@ class TrainingRun:
         setup_logging(info.is_main, self.output_dir / "train.log")
         validate_config(cfg)  # also when built in code (from_dict): refused here, with the key, into train.log
         self.autocast_dtype = resolve_precision(cfg.precision, device)
+        set_tf32(cfg.tf32)
         seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts the student only)
         self.method = method = build_method(cfg, device)
         if cfg.model.pretrained:

@@ -117,3 +117,17 @@ def test_xformers_runs_every_call_the_training_makes():
     report = attention.xformers_report()
     assert report["runs"], report["reason"]
     assert set(report["checks"]) == {"bf16_block_diagonal_backward", "bf16_dense_backward", "fp32_tensor_bias"}
+
+
+def test_fp32_means_fp32_unless_tf32_is_asked_for():
+    from dino_sparo.config import load_config
+    from dino_sparo.runtime import set_tf32
+
+    assert load_config(None, []).tf32 is False
+    try:
+        set_tf32(True)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" == torch.backends.cudnn.conv.fp32_precision
+        set_tf32(False)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee" == torch.backends.cudnn.conv.fp32_precision
+    finally:
+        set_tf32(False)

@@ -169,6 +169,17 @@ def test_sbatch_script_carries_every_resource_option(tmp_path, monkeypatch, caps
     assert delayed._timeout_countdown == 7  # time-outs allowed before the job stops requeueing
 
 
+def test_training_jobs_ask_for_a_core_per_loader_worker_and_one_more(tmp_path, monkeypatch, capsys):
+    _fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    for extra, cpus in (([], 7), (["--cpus-per-task", "3"], 3)):
+        output_dir = tmp_path / f"out{cpus}"
+        assert main([*extra, "--config", "configs/dino/demo_fashion_mnist.yaml", f"output_dir={output_dir}",
+                     "data.num_workers=6"]) == 0
+        script = next((output_dir / "submitit").rglob("*_submission.sh")).read_text()
+        assert f"#SBATCH --cpus-per-task={cpus}\n" in script
+
+
 def test_cli_refuses_bad_requests(tmp_path, capsys):
     bad = [
         (["--cluster", "local", "--nodes", "2", f"output_dir={tmp_path}"], "--nodes must be 1"),

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--tasks-per-node", type=int,
                      help="processes per node; defaults to --gpus-per-node (set it for CPU-only jobs)")
     res.add_argument("--cpus-per-task", type=int,
-                     help="CPU cores per process: data.num_workers + 1 or more keeps the GPU fed")
+                     help="CPU cores per process (default for training: the config's data.num_workers + 1, "
+                          "one per loader worker and one for the training process; else the cluster's default)")
     res.add_argument("--mem-gb", type=float, help="memory per node in GB (cluster default if unset)")
     res.add_argument("--timeout-min", type=float, default=60 * 24,
                      help="time limit of each job in minutes (default one day); the job requeues when it ends")
@@ -97,7 +98,7 @@ def plan_submission(args: argparse.Namespace) -> Submission:
         argv += ([] if args.mode is None else ["--mode", args.mode])
         argv += overrides + [f"output_dir={output_dir}"]
         job_dir = Path(args.job_dir).absolute() if args.job_dir else output_dir / "submitit"
-        return Submission(ENTRY_POINTS["train"], argv, job_dir, output_dir)
+        return Submission(ENTRY_POINTS["train"], argv, job_dir, output_dir, cpus_per_task=cfg.data.num_workers + 1)
     entry_point = args.entry_point or ENTRY_POINTS[args.job]
     for flag in ("config", "mode", "output_dir"):
         if getattr(args, flag) is not None:
@@ -112,10 +113,11 @@ def plan_submission(args: argparse.Namespace) -> Submission:
     return Submission(entry_point, argv, job_dir)
 
 
-def resources_from_args(args: argparse.Namespace, default_name: str) -> Resources:
+def resources_from_args(args: argparse.Namespace, default_name: str, submission: Submission) -> Resources:
+    cpus = args.cpus_per_task if args.cpus_per_task is not None else submission.cpus_per_task
     return Resources(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
+        cpus_per_task=cpus, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
         partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
         comment=args.comment, exclude=args.exclude, name=args.name or default_name,
         signal_delay_s=args.signal_delay_s, max_num_timeout=args.max_num_timeout)
@@ -126,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         submission = plan_submission(args)
         default_name = "dino-sparo-" + (args.job if args.entry_point is None else "job")
-        job, cluster = submit(submission, args.cluster, resources_from_args(args, default_name))
+        job, cluster = submit(submission, args.cluster, resources_from_args(args, default_name, submission))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
