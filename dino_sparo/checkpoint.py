@@ -98,7 +98,11 @@ def restore_training_state(state: dict, modules: dict[str, torch.nn.Module], opt
     RNG state (a process the checkpoint had no state for takes rank 0's)."""
     for name, module in modules.items():
         module.load_state_dict(state[name])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:  # e.g. a share_kv: false run written when SPARO still had a key bias there
+        raise ConfigError(f"the checkpoint's optimiser state does not fit this run's parameters ({exc}): start a "
+                          "new output_dir from its weights (model.pretrained=<the checkpoint>)") from None
     if state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     return state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
