@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dino_sparo import distributed
+from dino_sparo.errors import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 LOG_DATE_FORMAT = "%H:%M:%S"
@@ -64,7 +65,7 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("config key 'precision': fp16 needs a GPU; use fp32 or bf16 on CPU")
+        raise ConfigError("config key 'precision': fp16 needs a GPU; use fp32 or bf16 on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

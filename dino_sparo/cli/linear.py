@@ -15,6 +15,7 @@ from dino_sparo.cli.common import (
     slots_from_args,
     start_evaluation,
 )
+from dino_sparo.errors import UsageError
 from dino_sparo.evaluation.api import evaluate_inputs
 from dino_sparo.evaluation.feature_kinds import resolve_spec
 from dino_sparo.evaluation.linear import DEFAULT_LRS, SWEEP_LRS, format_linear_table
@@ -71,10 +72,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wds = parse_float_list(args.weight_decays, "--weight-decays")
     crop_scale = parse_float_list(args.crop_scale, "--crop-scale")
     if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-        raise ValueError(f"--crop-scale must be two numbers 0 < low <= high <= 1, got {args.crop_scale!r}")
+        raise UsageError(f"--crop-scale must be two numbers 0 < low <= high <= 1, got {args.crop_scale!r}")
     slots = slots_from_args(args)
     if args.epochs < 1 or args.probe_batch_size < 1:
-        raise ValueError(f"--epochs and --probe-batch-size must be >= 1, got {args.epochs}, {args.probe_batch_size}")
+        raise UsageError(f"--epochs and --probe-batch-size must be >= 1, got {args.epochs}, {args.probe_batch_size}")
     inputs = start_evaluation(args)
     spec = resolve_spec(args.features, inputs.source.backbone, grayscale=inputs.data.grayscale,
                         n_last_blocks=args.n_last_blocks, avgpool=args.avgpool)

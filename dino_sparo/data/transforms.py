@@ -17,6 +17,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import default_collate
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+from dino_sparo.errors import ConfigError
 
 if TYPE_CHECKING:
     from dino_sparo.config import TrainConfig
@@ -312,7 +313,7 @@ def clip_train_transform(size: int, scale: Sequence[float], mean: Sequence[float
     else (open_clip's). No horizontal flip, deliberately: a flipped image makes a caption that says
     "left of" false."""
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"config key 'clip.crop_scale' must be (low, high) with 0 < low <= high <= 1, got {scale}")
+        raise ConfigError(f"config key 'clip.crop_scale' must be (low, high) with 0 < low <= high <= 1, got {scale}")
     return transforms.Compose([
         to_rgb,
         transforms.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from dino_sparo import distributed
 from dino_sparo.data.datasets import balanced_subset_indices, is_grayscale, num_classes_of
+from dino_sparo.errors import UsageError
 from dino_sparo.evaluation.feature_kinds import FeatureSpec, resolve_spec, slot_layout
 from dino_sparo.evaluation.feature_store import FeatureStore, FeatureWorkspace, extract_splits, frozen
 from dino_sparo.evaluation.knn_search import knn_accuracy, resolve_knn_backend
@@ -91,7 +92,7 @@ def evaluate_knn(
         "embedding" if features == "auto" else features, backbone, grayscale=is_grayscale(train_dataset))
     layout = slot_layout(backbone, spec)
     if (slots is not None or select_slots or per_slot) and layout is None:
-        raise ValueError("--slots, --select-slots and --per-slot need a SPARO model's embedding features")
+        raise UsageError("--slots, --select-slots and --per-slot need a SPARO model's embedding features")
     if slots is not None:  # refuse bad ids before the (long) extraction
         SelectedSlots(np.zeros((1, layout[0] * layout[1]), np.float32), layout[0], layout[1], slots, layout[2])
     if num_classes is None:
@@ -141,7 +142,7 @@ def _knn_on_features(
 ) -> dict[str, Any]:
     """Everything after extraction; rank 0 only."""
     if ks[-1] > len(train):
-        raise ValueError(f"k={ks[-1]} exceeds the {len(train)} train images: lower --ks or raise --train-limit")
+        raise UsageError(f"k={ks[-1]} exceeds the {len(train)} train images: lower --ks or raise --train-limit")
     name = resolve_knn_backend(backend)
     knn_device = device if name == "torch" else None
 

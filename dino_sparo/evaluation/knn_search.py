@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from dino_sparo.errors import UsageError
 from dino_sparo.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -92,12 +93,12 @@ def available_backends() -> list[str]:
 def resolve_knn_backend(backend: str = "auto") -> str:
     """Turn ``"auto"`` into the first available backend; refuse unknown or missing ones."""
     if backend not in BACKENDS:
-        raise ValueError(f"k-NN backend must be one of {BACKENDS}, got {backend!r}")
+        raise UsageError(f"k-NN backend must be one of {BACKENDS}, got {backend!r}")
     available = available_backends()
     if backend == "auto":
         return available[0]
     if backend not in available:
-        raise RuntimeError(
+        raise UsageError(
             f"k-NN backend {backend!r} is not available here (available: {available}); "
             "install faiss-cpu / faiss-gpu or use backend='torch'"
         )
@@ -302,7 +303,7 @@ def _validate_search(train: FeatureArray, test: FeatureArray, k: int, groups: in
     if d_train % groups:
         raise ValueError(f"feature dim {d_train} is not divisible into {groups} slots")
     if not 1 <= k <= n_train:
-        raise ValueError(f"k must be in [1, num_train={n_train}], got k={k}")
+        raise UsageError(f"k must be in [1, num_train={n_train}], got k={k}")
 
 
 def knn_search(

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from dino_sparo import distributed
 from dino_sparo.checkpoint import save_checkpoint
 from dino_sparo.data.datasets import is_grayscale, num_classes_of
+from dino_sparo.errors import UsageError
 from dino_sparo.evaluation.feature_kinds import FeatureSpec, feature_fn, resolve_spec, slot_layout
 from dino_sparo.evaluation.feature_store import FeatureWorkspace, extract_splits, frozen
 from dino_sparo.evaluation.knn_search import FeatureArray, as_label_tensor, feature_shape, read_rows
@@ -214,7 +215,7 @@ class ProbeResult:
 def _grid(lrs: Sequence[float], weight_decays: Sequence[float]) -> tuple[list[float], list[float]]:
     lrs, weight_decays = [float(v) for v in lrs], [float(v) for v in weight_decays]
     if not lrs or not weight_decays or min(lrs) <= 0 or min(weight_decays) < 0:
-        raise ValueError(f"learning rates must be > 0 and weight decays >= 0, got lrs={lrs}, wds={weight_decays}")
+        raise UsageError(f"learning rates must be > 0 and weight decays >= 0, got lrs={lrs}, wds={weight_decays}")
     pairs = [(lr, wd) for wd in weight_decays for lr in lrs]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
@@ -252,7 +253,7 @@ def train_probe(
     device = device or torch.device("cpu")
     head_lrs, head_wds = _grid(lrs, weight_decays)
     if val is None and len(head_lrs) > 1:
-        raise ValueError("several heads need a held-out part of train to choose between them (val_fraction > 0)")
+        raise UsageError("several heads need a held-out part of train to choose between them (val_fraction > 0)")
     heads = LinearHeads(len(head_lrs), dim, num_classes, seed).to(device)
     lr_scale = batch_size / 256.0
     optimizer = HeadsSGD(heads, torch.tensor(head_lrs) * lr_scale, torch.tensor(head_wds), momentum)
@@ -355,7 +356,7 @@ def slot_block_fn(slots: Optional[Sequence[int]], layout: Optional[tuple[int, in
     if slots is None:
         return None
     if layout is None:
-        raise ValueError("--slots needs a SPARO model's embedding features")
+        raise UsageError("--slots needs a SPARO model's embedding features")
     num_slots, slot_dim, norm = layout
     chosen = [int(s) for s in slots]
     select_slot_features(torch.zeros(1, num_slots * slot_dim), num_slots, slot_dim, chosen, norm)  # validate ids
@@ -515,7 +516,7 @@ def evaluate_linear(
     layout = slot_layout(backbone, spec)
     block_fn = slot_block_fn(slots, layout)
     if augment and (backbone is None or augment_dataset is None):
-        raise ValueError("--augment needs a network and the train split with the training transform")
+        raise UsageError("--augment needs a network and the train split with the training transform")
     if augment and len(augment_dataset) != len(train_dataset):
         raise ValueError(f"the augmented train split has {len(augment_dataset)} images, the train split "
                          f"{len(train_dataset)}: they must be the same images")
