@@ -119,6 +119,18 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------- logging
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a line is written (a redirected or captured stream too)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def setup_logging(is_main: bool = True, log_file: Optional[Path] = None) -> None:
     """One console handler on stderr (added once, however often this is called) and, on the main
     process, at most one log file (``log_file``, replacing an earlier one). Other ranks log warnings only."""
@@ -126,7 +138,7 @@ def setup_logging(is_main: bool = True, log_file: Optional[Path] = None) -> None
     formatter = logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT)
     ours = [h for h in root.handlers if getattr(h, "_dino_sparo", False)]
     if not any(not isinstance(h, logging.FileHandler) for h in ours):
-        console = logging.StreamHandler(sys.stderr)
+        console = _StderrHandler()
         console.setFormatter(formatter)
         console._dino_sparo = True  # type: ignore[attr-defined]
         root.addHandler(console)

@@ -32,6 +32,7 @@ from dino_sparo.checkpoint import (check_global_batch, check_resumable, load_che
                                    save_checkpoint, training_state)
 from dino_sparo.config import ConfigError, TrainConfig, save_config, validate_config
 from dino_sparo.errors import Failure, UsageError
+from dino_sparo.layers.attention import describe_attention_backend
 from dino_sparo.data.loaders import STOP_SIGNALS, LoaderWorkers, leave_stop_signals_to_main_process
 from dino_sparo.data.samplers import ResumableSampler, SeededSamples
 from dino_sparo.methods import build_method
@@ -425,6 +426,7 @@ class TrainingRun:
                     cfg.optim.lr, cfg.optim.lr_scaling)
         for line in self.method.describe():
             logger.info(line)
+        logger.info(describe_attention_backend(cfg.model.attn_backend, self.device, self.autocast_dtype))
 
     def save(self, step: int) -> None:
         """Every rank's RNG state gathered, then ``checkpoint.pth`` (and, when due, a kept per-epoch copy)."""

@@ -55,6 +55,14 @@ def read_log(output_dir) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def program_exit(capsys, main, argv) -> tuple:
+    """Run a program's ``main(argv)`` that must stop: its exit status and the last line of its stderr."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return stop.value.code, lines[-1] if lines else ""
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
     config.addinivalue_line("markers", "slow: longer end-to-end test")

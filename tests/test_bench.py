@@ -95,11 +95,13 @@ def test_flops_are_counted_per_image_and_include_attention():
     assert ref == teacher + 3 * student - 2 * patch(tokens_g) - 2 * patch(tokens_l)
 
 
-def test_bench_refuses_bad_options():
-    with pytest.raises(SystemExit, match="--local-size 10 is not a multiple of --patch-size 4"):
-        main(TINY + ["--local-size", "10"])
-    with pytest.raises(SystemExit, match="--warmup must be at least 1"):
-        main(TINY + ["--warmup", "0"])
+def test_bench_refuses_bad_options(capsys):
+    from conftest import program_exit
+
+    assert program_exit(capsys, main, TINY + ["--local-size", "10"]) == (
+        2, "dino-sparo-bench: error: --local-size 10 is not a multiple of --patch-size 4")
+    code, line = program_exit(capsys, main, TINY + ["--warmup", "0"])
+    assert code == 2 and "--warmup must be at least 1" in line
 
 
 def test_reference_step_learns_and_clips_like_dino():

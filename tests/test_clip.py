@@ -30,7 +30,7 @@ from dino_sparo.models.clip import baseline_config, build_clip_model
 from dino_sparo.models.text import EOT_TOKEN_ID, SOT_TOKEN_ID, TextTransformer, Tokenizer
 from dino_sparo.models.vit import count_parameters
 
-from conftest import TINY_CLIP_TRAINING
+from conftest import TINY_CLIP_TRAINING, tiny_config
 
 HAS_FASHION = Path(DEFAULT_FASHION_MNIST_ROOT).exists()
 needs_fashion = pytest.mark.skipif(not HAS_FASHION, reason="Fashion-MNIST not installed (make data)")
@@ -39,7 +39,7 @@ TINY = TINY_CLIP_TRAINING
 
 
 def tiny(*extra):
-    return load_config(None, TINY + list(extra))
+    return tiny_config(*extra, base=TINY)
 
 
 def tiny_text(readout="sparo", vocab=64, eot=63):

@@ -15,7 +15,7 @@ from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods.dino import DinoMethod
 from dino_sparo.train import train
 
-from conftest import TINY_TRAINING
+from conftest import TINY_TRAINING, read_log, tiny_config
 
 pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
                                 reason="Fashion-MNIST not installed (make data)")
@@ -27,11 +27,7 @@ TINY = [
 
 
 def tiny(path, *extra):
-    return load_config(None, TINY + [f"output_dir={path}"] + list(extra))
-
-
-def read_log(path):
-    return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+    return tiny_config(f"output_dir={path}", *extra, base=TINY)
 
 
 def test_knn_rows_are_logged_every_epoch_and_training_is_unchanged(tmp_path):

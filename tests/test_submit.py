@@ -20,7 +20,7 @@ from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.cli.submit import ENTRY_POINTS, build_parser, main, plan_submission
 from dino_sparo.submit import EntryPointJob
 
-from conftest import TINY_TRAINING
+from conftest import TINY_TRAINING, read_log
 
 needs_data = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
                                 reason="Fashion-MNIST not installed (make data)")
@@ -30,11 +30,6 @@ TINY = [
     "optim.warmup_epochs=1", "optim.lr=0.004",
 ]  # 6 steps per epoch, 12 steps
 LOCAL = ["--cluster", "local", "--gpus-per-node", "0", "--timeout-min", "20"]  # 20 min: a signal is a preemption
-
-
-def read_log(output_dir: Path) -> list[dict]:
-    path = output_dir / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def submit_local(output_dir: Path) -> str:

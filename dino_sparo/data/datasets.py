@@ -493,6 +493,8 @@ _IMAGEFOLDER_SUBDIRS = {"train": ("train",), "val": ("val", "test"), "test": ("t
 
 def _imagefolder_split_root(path: Path, split: str) -> Path:
     """`path/train` or `path/val` when present, else `path` itself (one folder for everything)."""
+    if not path.is_dir():  # said before any word about its sub-folders
+        raise FileNotFoundError(f"image folder not found: {path}")
     for name in _IMAGEFOLDER_SUBDIRS[split]:
         if (path / name).is_dir():
             return path / name

@@ -23,14 +23,23 @@ if TYPE_CHECKING:
     from dino_sparo.config import TrainConfig
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
-    "RandomGaussianBlur",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "MultiCropTransform",
+    "RandomGaussianBlur",
+    "clip_eval_transform",
+    "clip_train_transform",
+    "eval_image_size",
+    "eval_normalization",
     "eval_transform",
+    "eval_transform_for",
+    "is_clip",
     "multicrop_collate",
+    "normalization_for",
+    "probe_train_transform",
+    "to_rgb",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -33,6 +33,7 @@ the chunk sizes on a GPU for speed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Iterable, Sequence
@@ -90,12 +91,19 @@ def available_backends() -> list[str]:
     return found
 
 
+@functools.lru_cache(maxsize=None)
+def _log_backend(chosen: str, requested: str, available: tuple[str, ...]) -> None:
+    """Once per process: the backend ``auto`` chose, and among what."""
+    logger.info("k-NN backend: %s (%s: the first available of %s)", chosen, requested, ", ".join(available))
+
+
 def resolve_knn_backend(backend: str = "auto") -> str:
     """Turn ``"auto"`` into the first available backend; refuse unknown or missing ones."""
     if backend not in BACKENDS:
         raise UsageError(f"k-NN backend must be one of {BACKENDS}, got {backend!r}")
     available = available_backends()
     if backend == "auto":
+        _log_backend(available[0], backend, tuple(available))
         return available[0]
     if backend not in available:
         raise UsageError(
@@ -326,7 +334,6 @@ def knn_search(
     if chunk_size < 1 or query_chunk_size < 1:
         raise ValueError(f"chunk sizes must be >= 1, got chunk_size={chunk_size}, query_chunk_size={query_chunk_size}")
     name = resolve_knn_backend(backend)
-    logger.info("k-NN backend: %s (requested %s)", name, backend)
     dev = resolve_device(device) if name == "torch" else torch.device("cpu")
     vals, idx = _stream_topk(
         train_features, test_features, k, 1, name, dev, chunk_size, query_chunk_size, progress

@@ -39,9 +39,6 @@ class ClipMethod(Method):
     def __init__(self, cfg: Any, device: torch.device) -> None:
         super().__init__(cfg, device)
         clip = cfg.clip
-        if clip.accum_steps < 1 or cfg.data.batch_size_per_gpu % clip.accum_steps:
-            raise ConfigError(f"config key 'clip.accum_steps' ({clip.accum_steps}) must be >= 1 and divide "
-                             f"'data.batch_size_per_gpu' ({cfg.data.batch_size_per_gpu})")
         if clip.accum_steps > 1 and cfg.precision == "fp16":
             raise ConfigError("config key 'clip.accum_steps' > 1 needs precision bf16 or fp32: the micro-batch "
                              "gradients collected inside the step are not loss-scaled")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dino_sparo.errors import ConfigError
+from dino_sparo.errors import ConfigError, UsageError
 from dino_sparo.models.build import build_backbone
 from dino_sparo.models.text import EOT_TOKEN_ID, VOCAB_SIZE, TextTransformer
 from dino_sparo.models.vit import VisionTransformer, count_parameters
@@ -164,10 +164,10 @@ def load_clip_model(path: str | Path, device: torch.device | str = "cpu") -> tup
     run = load_run(path)
     state, cfg = run.state, run.cfg
     if "model" not in state:
-        raise KeyError(f"checkpoint {path} holds no CLIP model (its keys: {sorted(state)}); "
+        raise UsageError(f"checkpoint {path} holds no CLIP model (its keys: {sorted(state)}); "
                        "was it written by dino-sparo-train --mode clip?")
     if cfg.mode != "clip":
-        raise ValueError(f"checkpoint {path} was trained with mode {cfg.mode!r}, not 'clip'")
+        raise UsageError(f"checkpoint {path} was trained with mode {cfg.mode!r}, not 'clip'")
     model = build_clip_model(cfg)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, Tokenizer(cfg.clip.context_length)
