@@ -142,3 +142,13 @@ def test_methods_are_imported_by_name_not_looked_up_by_string():
     from dino_sparo.methods.dino import DinoMethod
 
     assert METHODS == {"dino": DinoMethod, "clip": ClipMethod}
+
+
+def test_no_evaluation_function_takes_more_than_14_parameters():
+    """Protocols take option objects (evaluation.options) rather than long parameter lists."""
+    long = [f"{name}.{node.name}: {count}" for name, tree in TREES.items() if unit(name) == "evaluation"
+            for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+            for count in [len(node.args.args) + len(node.args.kwonlyargs) + len(node.args.posonlyargs)
+                          - (1 if node.args.args and node.args.args[0].arg in ("self", "cls") else 0)]
+            if count > 14]
+    assert long == []

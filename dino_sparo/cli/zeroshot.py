@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_sparo.cli.common import HelpFormatter, add_output_json, run_program, save_output_json
+from dino_sparo.evaluation.options import Extraction
 from dino_sparo.evaluation.zeroshot import format_table, zeroshot_from_checkpoint
 from dino_sparo.runtime import setup_logging
 
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.checkpoint, dataset=args.dataset, data_path=args.data_path, split="val" if args.split == "val" else "test",
         limit=args.limit, classnames=args.classnames, templates=args.templates, slot_selection=args.slot_selection,
         selection_size=args.selection_size, retrieval=args.retrieval, max_slots=args.max_slots,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
+        extraction=Extraction(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device))
     print(format_table(result))
     save_output_json(result, args.output_json or str(Path(args.checkpoint).with_name("zeroshot.json")))
     return result

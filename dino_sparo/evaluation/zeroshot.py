@@ -27,6 +27,7 @@ from dino_sparo.data.captions import CaptionTable
 from dino_sparo.data.datasets import build_dataset
 from dino_sparo.data.transforms import clip_eval_transform
 from dino_sparo.errors import UsageError
+from dino_sparo.evaluation.options import Extraction
 from dino_sparo.evaluation.slots import greedy_forward_selection, select_slot_features
 from dino_sparo.models.clip import load_clip_model
 from dino_sparo.runtime import resolve_device
@@ -299,12 +300,15 @@ def zeroshot_from_checkpoint(
     checkpoint: str | Path, *, dataset: Optional[str] = None, data_path: Optional[str] = None, split: str = "test",
     limit: Optional[int] = None, classnames: Optional[str] = None, templates: str = "config",
     slot_selection: bool = False, selection_size: int = 5000, retrieval: Optional[str] = None,
-    max_slots: Optional[int] = None, batch_size: int = 256, num_workers: int = 2,
-    device: str | torch.device = "auto", progress: bool = True,
+    max_slots: Optional[int] = None, extraction: Optional[Extraction] = None,
 ) -> dict[str, Any]:
     """:func:`evaluate` on a CLIP-mode checkpoint: zero-shot on ``dataset`` (default: Fashion-MNIST
-    when the model was trained on it, else none; ``"none"`` skips it) and retrieval on a caption table."""
-    device = resolve_device(device, key="--device")
+    when the model was trained on it, else none; ``"none"`` skips it) and retrieval on a caption table.
+    ``extraction`` gives the batch size, loader workers, device and progress bars (its feature kind
+    and cache do not apply: a CLIP model's embeddings are read directly)."""
+    extraction = extraction or Extraction(num_workers=2)
+    batch_size, num_workers, progress = extraction.batch_size, extraction.num_workers, extraction.progress
+    device = resolve_device(extraction.device or "auto", key="--device")
     try:
         model, cfg, tokenizer = load_clip_model(checkpoint, device)
     except RuntimeError as exc:  # a state dict that does not fit the config
