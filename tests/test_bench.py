@@ -31,7 +31,7 @@ def numbers(tree, path=""):
 
 def test_bench_writes_positive_finite_figures(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    main(TINY + ["--steps", "2", "--warmup", "1", "--json", str(out)])
+    main(TINY + ["--steps", "2", "--warmup", "1", "--output-json", str(out)])
     figures = json.loads(out.read_text())
     for kind in ("ours", "reference"):
         for key in ("images_per_s", "step_s", "peak_mem_mb", "flops_per_step", "flops_per_s",
@@ -57,7 +57,7 @@ def test_bench_writes_positive_finite_figures(tmp_path, capsys):
 def test_reference_can_run_at_its_own_precision(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(TINY + ["--steps", "1", "--warmup", "1", "--precision", "bf16", "--reference-precision", "fp32",
-                 "--json", str(out)])
+                 "--output-json", str(out)])
     figures = json.loads(out.read_text())
     assert figures["environment"]["precision"] == "bfloat16"
     assert figures["environment"]["reference_precision"] == "fp32"

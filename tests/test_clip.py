@@ -419,7 +419,7 @@ def test_clip_mode_trains_resumes_and_beats_chance_at_zero_shot(tmp_path):
 
     args = zeroshot_cli.build_parser().parse_args([
         "--checkpoint", str(out / "checkpoint.pth"), "--limit", "500", "--slot-selection", "--selection-size", "100",
-        "--num-workers", "0", "--output", str(tmp_path / "z.json")])
+        "--num-workers", "0", "--output-json", str(tmp_path / "z.json")])
     result = zeroshot_cli.run(args)
     saved = json.loads((tmp_path / "z.json").read_text())
     assert saved["zeroshot"]["num_images"] == 500 and saved["zeroshot"]["top1"] == result["zeroshot"]["top1"]

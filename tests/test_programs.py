@@ -239,3 +239,12 @@ def test_one_attention_line_with_its_reason_and_no_requested_line_for_auto_knn(c
                   str(tmp_path / "k.json")])
     lines = [r.getMessage() for r in caplog.records if "k-NN backend" in r.getMessage()]
     assert len(lines) == 1 and "(auto: the first available of" in lines[0] and "requested" not in lines[0]
+
+
+def test_bench_help_states_the_rule_precision_auto_follows():
+    from dino_sparo.cli import bench
+    from dino_sparo.runtime import NATIVE_BF16_CPU_FLAGS
+
+    text = " ".join(bench.build_parser().format_help().split())
+    assert "fp32 on CPU" not in text and "native bf16" in text
+    assert all(flag in text for flag in NATIVE_BF16_CPU_FLAGS)
