@@ -118,8 +118,8 @@ ARCHITECTURE_KEYS = (
 )
 RUN_KEYS = (
     "output_dir", "device", "precision", "compile", "grad_checkpointing", "log_every", "save_every_epochs",
-    "max_steps", "model.attn_backend", "model.pack_crops", "data.path", "data.num_workers",
-    "data.corrupt_images", "eval.", "clip.zeroshot_",
+    "max_steps", "model.attn_backend", "model.pack_crops", "model.pretrained", "data.path", "data.num_workers",
+    "data.corrupt_images", "eval.", "clip.zeroshot_", "clip.train_data",
     "data.batch_size_per_gpu",  # the global batch it makes is checked apart: it must not change
     "log.",
 )

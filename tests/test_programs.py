@@ -248,3 +248,19 @@ def test_bench_help_states_the_rule_precision_auto_follows():
     text = " ".join(bench.build_parser().format_help().split())
     assert "fp32 on CPU" not in text and "native bf16" in text
     assert all(flag in text for flag in NATIVE_BF16_CPU_FLAGS)
+
+
+def test_a_loader_worker_s_error_is_told_by_its_last_line(capsys):
+    """DataLoader re-raises a worker's error with the worker's traceback in its message: one line stays."""
+    from dino_sparo.cli.common import run_program
+    from dino_sparo.data.datasets import CorruptImageError
+
+    def fails():
+        raise CorruptImageError("Caught CorruptImageError in DataLoader worker process 0.\nOriginal Traceback (most "
+                                "recent call last):\n  File \"x.py\", line 1, in f\ndino_sparo.data.datasets."
+                                "CorruptImageError: corrupt or unreadable image /d/a.png: OSError: truncated")
+
+    with pytest.raises(SystemExit) as stop:
+        run_program("prog", fails)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 1 and err == ["prog: error: corrupt or unreadable image /d/a.png: OSError: truncated"]

@@ -152,7 +152,8 @@ def _one_line(exc: BaseException) -> str:
     traceback (its last line is the error), KeyError quotes its text."""
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     lines = [line for line in str(text).strip().splitlines() if line.strip()] or [type(exc).__name__]
-    last = lines[-1] if len(lines) > 1 and "Traceback" in lines[0] else " ".join(line.strip() for line in lines)
+    in_worker = any("Traceback" in line for line in lines[:-1])
+    last = lines[-1] if in_worker else " ".join(line.strip() for line in lines)
     name, _, message = last.partition(": ")
     return message if name.split(".")[-1] == type(exc).__name__ and message else last
 
