@@ -58,8 +58,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                           "reports), the image tower of a CLIP run's model")
     net.add_argument("--baseline", choices=BASELINES,
                      help="evaluate a reference instead of the trained weights: 'init' is the same "
-                          "architecture at initialisation (seeded by the config; with its model.pretrained loaded when it names "
-                          "one, as a run starts), 'pixels' the raw images")
+                          "architecture at initialisation (seeded by the config; with its model.pretrained "
+                          "loaded when it names one, as a run starts), 'pixels' the raw images")
     net.add_argument("--weights", metavar="FILE",
                      help="evaluate the backbone in this weights file instead of a checkpoint: a timm ViT state "
                           "dict (.pth, .bin or .safetensors), DINO's released backbones "

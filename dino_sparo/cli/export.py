@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  dino-sparo-export --checkpoint output/demo_fashion_mnist/checkpoint.pth\n"
                "  dino-sparo-export --checkpoint CKPT --output vit_s16_dino_sparo.safetensors\n"
                "  dino-sparo-knn --weights vit_s16_dino_sparo.safetensors --dataset imagefolder --data-path DATA\n"
-               "  python -c \"import json, timm, safetensors.torch as st; d = json.load(open('teacher_backbone.json')); "
+               "  python -c \"import json, timm, safetensors.torch as st; "
+               "d = json.load(open('teacher_backbone.json')); "
                "m = timm.models.vision_transformer.VisionTransformer(**d['timm_kwargs']); "
                "m.load_state_dict(st.load_file(d['weights']))\"",
         formatter_class=HelpFormatter,
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: from --output's suffix, else safetensors when installed, else pth")
     parser.add_argument("--with-readout", action="store_true",
                         help="also write the SPARO read-out (sparo.* keys): then dino_sparo loads the whole network "
-                             "(model.pretrained, --weights with --config), but timm's strict load refuses the extra keys")
+                             "(model.pretrained, --weights with --config), but timm's strict load refuses the extra "
+                             "keys")
     return parser
 
 

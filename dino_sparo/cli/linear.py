@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  dino-sparo-linear --checkpoint CKPT --lrs sweep --epochs 50 --output-json linear.json\n"
                "  dino-sparo-linear --checkpoint CKPT --slots-file knn.json   # slots chosen by dino-sparo-knn\n"
                "  dino-sparo-linear --baseline pixels --dataset fashion_mnist --lrs 0.001,0.01,0.1\n"
-               "  dino-sparo-linear --weights vit_small_patch16_224.safetensors --dataset imagefolder --data-path DATA\n"
+               "  dino-sparo-linear --weights vit_small_patch16_224.safetensors --dataset imagefolder "
+               "--data-path DATA\n"
                "  torchrun --nproc_per_node 8 -m dino_sparo.cli.linear --checkpoint CKPT "
                "--dataset imagefolder --data-path /data/imagenet --augment",
         formatter_class=HelpFormatter,
