@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dino_sparo import distributed
-from dino_sparo.errors import ConfigError
+from dino_sparo.errors import ConfigError, UsageError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 LOG_DATE_FORMAT = "%H:%M:%S"
@@ -34,7 +34,7 @@ def resolve_device(name: "str | torch.device | None", key: str = "config key 'de
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{key} is 'cuda' but no CUDA device is available")
+            raise UsageError(f"{key} is 'cuda' but no CUDA device is available")
         return torch.device("cuda", distributed.local_device_index(distributed.env_info().local_rank))
     return torch.device(name)
 
