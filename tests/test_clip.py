@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dino_sparo import SPARO
-from dino_sparo.config import load_config
 from dino_sparo.data.captions import CaptionTable, FashionMNISTCaptions, TarShardCaptions
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.cli import zeroshot as zeroshot_cli

@@ -1,7 +1,6 @@
 """Launcher variables read without a cluster; two gloo processes (torchrun) train as one process
 with the same global batch does, write one set of files, and stop and resume exactly."""
 
-import json
 import os
 import signal
 import subprocess

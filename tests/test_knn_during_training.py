@@ -1,6 +1,5 @@
 """k-NN during training (``eval.knn_every``): logged rows, no effect on the training itself."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,6 @@ import torch
 from PIL import Image
 
 from dino_sparo.checkpoint import load_checkpoint
-from dino_sparo.config import load_config
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods.dino import DinoMethod
