@@ -144,3 +144,15 @@ def test_exported_trunk_is_a_valid_model_pretrained_for_training(checkpoint, tmp
     for network in (run.method.student.backbone, run.method.teacher.backbone):
         state = network.state_dict()
         assert all(torch.equal(state[k], v) for k, v in trunk.items())
+
+
+def test_linear_on_weights_reads_dino_s_last_blocks_of_the_released_network(tmp_path):
+    from dino_sparo.cli import linear as linear_cli
+
+    path = layouts(timm_vit(), tmp_path)["deit.pth"]
+    out = tmp_path / "linear.json"
+    linear_cli.main(["--weights", str(path), *[a for a in EVAL if a not in ("--ks", "5", "--backend", "torch")],
+                     "--epochs", "1", "--lrs", "0.01", "--output-json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["source"] == "weights" and result["weights"] == str(path)
+    assert result["feature_spec"]["kind"] == "last_blocks" and result["feature_dim"] == 2 * 96  # both blocks' tokens
