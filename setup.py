@@ -45,6 +45,7 @@ setup(
             "dino-sparo-scenes=dino_sparo.cli.scenes:main",
             "dino-sparo-visualize=dino_sparo.cli.visualize:main",
             "dino-sparo-gpu-check=dino_sparo.cli.gpu_check:main",
+            "dino-sparo-export=dino_sparo.cli.export:main",
         ],
     },
 )

@@ -16,7 +16,6 @@ The command line is :mod:`dino_sparo.cli.bench`.
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing as mp
 import platform
@@ -32,6 +31,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from dino_sparo.config import ARCHS
+from dino_sparo.errors import UsageError
+from dino_sparo.files import write_json
 from dino_sparo.runtime import resolve_device
 
 ARCH_CHOICES = tuple(ARCHS)
@@ -344,7 +345,7 @@ def summarise(step_times: list[float], cpu_times: list[float], flops: int, batch
 
 
 def run_benchmark(args: Options, log: Callable[[str], None] = print) -> dict:
-    """Run the benchmark as ``args`` says; returns the figures (also written to ``args.json``)."""
+    """Run the benchmark as ``args`` says; returns the figures (also written to ``args.output_json``)."""
     validate(args)
     options = dict(vars(args))
     reference_options = dict(options, precision=reference_precision(args))
@@ -380,7 +381,7 @@ def run_benchmark(args: Options, log: Callable[[str], None] = print) -> dict:
                                matmul_peak[kind]) for kind in ("ours", "reference")}
     device = torch.device(args.device)
     figures = {
-        "config": {k: v for k, v in options.items() if k != "json"},
+        "config": {k: v for k, v in options.items() if k != "output_json"},
         "environment": {
             "torch": torch.__version__, "python": platform.python_version(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
@@ -398,9 +399,8 @@ def run_benchmark(args: Options, log: Callable[[str], None] = print) -> dict:
         "reference_matmul_peak_flops_per_s": matmul_peak["reference"],
         "readout": readout,
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    if args.output_json:
+        write_json(args.output_json, figures)
     return figures
 
 
@@ -446,17 +446,17 @@ def reference_precision(args: Options) -> str:
 def validate(args: Options) -> None:
     args.device = str(resolve_device(args.device, key="--device"))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+        raise UsageError("--device cuda: no CUDA device is available")
     if args.threads is None:
         args.threads = torch.get_num_threads()
     for name in ("batch", "steps", "global_crops", "global_size", "local_size", "out_dim", "threads"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 1:
-        raise ValueError(f"--warmup must be at least 1 (the first step initialises kernels), got {args.warmup}")
+        raise UsageError(f"--warmup must be at least 1 (the first step initialises kernels), got {args.warmup}")
     if args.global_crops != 2:
-        raise ValueError(f"--global-crops must be 2 (the DINO loss pairs two global views), got {args.global_crops}")
+        raise UsageError(f"--global-crops must be 2 (the DINO loss pairs two global views), got {args.global_crops}")
     for name in ("global_size", "local_size"):
         if getattr(args, name) % args.patch_size:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is not a multiple of "
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is not a multiple of "
                              f"--patch-size {args.patch_size}")

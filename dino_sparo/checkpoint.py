@@ -9,8 +9,6 @@ reads it; nothing else looks inside it by key except the model loaders, through 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,24 +16,14 @@ from typing import Any
 import torch
 
 from dino_sparo.config import ConfigError, TrainConfig, from_dict, to_dict
+from dino_sparo.errors import CheckpointError, UsageError
+from dino_sparo.files import atomic_write
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was SIGKILLed
-        stale.unlink(missing_ok=True)
+    """Write ``state`` to ``path`` atomically (temporary file in the same folder, fsync, rename); a
+    full disk is one line (``DiskFullError``)."""
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
@@ -47,10 +35,11 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         # Our checkpoints hold numpy RNG states and the config dict besides tensors.
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
-        raise RuntimeError(f"checkpoint {path} cannot be read ({exc}); it may be truncated or not "
-                           "a dino_sparo checkpoint") from exc
+        reason = " ".join(str(exc).split())
+        raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); it may be truncated or not "
+                              "a dino_sparo checkpoint") from exc
     if not isinstance(state, dict):
-        raise RuntimeError(f"checkpoint {path} does not hold a dict of states")
+        raise CheckpointError(f"checkpoint {path} does not hold a dict of states")
     return state
 
 
@@ -78,7 +67,7 @@ def load_run(path: str | Path, map_location: Any = "cpu") -> Run:
     """The training checkpoint at ``path`` and its config; a file without one is refused, naming it."""
     state = load_checkpoint(path, map_location=map_location)
     if not is_training_state(state):
-        raise KeyError(f"checkpoint {path} has no 'config' entry; it was not written by dino-sparo-train")
+        raise UsageError(f"checkpoint {path} has no 'config' entry; it was not written by dino-sparo-train")
     return Run(state=state, cfg=from_dict(state["config"]), path=Path(path))
 
 
@@ -133,8 +122,8 @@ ARCHITECTURE_KEYS = (
 )
 RUN_KEYS = (
     "output_dir", "device", "precision", "compile", "grad_checkpointing", "log_every", "save_every_epochs",
-    "max_steps", "model.attn_backend", "model.pack_crops", "data.path", "data.num_workers",
-    "data.corrupt_images", "eval.", "clip.zeroshot_",
+    "max_steps", "model.attn_backend", "model.pack_crops", "model.pretrained", "data.path", "data.num_workers",
+    "data.corrupt_images", "eval.", "clip.zeroshot_", "clip.train_data",
     "data.batch_size_per_gpu",  # the global batch it makes is checked apart: it must not change
     "log.",
 )

@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from dino_sparo.errors import ConfigError  # noqa: F401 (where the config's callers find it)
+
 
 def option(default: Any = dataclasses.MISSING, meaning: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
     """A config field with its one-line meaning, which ``dino-sparo-train --help-config`` lists."""
@@ -265,10 +267,6 @@ class TrainConfig:
     clip: ClipConfig = option(meaning="CLIP mode", factory=ClipConfig)
     eval: EvalConfig = option(meaning="evaluation during training", factory=EvalConfig)
     log: LogConfig = option(meaning="logs besides log.jsonl and train.log", factory=LogConfig)
-
-
-class ConfigError(ValueError):
-    """A configuration value or key that cannot be used; the message names the key."""
 
 
 def _type_name(tp: Any) -> str:

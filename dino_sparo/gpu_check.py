@@ -378,13 +378,13 @@ def _bench_steps(sizes: dict[str, Any], work: Path) -> list[Step]:
         out = work / "bench" / f"{name}.json"
         plan.append(Step(name, "bench", f"ViT-S/16: {title}", 60, 40,
                          argv=[*_program("bench"), *common, *ours, "--reference-precision",
-                               ref if sizes["precision"] != "auto" else "same", "--json", str(out)],
+                               ref if sizes["precision"] != "auto" else "same", "--output-json", str(out)],
                          optional=not required, needs="xformers" if "xformers" in ours else None,
                          outputs={"json": out}))
     out = work / "bench" / "bench-b16-packed.json"
     plan.append(Step("bench-b16-packed", "bench", "ViT-B/16: ours xformers, packed crops / reference bf16", 60,
                      40, argv=[*_program("bench"), *sizes["bench_b"], "--precision", sizes["precision"],
-                               "--attn-backend", "xformers", "--pack-crops", "--json", str(out)],
+                               "--attn-backend", "xformers", "--pack-crops", "--output-json", str(out)],
                      optional=True, needs="xformers", outputs={"json": out}))
     return plan
 
@@ -438,7 +438,7 @@ def _clip_steps(args: Options, sizes: dict[str, Any], work: Path, data: Path) ->
                                    "--dataset", "imagefolder", "--data-path", str(data), "--split", "val",
                                    "--retrieval", str(data / "captions_val.csv"), "--batch-size",
                                    sizes["eval_batch"], "--num-workers", sizes["workers"], "--device",
-                                   "auto" if args.smoke else "cuda", "--output", str(work / "zeroshot.json")],
+                                   "auto" if args.smoke else "cuda", "--output-json", str(work / "zeroshot.json")],
                      outputs={"json": work / "zeroshot.json"}))
     return plan
 

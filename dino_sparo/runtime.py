@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dino_sparo import distributed
+from dino_sparo.errors import ConfigError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def resolve_device(name: "str | torch.device | None", key: str = "config key 'de
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{key} is 'cuda' but no CUDA device is available")
+            raise UsageError(f"{key} is 'cuda' but no CUDA device is available")
         return torch.device("cuda", distributed.local_device_index(distributed.env_info().local_rank))
     return torch.device(name)
 
@@ -66,7 +67,7 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("config key 'precision': fp16 needs a GPU; use fp32 or bf16 on CPU")
+        raise ConfigError("config key 'precision': fp16 needs a GPU; use fp32 or bf16 on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -146,6 +147,18 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------- logging
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a line is written (a redirected or captured stream too)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def setup_logging(is_main: bool = True, log_file: Optional[Path] = None) -> None:
     """One console handler on stderr (added once, however often this is called) and, on the main
     process, at most one log file (``log_file``, replacing an earlier one). Other ranks log warnings only."""
@@ -153,7 +166,7 @@ def setup_logging(is_main: bool = True, log_file: Optional[Path] = None) -> None
     formatter = logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT)
     ours = [h for h in root.handlers if getattr(h, "_dino_sparo", False)]
     if not any(not isinstance(h, logging.FileHandler) for h in ours):
-        console = logging.StreamHandler(sys.stderr)
+        console = _StderrHandler()
         console.setFormatter(formatter)
         console._dino_sparo = True  # type: ignore[attr-defined]
         root.addHandler(console)

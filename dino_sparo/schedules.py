@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
+from dino_sparo.errors import ConfigError
 
 __all__ = ["Schedules", "build_schedules", "cosine_schedule", "linear_warmup_then_constant",
            "lr_schedule", "method_schedules", "teacher_temperature_schedule"]
@@ -104,12 +105,12 @@ def lr_schedule(optim: Any, global_batch: int, iters_per_epoch: int) -> np.ndarr
     by the global batch / 256 (``lr_scaling: linear``, DINO's rule) or at ``optim.lr`` itself (``none``)."""
     if optim.warmup_steps:
         if optim.warmup_steps > optim.epochs * iters_per_epoch:
-            raise ValueError(f"config key 'optim.warmup_steps' ({optim.warmup_steps}) exceeds the run's "
+            raise ConfigError(f"config key 'optim.warmup_steps' ({optim.warmup_steps}) exceeds the run's "
                              f"{optim.epochs * iters_per_epoch} steps")
         warmup = {"warmup_iters": optim.warmup_steps}
     else:
         if optim.warmup_epochs > optim.epochs:
-            raise ValueError(f"config key 'optim.warmup_epochs' ({optim.warmup_epochs}) exceeds "
+            raise ConfigError(f"config key 'optim.warmup_epochs' ({optim.warmup_epochs}) exceeds "
                              f"'optim.epochs' ({optim.epochs})")
         warmup = {"warmup_epochs": optim.warmup_epochs}
     peak = optim.lr * global_batch / 256.0 if optim.lr_scaling == "linear" else optim.lr

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
+from dino_sparo.errors import UsageError
 
 logger = logging.getLogger("dino_sparo.study")
 
@@ -231,7 +232,7 @@ def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, result
     with ``baselines`` also raw pixels and each arm at initialisation (first seed), same protocol.
     A run stopped by a signal ends the study there, with only ``stopped_by`` returned."""
     if budget_name not in BUDGETS:
-        raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
+        raise UsageError(f"--budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
     budget = BUDGETS[budget_name]
     results = Path(results_dir) / budget_name
     (results / "runs").mkdir(parents=True, exist_ok=True)

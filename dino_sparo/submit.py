@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from dino_sparo import distributed
+from dino_sparo.errors import UsageError
 
 # Seconds a job stopped by SIGTERM alone waits for the USR2 that SLURM sends on preemption.
 TERM_GRACE_S = 3.0
@@ -140,17 +141,17 @@ def build_executor(folder: str | Path, cluster: str, res: Resources) -> Any:
         raise ValueError(f"need nodes >= 1, gpus per node >= 0, tasks per node >= 1; got {res.nodes}, "
                          f"{res.gpus_per_node}, {res.ntasks_per_node}")
     if res.gpus_per_node and res.ntasks_per_node != res.gpus_per_node:
-        raise ValueError(f"--tasks-per-node ({res.ntasks_per_node}) must equal --gpus-per-node "
+        raise UsageError(f"--tasks-per-node ({res.ntasks_per_node}) must equal --gpus-per-node "
                          f"({res.gpus_per_node}): training runs one process per GPU")
     if cluster == "local":
         if res.nodes != 1:
-            raise ValueError(f"--cluster local runs on this machine: --nodes must be 1, got {res.nodes}")
+            raise UsageError(f"--cluster local runs on this machine: --nodes must be 1, got {res.nodes}")
         executor = submitit.LocalExecutor(folder, max_num_timeout=res.max_num_timeout)
         executor.update_parameters(timeout_min=res.timeout_min, gpus_per_node=res.gpus_per_node,
                                    tasks_per_node=res.ntasks_per_node, signal_delay_s=res.signal_delay_s)
         return executor
     if cluster not in ("auto", "slurm", "debug"):
-        raise ValueError(f"--cluster must be one of auto, slurm, local, debug; got {cluster!r}")
+        raise UsageError(f"--cluster must be one of auto, slurm, local, debug; got {cluster!r}")
     if cluster == "auto":
         import shutil  # noqa: PLC0415
 
@@ -160,7 +161,7 @@ def build_executor(folder: str | Path, cluster: str, res: Resources) -> Any:
         cluster = "slurm"
     timeout = res.timeout_min
     if cluster == "slurm" and timeout != int(timeout):
-        raise ValueError(f"--timeout-min must be a whole number of minutes on SLURM, got {timeout}")
+        raise UsageError(f"--timeout-min must be a whole number of minutes on SLURM, got {timeout}")
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=res.max_num_timeout)
     slurm = {"partition": res.partition, "account": res.account, "qos": res.qos, "constraint": res.constraint,
              "comment": res.comment, "exclude": res.exclude, "signal_delay_s": res.signal_delay_s}

@@ -10,11 +10,14 @@ the method's state (teacher, DINO centre) are restored, and each sample's augmen
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +31,8 @@ from dino_sparo import distributed
 from dino_sparo.checkpoint import (check_global_batch, check_resumable, load_checkpoint, restore_training_state,
                                    save_checkpoint, training_state)
 from dino_sparo.config import ConfigError, TrainConfig, save_config, validate_config
+from dino_sparo.errors import Failure, UsageError
+from dino_sparo.layers.attention import describe_attention_backend
 from dino_sparo.data.loaders import STOP_SIGNALS, LoaderWorkers, leave_stop_signals_to_main_process
 from dino_sparo.data.samplers import ResumableSampler, SeededSamples
 from dino_sparo.methods import build_method
@@ -41,7 +46,7 @@ from dino_sparo.schedules import build_schedules
 logger = logging.getLogger("dino_sparo")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(Failure):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -211,6 +216,71 @@ def load_pretrained(method: Method, path: str) -> None:
                     ", ".join(sorted({".".join(k.split(".")[:2]) for k in report.dropped})[:8]))
 
 
+@dataclass
+class StartFrom:
+    """Where a run starts (``dino-sparo-train --resume / --fresh / --finetune``).
+
+    By default a run resumes from ``output_dir/checkpoint.pth`` when there is one (re-running a
+    command continues it). ``resume``: continue another run's checkpoint exactly (weights, optimiser,
+    schedules, step, RNG) into this ``output_dir``. ``fresh``: start at step 0 even though
+    ``output_dir`` holds a checkpoint (replaced at the first save; log.jsonl restarts). ``finetune``:
+    start from a run's trained weights (every module of the method: DINO's student, teacher and
+    centre; CLIP's model) with a new optimiser and schedules from step 0. Once this run has saved its
+    own checkpoint, re-running the same command resumes from it, whatever these say."""
+
+    resume: Optional[str] = None
+    fresh: bool = False
+    finetune: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        given = [name for name, on in (("--resume", self.resume), ("--fresh", self.fresh),
+                                       ("--finetune", self.finetune)) if on]
+        if len(given) > 1:
+            raise UsageError(f"give at most one of --resume, --fresh and --finetune, got {' and '.join(given)}")
+        for flag, path in (("--resume", self.resume), ("--finetune", self.finetune)):
+            if path is not None and not Path(path).is_file():
+                raise UsageError(f"{flag}: no such checkpoint: {path}")
+
+    def resume_path(self, own: Path) -> Optional[Path]:
+        """The checkpoint to resume from: the run's own (unless ``fresh``), else ``resume``'s, else none."""
+        if own.is_file() and not self.fresh:
+            return own
+        return Path(self.resume) if self.resume else None
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with its paths (``output_dir``, ``data.path``, ``clip.train_data``,
+    ``model.pretrained``) made absolute against the folder the command runs in, so that the saved
+    config.yaml and checkpoint can be used from anywhere."""
+    def absolute(value: Optional[str]) -> Optional[str]:
+        if value in (None, "") or "://" in value:  # a URL (WebDataset pipe or http) stays as given
+            return value
+        return str(Path(os.path.expanduser(value)).absolute())
+
+    cfg = copy.deepcopy(cfg)
+    cfg.output_dir = absolute(cfg.output_dir)
+    cfg.data.path = absolute(cfg.data.path)
+    cfg.model.pretrained = absolute(cfg.model.pretrained)
+    if cfg.clip.train_data and not cfg.clip.train_data.startswith("pipe:"):  # shard lists are joined by ::
+        cfg.clip.train_data = "::".join(absolute(part) for part in cfg.clip.train_data.split("::"))
+    return cfg
+
+
+def load_run_weights(method: Method, path: str, cfg: TrainConfig) -> None:
+    """``--finetune``: every module of the method from a run's checkpoint (strictly, same
+    architecture), leaving the optimiser, schedules, step and RNG to start afresh."""
+    state = load_checkpoint(path)
+    if not isinstance(state.get("config"), dict):
+        raise UsageError(f"--finetune {path}: not a checkpoint written by dino-sparo-train")
+    check_resumable(state["config"], cfg, Path(path))  # refuses another architecture, naming the keys
+    for name, module in method.modules().items():
+        if name not in state:
+            raise UsageError(f"--finetune {path}: it has no {name!r} weights (a run of another mode?)")
+        module.load_state_dict(state[name])
+    logger.info("--finetune: weights of %s from %s (step %d); optimiser and schedules start at step 0",
+                " and ".join(method.modules()), path, state.get("step", 0))
+
+
 class MetricsLog:
     """``log.jsonl`` rows, for machines; with ``log.tensorboard`` the same scalars in TensorBoard
     (``output_dir/tensorboard``), as ``train/<key>`` and ``eval/<key>`` at the row's step."""
@@ -270,10 +340,11 @@ class TrainingRun:
     :meth:`announce`, then :meth:`loop`, whose steps log (:meth:`_log_step`) and whose epochs end
     in a checkpoint and the due evaluations (:meth:`_end_of_epoch`)."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, start: Optional["StartFrom"] = None) -> None:
+        self.cfg = cfg = absolute_paths(cfg)
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_path = self.output_dir / "checkpoint.pth"
+        self.start = start or StartFrom()
         self.device = device = resolve_device(cfg.device)
         self.info = info = distributed.init_distributed(device.type)
         setup_logging(info.is_main, self.output_dir / "train.log")
@@ -282,11 +353,15 @@ class TrainingRun:
         set_tf32(cfg.tf32)
         seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts the student only)
         self.method = method = build_method(cfg, device)
+        self.resume_path = self.start.resume_path(self.checkpoint_path)
         if cfg.model.pretrained:
-            if self.checkpoint_path.is_file():
-                logger.info("model.pretrained is not loaded: the run resumes from its checkpoint")
+            if self.resume_path is not None or self.start.finetune:
+                logger.info("model.pretrained is not loaded: the run starts from %s",
+                            self.resume_path or self.start.finetune)
             else:
                 load_pretrained(method, cfg.model.pretrained)
+        if self.start.finetune and self.resume_path is None:
+            load_run_weights(method, self.start.finetune, cfg)
         seed_everything(cfg.seed + info.rank)  # rank-specific randomness from here on (drop path)
         self._build_loader()
         self.schedules = build_schedules(cfg, self.global_batch, self.iters_per_epoch)
@@ -307,7 +382,11 @@ class TrainingRun:
     def _build_loader(self) -> None:
         """The method's dataset behind the resumable sampler, each sample's augmentation seeded."""
         cfg, info = self.cfg, self.info
-        dataset = self.method.train_dataset()
+        try:
+            dataset = self.method.train_dataset()
+        except FileNotFoundError as exc:  # a path in the config: the user's to fix, said in one line
+            key = "clip.train_data" if cfg.mode == "clip" and cfg.clip.dataset in ("table", "webdataset") else "data.path"
+            raise ConfigError(f"config key '{key}': {' '.join(str(exc).split())}") from None
         batch = cfg.data.batch_size_per_gpu
         self.global_batch = batch * info.world_size
         self.sampler = ResumableSampler(len(dataset), batch, info.rank, info.world_size, seed=cfg.seed)
@@ -324,22 +403,25 @@ class TrainingRun:
     def resume(self) -> int:
         """Restore ``checkpoint.pth`` when there is one (every rank must read the same); the step to start at."""
         info, start_step = self.info, 0
-        if self.checkpoint_path.is_file():
-            state = load_checkpoint(self.checkpoint_path, map_location=self.device)
-            for change in check_resumable(state["config"], self.cfg, self.checkpoint_path):
+        if self.resume_path is not None:
+            state = load_checkpoint(self.resume_path, map_location=self.device)
+            for change in check_resumable(state["config"], self.cfg, self.resume_path):
                 if info.is_main:
                     logger.warning("resuming with a changed recipe: %s (the run so far followed the old value)",
                                    change)
-            check_global_batch(state, self.cfg.data.batch_size_per_gpu, info.world_size, self.checkpoint_path)
+            check_global_batch(state, self.cfg.data.batch_size_per_gpu, info.world_size, self.resume_path)
             set_rng_state(restore_training_state(state, self.method.modules(), self.optimizer, self.scaler,
                                                  info.rank))
             start_step = self.saved_step = state["step"]
-            logger.info("resumed from %s at step %d (epoch %d)", self.checkpoint_path, start_step, state["epoch"])
+            logger.info("resumed from %s at step %d (epoch %d)", self.resume_path, start_step, state["epoch"])
             if info.is_main:
                 dropped = truncate_log(self.output_dir / "log.jsonl", start_step)
                 if dropped:
                     logger.info("log.jsonl: dropped %d row(s) written after the checkpoint's step %d (they are "
                                 "logged again as the run repeats those steps)", dropped, start_step)
+        elif info.is_main and self.start.fresh and self.checkpoint_path.is_file():
+            truncate_log(self.output_dir / "log.jsonl", 0)
+            logger.info("--fresh: starting at step 0; %s is replaced at the first save", self.checkpoint_path)
         if info.world_size > 1:
             steps = torch.tensor([start_step, -start_step], device=distributed.collective_device())
             distributed.all_reduce_max(steps)
@@ -367,6 +449,7 @@ class TrainingRun:
                     cfg.optim.lr, cfg.optim.lr_scaling)
         for line in self.method.describe():
             logger.info(line)
+        logger.info(describe_attention_backend(cfg.model.attn_backend, self.device, self.autocast_dtype))
 
     def save(self, step: int) -> None:
         """Every rank's RNG state gathered, then ``checkpoint.pth`` (and, when due, a kept per-epoch copy)."""
@@ -389,7 +472,7 @@ class TrainingRun:
         kept = (f"The last good checkpoint, {self.checkpoint_path} at step {self.saved_step}, is kept (re-running "
                 "resumes from it). " if self.saved_step is not None else
                 f"No checkpoint was written yet (the first comes at the end of epoch 0, step {self.iters_per_epoch}). ")
-        raise NonFiniteLossError(f"non-finite loss at step {bad} (epoch {bad // self.iters_per_epoch}); stopping "
+        raise NonFiniteLossError(f"non-finite loss at step {bad} (epoch {(bad - 1) // self.iters_per_epoch}); stopping "
                                  f"without saving. {kept}Usual causes: too high a learning rate, fp16 overflow "
                                  "(use bf16), no gradient clipping.")
 
@@ -423,7 +506,7 @@ class TrainingRun:
                                                     self.scaler, self.params, self.cfg.optim, self.autocast_dtype)
                     self.first_bad_step = torch.where(
                         (self.first_bad_step < 0) & ~torch.isfinite(loss.detach()),
-                        torch.full_like(self.first_bad_step, step), self.first_bad_step)
+                        torch.full_like(self.first_bad_step, step + 1), self.first_bad_step)  # as log.jsonl counts
                     step += 1
                     self.window_images += self.method.batch_size(batch_data) * self.info.world_size
                     self.progress.update(1)
@@ -486,9 +569,10 @@ class TrainingRun:
         return self.metrics
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train (or resume) as ``cfg`` says; returns the last logged metrics."""
-    run = TrainingRun(cfg)
+def train(cfg: TrainConfig, start: Optional[StartFrom] = None) -> dict:
+    """Train (or resume) as ``cfg`` says, from where ``start`` says (default: ``output_dir``'s own
+    checkpoint when there is one); returns the last logged metrics."""
+    run = TrainingRun(cfg, start)
     start_step = run.resume()
     run.announce()
     return run.loop(start_step)

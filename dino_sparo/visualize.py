@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from dino_sparo.errors import UsageError
 from dino_sparo.models.vit import VisionTransformer
 
 
@@ -15,7 +16,7 @@ from dino_sparo.models.vit import VisionTransformer
 def slot_attention(backbone: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     """SPARO attention ``B × L × N`` (N = 1 class token + patches) for normalised ``images``."""
     if backbone.sparo is None:
-        raise ValueError("slot attention needs a SPARO model (model.readout: sparo)")
+        raise UsageError("slot attention needs a SPARO model (model.readout: sparo)")
     tokens = backbone.forward_tokens(images)
     _, attn = backbone.readout(tokens, return_attn=True)
     return attn.float()
@@ -81,7 +82,7 @@ def plot_slot_attention(
 def text_slot_attention(text: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """SPARO attention ``B × L × N`` of a CLIP text tower over token ids ``B × N`` (zero after end of text)."""
     if getattr(text, "sparo", None) is None:
-        raise ValueError("text slot attention needs a SPARO text tower (clip.text_readout: sparo)")
+        raise UsageError("text slot attention needs a SPARO text tower (clip.text_readout: sparo)")
     _, attn = text.readout(tokens, text.forward_tokens(tokens), return_attn=True)
     return attn.float()
 
@@ -153,13 +154,13 @@ def load_images(items: Sequence[str | int], size: int, mean: Sequence[float], st
     for item in items:
         if world is not None and (isinstance(item, int) or str(item).isdigit()):
             if not 0 <= int(item) < world.split_size("test"):
-                raise IndexError(f"scene index {item} is outside the test split's 0..{world.split_size('test') - 1}")
+                raise UsageError(f"scene index {item} is outside the test split's 0..{world.split_size('test') - 1}")
             picture = world.image(world.scene("test", int(item)))
         elif isinstance(item, int) or str(item).isdigit():
             if test_set is None:
                 test_set = FashionMNIST(fashion_mnist_root or DEFAULT_FASHION_MNIST_ROOT, "test")
             if not 0 <= int(item) < len(test_set):
-                raise IndexError(f"Fashion-MNIST test index {item} is outside 0..{len(test_set) - 1}")
+                raise UsageError(f"Fashion-MNIST test index {item} is outside 0..{len(test_set) - 1}")
             picture = test_set[int(item)][0]
         else:
             if not Path(item).is_file():
@@ -216,7 +217,7 @@ def visualize_checkpoint(
     result: dict[str, Any] = {"image_png": str(output), "slots": shown}
     if caption is not None:
         if text is None:
-            raise ValueError(f"--caption needs a CLIP checkpoint; {checkpoint} was trained with mode {mode!r}")
+            raise UsageError(f"--caption needs a CLIP checkpoint; {checkpoint} was trained with mode {mode!r}")
         text_png = output.with_name(output.stem + "_text.png")
         result["text_slots"] = plot_text_attention(text, tokenizer, caption, text_png, slots=slots, num_slots=num_slots)
         result["text_png"] = str(text_png)

@@ -1,5 +1,8 @@
-"""Shared test set-up: one intra-op thread, GPU tests skipped without CUDA, the tiny training config."""
+"""Shared test set-up: one intra-op thread, GPU tests skipped without CUDA, the tiny training config,
+and the helpers many tests share (:func:`tiny_config`, :func:`read_log`)."""
 
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +40,27 @@ TINY_CLIP_TRAINING = [
     "optim.epochs=3", "optim.warmup_epochs=0", "optim.lr=0.008", "optim.clip_grad=0.0",
     "optim.weight_decay=0.0", "optim.weight_decay_end=0.0", "log_every=1",
 ]
+
+
+def tiny_config(*overrides, base=TINY_TRAINING):
+    """The tiny training config (``base``, TINY_TRAINING by default) with ``overrides`` (``key.sub=value``)."""
+    from dino_sparo.config import load_config  # noqa: PLC0415
+
+    return load_config(None, [*base, *overrides])
+
+
+def read_log(output_dir) -> list:
+    """The rows of a run's ``log.jsonl`` (none when it has not been written yet)."""
+    path = Path(output_dir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def program_exit(capsys, main, argv) -> tuple:
+    """Run a program's ``main(argv)`` that must stop: its exit status and the last line of its stderr."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return stop.value.code, lines[-1] if lines else ""
 
 
 def pytest_configure(config):

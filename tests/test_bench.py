@@ -31,7 +31,7 @@ def numbers(tree, path=""):
 
 def test_bench_writes_positive_finite_figures(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    main(TINY + ["--steps", "2", "--warmup", "1", "--json", str(out)])
+    main(TINY + ["--steps", "2", "--warmup", "1", "--output-json", str(out)])
     figures = json.loads(out.read_text())
     for kind in ("ours", "reference"):
         for key in ("images_per_s", "step_s", "peak_mem_mb", "flops_per_step", "flops_per_s",
@@ -57,7 +57,7 @@ def test_bench_writes_positive_finite_figures(tmp_path, capsys):
 def test_reference_can_run_at_its_own_precision(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(TINY + ["--steps", "1", "--warmup", "1", "--precision", "bf16", "--reference-precision", "fp32",
-                 "--json", str(out)])
+                 "--output-json", str(out)])
     figures = json.loads(out.read_text())
     assert figures["environment"]["precision"] == "bfloat16"
     assert figures["environment"]["reference_precision"] == "fp32"
@@ -95,11 +95,13 @@ def test_flops_are_counted_per_image_and_include_attention():
     assert ref == teacher + 3 * student - 2 * patch(tokens_g) - 2 * patch(tokens_l)
 
 
-def test_bench_refuses_bad_options():
-    with pytest.raises(SystemExit, match="--local-size 10 is not a multiple of --patch-size 4"):
-        main(TINY + ["--local-size", "10"])
-    with pytest.raises(SystemExit, match="--warmup must be at least 1"):
-        main(TINY + ["--warmup", "0"])
+def test_bench_refuses_bad_options(capsys):
+    from conftest import program_exit
+
+    assert program_exit(capsys, main, TINY + ["--local-size", "10"]) == (
+        2, "dino-sparo-bench: error: --local-size 10 is not a multiple of --patch-size 4")
+    code, line = program_exit(capsys, main, TINY + ["--warmup", "0"])
+    assert code == 2 and "--warmup must be at least 1" in line
 
 
 def test_reference_step_learns_and_clips_like_dino():

@@ -19,3 +19,15 @@ def test_bench_rows_hold_every_backend_with_the_same_neighbours_and_a_ratio_to_t
         assert 0.25 < row["top1"] <= 1.0  # the clusters give the vote signal (chance: 0.25)
     table = format_table(rows)
     assert all(b in table for b in backends) and "÷ one-shot" in table
+
+
+def test_a_backend_that_cannot_run_here_keeps_the_measured_rows(tmp_path):
+    """faiss-gpu on a machine without a GPU (or without faiss): its row says why, the others are measured."""
+    missing = next(b for b in ("faiss-gpu", "faiss-cpu") if b not in available_backends())
+    rows = run_bench([16], [missing, "torch", "torch-oneshot"], num_train=300, num_test=30, num_classes=3, k=5,
+                     temperature=0.07, dtype="fp32", noise=1.0, threads=1, seed=0, folder=str(tmp_path))
+    assert [r["backend"] for r in rows] == [missing, "torch", "torch-oneshot"]
+    assert "error" in rows[0] and "available" in rows[0]["error"]
+    for row in rows[1:]:  # compared with the first backend that ran
+        assert "error" not in row and row["same_neighbours_as_torch"] == 1.0 and row["vs_one_shot"] > 0
+    assert "not measured" in format_table(rows)

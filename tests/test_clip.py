@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dino_sparo import SPARO
-from dino_sparo.config import load_config
 from dino_sparo.data.captions import CaptionTable, FashionMNISTCaptions, TarShardCaptions
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.cli import zeroshot as zeroshot_cli
@@ -30,7 +29,7 @@ from dino_sparo.models.clip import baseline_config, build_clip_model
 from dino_sparo.models.text import EOT_TOKEN_ID, SOT_TOKEN_ID, TextTransformer, Tokenizer
 from dino_sparo.models.vit import count_parameters
 
-from conftest import TINY_CLIP_TRAINING
+from conftest import TINY_CLIP_TRAINING, tiny_config
 
 HAS_FASHION = Path(DEFAULT_FASHION_MNIST_ROOT).exists()
 needs_fashion = pytest.mark.skipif(not HAS_FASHION, reason="Fashion-MNIST not installed (make data)")
@@ -39,7 +38,7 @@ TINY = TINY_CLIP_TRAINING
 
 
 def tiny(*extra):
-    return load_config(None, TINY + list(extra))
+    return tiny_config(*extra, base=TINY)
 
 
 def tiny_text(readout="sparo", vocab=64, eot=63):
@@ -419,7 +418,7 @@ def test_clip_mode_trains_resumes_and_beats_chance_at_zero_shot(tmp_path):
 
     args = zeroshot_cli.build_parser().parse_args([
         "--checkpoint", str(out / "checkpoint.pth"), "--limit", "500", "--slot-selection", "--selection-size", "100",
-        "--num-workers", "0", "--output", str(tmp_path / "z.json")])
+        "--num-workers", "0", "--output-json", str(tmp_path / "z.json")])
     result = zeroshot_cli.run(args)
     saved = json.loads((tmp_path / "z.json").read_text())
     assert saved["zeroshot"]["num_images"] == 500 and saved["zeroshot"]["top1"] == result["zeroshot"]["top1"]

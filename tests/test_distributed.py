@@ -1,7 +1,6 @@
 """Launcher variables read without a cluster; two gloo processes (torchrun) train as one process
 with the same global batch does, write one set of files, and stop and resume exactly."""
 
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from dino_sparo.config import load_config
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.distributed import DistInfo, env_info, expand_nodelist, first_host, port_for_job
 
-from conftest import TINY_TRAINING
+from conftest import TINY_TRAINING, read_log
 
 # --------------------------------------------------------------------------------------------
 # Variables of torchrun and SLURM
@@ -163,10 +162,6 @@ def torchrun(output_dir: Path, *extra: str, wait: bool = True):
         out, _ = process.communicate(timeout=240)
         assert process.returncode == 0, out[-4000:]
     return process
-
-
-def read_log(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
 
 
 def assert_states(a: dict, b: dict, atol: float) -> None:

@@ -1,6 +1,5 @@
 """k-NN during training (``eval.knn_every``): logged rows, no effect on the training itself."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +8,12 @@ import torch
 from PIL import Image
 
 from dino_sparo.checkpoint import load_checkpoint
-from dino_sparo.config import load_config
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods.dino import DinoMethod
 from dino_sparo.train import train
 
-from conftest import TINY_TRAINING
+from conftest import TINY_TRAINING, read_log, tiny_config
 
 pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
                                 reason="Fashion-MNIST not installed (make data)")
@@ -27,11 +25,7 @@ TINY = [
 
 
 def tiny(path, *extra):
-    return load_config(None, TINY + [f"output_dir={path}"] + list(extra))
-
-
-def read_log(path):
-    return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+    return tiny_config(f"output_dir={path}", *extra, base=TINY)
 
 
 def test_knn_rows_are_logged_every_epoch_and_training_is_unchanged(tmp_path):

@@ -121,3 +121,34 @@ def test_the_checks_see_the_package():
     assert "dino_sparo.evaluation.knn" in MODULES and "dino_sparo.cli.knn" in MODULES
     assert "dino_sparo.evaluation.knn_search" in GRAPH["dino_sparo.evaluation.knn"]
     assert "dino_sparo.sparo" in GRAPH["dino_sparo.models.vit"]
+
+
+def test_transforms_all_lists_what_the_module_defines():
+    """``data.transforms.__all__``: every public name the module defines, nothing else."""
+    from dino_sparo.data import transforms
+
+    tree = TREES["dino_sparo.data.transforms"]
+    defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
+                if isinstance(target, ast.Name) and target.id != "__all__"}
+    assert sorted(transforms.__all__) == sorted(name for name in defined if not name.startswith("_"))
+
+
+def test_methods_are_imported_by_name_not_looked_up_by_string():
+    """methods/__init__.py builds its registry from imports (no importlib look-up by a dotted string)."""
+    assert "importlib" not in MODULES["dino_sparo.methods"].read_text()
+    from dino_sparo.methods import METHODS
+    from dino_sparo.methods.clip import ClipMethod
+    from dino_sparo.methods.dino import DinoMethod
+
+    assert METHODS == {"dino": DinoMethod, "clip": ClipMethod}
+
+
+def test_no_evaluation_function_takes_more_than_14_parameters():
+    """Protocols take option objects (evaluation.options) rather than long parameter lists."""
+    long = [f"{name}.{node.name}: {count}" for name, tree in TREES.items() if unit(name) == "evaluation"
+            for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+            for count in [len(node.args.args) + len(node.args.kwonlyargs) + len(node.args.posonlyargs)
+                          - (1 if node.args.args and node.args.args[0].arg in ("self", "cls") else 0)]
+            if count > 14]
+    assert long == []

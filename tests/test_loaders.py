@@ -45,7 +45,7 @@ def test_training_stops_on_a_corrupt_image_naming_it(folder_with_a_corrupt_image
                 f"data.path={folder_with_a_corrupt_image}", "data.batch_size_per_gpu=4", f"data.num_workers={workers}",
                 "optim.epochs=1", "optim.warmup_epochs=0", f"output_dir={tmp_path}"])
     assert done.returncode == 1, done.stderr[-3000:]
-    error = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    error = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and str(folder_with_a_corrupt_image / CORRUPT) in error[0], done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert str(folder_with_a_corrupt_image / CORRUPT) in (tmp_path / "train.log").read_text()

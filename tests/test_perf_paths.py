@@ -12,12 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_sparo.config import load_config
 from dino_sparo.methods.dino import DinoMethod
 from dino_sparo.models.vit import drop_path_per_image, vit
 from dino_sparo.train import apply_speed_options, build_optimizer, clip_gradients, train_step
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, tiny_config
 
 TINY = [
     *TINY_MODEL, "model.depth=3", "model.embed_dim=48", "model.img_size=16", "model.attn_backend=sdpa",
@@ -27,7 +26,7 @@ TINY = [
 
 
 def tiny_cfg(*extra):
-    return load_config(None, TINY + list(extra))
+    return tiny_config(*extra, base=TINY)
 
 
 def make_crops(cfg, batch=4, device="cpu", seed=0):

@@ -20,7 +20,7 @@ from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.cli.submit import ENTRY_POINTS, build_parser, main, plan_submission
 from dino_sparo.submit import EntryPointJob
 
-from conftest import TINY_TRAINING
+from conftest import TINY_TRAINING, program_exit, read_log
 
 needs_data = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
                                 reason="Fashion-MNIST not installed (make data)")
@@ -30,11 +30,6 @@ TINY = [
     "optim.warmup_epochs=1", "optim.lr=0.004",
 ]  # 6 steps per epoch, 12 steps
 LOCAL = ["--cluster", "local", "--gpus-per-node", "0", "--timeout-min", "20"]  # 20 min: a signal is a preemption
-
-
-def read_log(output_dir: Path) -> list[dict]:
-    path = output_dir / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def submit_local(output_dir: Path) -> str:
@@ -190,8 +185,8 @@ def test_cli_refuses_bad_requests(tmp_path, capsys):
         (["--job", "knn", "--config", "x.yaml", "--", "--checkpoint", "c.pth"], "--config is for training"),
     ]
     for argv, message in bad:
-        assert main(argv) == 2
-        assert message in capsys.readouterr().err, argv
+        code, last = program_exit(capsys, main, argv)
+        assert code == 2 and message in last and last.startswith("dino-sparo-submit: error: "), argv
 
 
 def test_evaluation_jobs_pass_their_arguments_through(tmp_path):

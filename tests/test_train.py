@@ -1,6 +1,7 @@
 """The training program end to end on a tiny config: learning, exact resume, clean failures."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from dino_sparo.cli.train import main
 from dino_sparo.data.samplers import ResumableSampler
 from dino_sparo.train import NonFiniteLossError, train
 
-from conftest import TINY_TRAINING
+from conftest import TINY_TRAINING, read_log, tiny_config
 
 pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).exists(),
                                 reason="Fashion-MNIST not installed (make data)")
@@ -26,11 +27,7 @@ TINY = [
 
 
 def tiny(tmp_path, *extra):
-    return load_config(None, TINY + [f"output_dir={tmp_path}"] + list(extra))
-
-
-def read_log(path):
-    return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+    return tiny_config(f"output_dir={tmp_path}", *extra, base=TINY)
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
@@ -100,8 +97,12 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path, monk
         return (loss * float("nan") if step == 10 else loss), stats
 
     monkeypatch.setattr(DinoMethod, "loss", poisoned)
-    with pytest.raises(NonFiniteLossError, match="step 10"):
+    with pytest.raises(NonFiniteLossError) as stop:
         train(tiny(tmp_path))
+    # one step numbering (issue 22, defect 6): the 11th step is log.jsonl's step 11, as the bar and checkpoints count
+    rows = read_log(tmp_path)
+    assert [row["step"] for row in rows] == list(range(1, 11)) and all(math.isfinite(r["loss"]) for r in rows)
+    assert "non-finite loss at step 11 (epoch 1)" in str(stop.value)
     assert load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 8  # the end of epoch 0, untouched
 
 
@@ -120,9 +121,12 @@ def test_cli_refuses_bad_keys_and_missing_data(tmp_path, capsys):
         main(TINY + [f"output_dir={tmp_path}", "optim.learning_rate=0.1"])
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: unknown config key 'optim.learning_rate'") and "\n" not in err
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    assert err.startswith("dino-sparo-train: error: unknown config key 'optim.learning_rate'") and "\n" not in err
+    with pytest.raises(SystemExit) as stopped:  # a missing data path is a configuration error (issue 22, defect 5)
         main(TINY + [f"output_dir={tmp_path}", f"data.path={tmp_path / 'nowhere'}"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stopped.value.code == 2 and "config key 'data.path'" in last and "nowhere" in last
+    assert last in (tmp_path / "train.log").read_text()
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "key.sub=value" in capsys.readouterr().out
@@ -153,16 +157,34 @@ def test_a_config_error_is_one_line_on_stderr_and_in_train_log_with_exit_2(tmp_p
     assert done.returncode == 2, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and f"config key '{key}'" in lines[0], done.stderr[-3000:]
-    assert lines[0].split(" ERROR ", 1)[1] in (tmp_path / "train.log").read_text()
+    assert lines[0].startswith("dino-sparo-train: error: ") and lines[0] in (tmp_path / "train.log").read_text()
     assert not (tmp_path / "checkpoint.pth").exists()
 
 
-def test_user_errors_are_told_from_bugs():
-    from dino_sparo.cli.train import is_user_error
-    assert is_user_error(ConfigError("anything"))
-    assert is_user_error(ValueError("config key 'precision': fp16 needs a GPU"))
-    assert not is_user_error(ValueError("operands could not be broadcast together"))
-    assert not is_user_error(ZeroDivisionError("division by zero"))
+def test_user_errors_are_told_from_bugs_by_type_not_text(capsys):
+    from dino_sparo.cli.common import run_program
+    from dino_sparo.errors import CheckpointError, UsageError
+
+    def fails(exc):
+        def run():
+            raise exc
+        return run
+
+    cases = [(ConfigError("anything"), 2), (UsageError("--x must be > 0"), 2), (FileNotFoundError("no such file"), 2),
+             (ValueError("config key 'precision' in the text decides nothing"), 1),  # a bug: its traceback
+             (ZeroDivisionError("division by zero"), 1), (CheckpointError("checkpoint x cannot be read"), 1),
+             (NonFiniteLossError("non-finite loss at step 3"), 1)]
+    for exc, code in cases:
+        with pytest.raises(SystemExit) as stop:
+            run_program("prog", fails(exc))
+        err = capsys.readouterr().err
+        assert stop.value.code == code, exc
+        assert ("Traceback" in err) == (type(exc) in (ValueError, ZeroDivisionError)), err
+        assert err.strip().splitlines()[-1].startswith("prog: ") and str(exc) in err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as stop:
+        run_program("prog", lambda: {"stopped_by": ["SIGTERM"]})
+    assert stop.value.code == 143
+    assert run_program("prog", lambda: {"loss": 1.0}) == {"loss": 1.0}
 
 
 def test_resume_refuses_another_architecture_naming_the_keys(tmp_path):
@@ -387,6 +409,6 @@ def test_tensorboard_missing_is_one_line_naming_the_key(tmp_path):
     done = subprocess.run([sys.executable, "-c", blocked, *TINY, "max_steps=1", "log.tensorboard=true",
                            f"output_dir={tmp_path}"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "config key 'log.tensorboard' needs the tensorboard package" in errors[0]
     assert "Traceback" not in done.stderr

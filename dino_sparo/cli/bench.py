@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from dino_sparo.bench import ARCH_CHOICES, format_report, run_benchmark
+from dino_sparo.cli.common import add_output_json, run_program
+from dino_sparo.runtime import NATIVE_BF16_CPU_FLAGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "reference step written as DINO v1's code, on identical data and threads, at the same "
                     "precision unless --reference-precision says otherwise.",
         epilog="Example (the CPU figure of BENCHMARKS.md):\n  dino-sparo-bench --arch vit_small --patch-size 16 "
-               "--batch 16 --global-crops 2 --local-crops 6 --steps 5 --warmup 2 --json bench.json",
+               "--batch 16 --global-crops 2 --local-crops 6 --steps 5 --warmup 2 --output-json bench.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--arch", default="vit_small", choices=ARCH_CHOICES, help="ViT size")
@@ -33,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (more with --compile)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="autocast dtype of both steps; auto = bf16 on GPU, fp32 on CPU")
+                        help="autocast dtype of both steps; auto = bf16 on a GPU and on a CPU with native bf16 "
+                             f"({' or '.join(NATIVE_BF16_CPU_FLAGS)}), fp32 on other CPUs (as training's "
+                             "precision: auto)")
     parser.add_argument("--reference-precision", default="same", choices=["same", "fp32", "bf16", "fp16"],
                         help="the reference step's autocast dtype (same: --precision's). DINO v1's autocast "
                              "is CUDA-only, so on CPU its code runs fp32 whatever ours uses")
@@ -49,17 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the crops")
     parser.add_argument("--matmul-size", type=int, default=0,
                         help="side of the square matmul timed for the peak (0: 8192 on GPU, 2048 on CPU)")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    add_output_json(parser, help="also write the figures here as JSON (atomically)")
+    parser.add_argument("--json", dest="output_json", help=argparse.SUPPRESS)  # the former name
     return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``main`` does with parsed options: measure, print the report; returns the figures."""
+    figures = run_benchmark(args, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_report(figures))
+    return figures
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        figures = run_benchmark(args, log=lambda line: print(line, file=sys.stderr, flush=True))
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    print(format_report(figures))
+    run_program("dino-sparo-bench", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 from typing import Any, Optional
 
+from dino_sparo.cli.common import add_output_json, parse_int_list, run_program, save_output_json
 from dino_sparo.evaluation.bench_knn import DEFAULT_BACKENDS, DEFAULT_DIMS, format_table, run_bench
 
 
@@ -36,26 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of torch and faiss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tmp", help="folder for the feature files (default: the system's temporary folder)")
-    parser.add_argument("--json", help="also write the rows as JSON to this file ('-' for standard output)")
+    add_output_json(parser, help="also write the rows as JSON to this file, atomically ('-': standard output, "
+                                 "instead of the table)")
+    parser.add_argument("--json", dest="output_json", help=argparse.SUPPRESS)  # the former name
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    args = build_parser().parse_args(argv)
-    dims = [int(d) for d in args.dims.split(",") if d]
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """What ``main`` does with parsed options: measure, print the table, write the JSON."""
+    dims = parse_int_list(args.dims, "--dims")
     backends = [b for b in args.backends.split(",") if b]
     rows = run_bench(dims, backends, args.num_train, args.num_test, args.num_classes, args.k, args.temperature,
                      args.dtype, args.noise, args.threads, args.seed, args.tmp, args.repeats)
-    if args.json == "-":
+    if args.output_json == "-":
         print(json.dumps(rows, indent=2))
     else:
         print(f"k-NN search + vote: {args.num_train} train × {args.num_test} test features, k={args.k}, "
               f"{args.threads} thread(s), {args.repeats} run(s) each; ÷ one-shot: the median over the fastest "
               "one-shot reference's median; memory is the growth from the moment the features are opened")
         print(format_table(rows))
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        save_output_json(rows, args.output_json)
     return rows
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    args = build_parser().parse_args(argv)
+    return run_program("bench_knn", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Optional
 
-from dino_sparo.cli.common import HelpFormatter
+from dino_sparo.cli.common import HelpFormatter, run_program
 from dino_sparo.runtime import setup_logging
 
 
@@ -38,23 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    from dino_sparo.clip_study import format_summary, run_study, write_summary  # noqa: PLC0415
-
     args = build_parser().parse_args(argv)
     setup_logging()
+    return run_program("python tools/clip_study.py", lambda: run(args))
+
+
+def run(args: Any) -> dict[str, Any]:
+    """What ``main`` does with parsed options; a stopped run's payload has ``stopped_by`` (no summary)."""
+    from dino_sparo.clip_study import format_summary, run_study, write_summary  # noqa: PLC0415
+
     if args.summary_only:
         payload = write_summary(Path(args.results_dir), args.config)
     else:
         import torch  # noqa: PLC0415
 
-        from dino_sparo.train import stopped_exit_code  # noqa: PLC0415
-
         if args.threads:
             torch.set_num_threads(args.threads)
         payload = run_study(args.config, args.seeds, args.results_dir, args.output_dir, args.arms, args.overrides,
                             args.count, args.device)
-        if "stopped_by" in payload:  # no JSON for the stopped run; the exit code says which signal
-            raise SystemExit(stopped_exit_code(payload["stopped_by"]))
+        if "stopped_by" in payload:  # no JSON for the stopped run; the exit status says which signal
+            return payload
     print(format_summary(payload["arms"], payload.get("text_only")))
     return payload
 

@@ -10,9 +10,8 @@ from typing import Optional
 
 import torch
 
-from dino_sparo.config import ConfigError
+from dino_sparo.cli.common import run_program
 from dino_sparo.demo import DEMO_CONFIG, format_demo, run_demo
-from dino_sparo.train import stopped_exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,19 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> dict:
+    """What ``main`` does with parsed options: train, evaluate, print the table (not when stopped)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    try:
-        summary = run_demo(args.config, overrides)
-    except (FileNotFoundError, ConfigError) as exc:
-        raise SystemExit(str(exc)) from None
-    if "stopped_by" in summary:
-        raise SystemExit(stopped_exit_code(summary["stopped_by"]))
-    print(format_demo(summary))
+    summary = run_demo(args.config, overrides)
+    if "stopped_by" not in summary:
+        print(format_demo(summary))
     return summary
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    return run_program("dino-sparo-demo", lambda: run(args))
 
 
 if __name__ == "__main__":

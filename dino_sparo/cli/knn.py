@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  dino-sparo-knn --checkpoint output/demo_fashion_mnist/checkpoint.pth\n"
                "  dino-sparo-knn --checkpoint CKPT --baseline init --ks 20\n"
                "  dino-sparo-knn --baseline pixels --dataset fashion_mnist\n"
+               "  dino-sparo-knn --weights dino_deitsmall16_pretrain.pth --dataset imagefolder --data-path DATA\n"
                "  dino-sparo-knn --checkpoint CKPT --dataset imagefolder --data-path /data/imagenet --fp16-features\n"
                "  dino-sparo-knn --checkpoint CKPT --select-slots --per-slot --output-json knn.json\n"
                "  dino-sparo-knn --checkpoint CKPT --slots-file knn.json   # the slots selected above\n"

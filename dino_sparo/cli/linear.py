@@ -15,6 +15,7 @@ from dino_sparo.cli.common import (
     slots_from_args,
     start_evaluation,
 )
+from dino_sparo.errors import UsageError
 from dino_sparo.evaluation.api import evaluate_inputs
 from dino_sparo.evaluation.feature_kinds import resolve_spec
 from dino_sparo.evaluation.linear import DEFAULT_LRS, SWEEP_LRS, format_linear_table
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  dino-sparo-linear --checkpoint CKPT --lrs sweep --epochs 50 --output-json linear.json\n"
                "  dino-sparo-linear --checkpoint CKPT --slots-file knn.json   # slots chosen by dino-sparo-knn\n"
                "  dino-sparo-linear --baseline pixels --dataset fashion_mnist --lrs 0.001,0.01,0.1\n"
+               "  dino-sparo-linear --weights vit_small_patch16_224.safetensors --dataset imagefolder "
+               "--data-path DATA\n"
                "  torchrun --nproc_per_node 8 -m dino_sparo.cli.linear --checkpoint CKPT "
                "--dataset imagefolder --data-path /data/imagenet --augment",
         formatter_class=HelpFormatter,
@@ -71,10 +74,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wds = parse_float_list(args.weight_decays, "--weight-decays")
     crop_scale = parse_float_list(args.crop_scale, "--crop-scale")
     if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-        raise ValueError(f"--crop-scale must be two numbers 0 < low <= high <= 1, got {args.crop_scale!r}")
+        raise UsageError(f"--crop-scale must be two numbers 0 < low <= high <= 1, got {args.crop_scale!r}")
     slots = slots_from_args(args)
     if args.epochs < 1 or args.probe_batch_size < 1:
-        raise ValueError(f"--epochs and --probe-batch-size must be >= 1, got {args.epochs}, {args.probe_batch_size}")
+        raise UsageError(f"--epochs and --probe-batch-size must be >= 1, got {args.epochs}, {args.probe_batch_size}")
     inputs = start_evaluation(args)
     spec = resolve_spec(args.features, inputs.source.backbone, grayscale=inputs.data.grayscale,
                         n_last_blocks=args.n_last_blocks, avgpool=args.avgpool)

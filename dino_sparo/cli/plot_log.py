@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
+from dino_sparo.cli.common import run_program
 from dino_sparo.plots import plot_training_logs
 
 
@@ -19,6 +20,10 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
     parser.add_argument("--title", default="", help="figure title")
     parser.add_argument("--output", default="training_curves.png", help="PNG to write")
     args = parser.parse_args(argv)
-    drawn = plot_training_logs(args.logs, args.output, labels=args.labels, metrics=args.metrics, title=args.title)
-    print(f"{args.output}: {', '.join(drawn)}")
-    return drawn
+
+    def run() -> list[str]:
+        drawn = plot_training_logs(args.logs, args.output, labels=args.labels, metrics=args.metrics, title=args.title)
+        print(f"{args.output}: {', '.join(drawn)}")
+        return drawn
+
+    return run_program("python tools/plot_log.py", run)

@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from dino_sparo.cli.common import HelpFormatter, run_program
+from dino_sparo.cli.common import HelpFormatter, add_output_json, run_program, save_output_json
+from dino_sparo.errors import UsageError
 from dino_sparo.runtime import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -70,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="seeds the selection split")
     evaluate.add_argument("--no-text-baseline", action="store_true", help="skip the bag-of-words text-only row")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
-    evaluate.add_argument("--output-json", help="write the result here (default: scenes_eval.json beside the "
-                                                "checkpoint)")
+    add_output_json(evaluate, help="write the result here as JSON (default: scenes_eval.json beside the checkpoint)")
     bench = commands.add_parser("bench", formatter_class=HelpFormatter, help="scenes per second on one core",
                                 description="Scenes per second on one core: the graph, with its picture, with a "
                                             "PIL image and a caption, and a whole CLIP training sample (the "
@@ -87,7 +87,7 @@ def world_from_args(args: argparse.Namespace) -> Any:
 
     bad = [o for o in args.overrides if not o.startswith("data.scenes.")]
     if bad:
-        raise ValueError(f"only data.scenes.KEY=VALUE changes the world, got {bad[0]!r}")
+        raise UsageError(f"only data.scenes.KEY=VALUE changes the world, got {bad[0]!r}")
     return world_of(load_config(args.config, list(args.overrides)).data.scenes)
 
 
@@ -97,7 +97,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from dino_sparo.runtime import resolve_device  # noqa: PLC0415
 
     if args.count < 2:
-        raise ValueError(f"--count must be at least 2, got {args.count}")
+        raise UsageError(f"--count must be at least 2, got {args.count}")
     device = resolve_device(args.device, key="--device")
     run = load_scene_run(args.checkpoint, device)
     world = run["world"]
@@ -108,10 +108,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     result["text_only"] = baseline
     result["checkpoint"] = str(args.checkpoint)
     print(format_scene_table({"trained": result}, baseline))
-    output = Path(args.output_json) if args.output_json else Path(args.checkpoint).with_name("scenes_eval.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
-    logger.info("wrote %s", output)
+    save_output_json(result, args.output_json or str(Path(args.checkpoint).with_name("scenes_eval.json")))
     return result
 
 
@@ -123,9 +120,9 @@ def run(args: argparse.Namespace) -> Any:
         return run_evaluate(args)
     world = world_from_args(args)
     if args.count < 1:
-        raise ValueError(f"--count must be at least 1, got {args.count}")
+        raise UsageError(f"--count must be at least 1, got {args.count}")
     if args.split == "heldout" and not world.heldout:
-        raise ValueError("--split heldout needs withheld pairs: add data.scenes.heldout_pairs=N (N >= 1)")
+        raise UsageError("--split heldout needs withheld pairs: add data.scenes.heldout_pairs=N (N >= 1)")
     if args.command == "export":
         summary = export_scenes(world, args.out, args.count, args.split)
         if args.grid:
@@ -152,10 +149,10 @@ def run(args: argparse.Namespace) -> Any:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """The console script: exit status 0 on success; a user's mistake is one line on stderr, status 1."""
+    """The console script (exit statuses: :func:`~dino_sparo.cli.common.run_program`)."""
     args = build_parser().parse_args(argv)
     setup_logging()
-    run_program("dino-sparo-scenes", lambda: run(args), errors=(ValueError, FileNotFoundError, KeyError))
+    run_program("dino-sparo-scenes", lambda: run(args))
 
 
 if __name__ == "__main__":

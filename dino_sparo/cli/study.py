@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Optional
 
+from dino_sparo.cli.common import run_program
 from dino_sparo.runtime import setup_logging
 from dino_sparo.study import ARMS, BUDGETS, format_summary, run_study, write_summary
 
@@ -36,18 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     setup_logging()
+    return run_program("python tools/study.py", lambda: run(args))
+
+
+def run(args: Any) -> dict[str, Any]:
+    """What ``main`` does with parsed options; a stopped run's payload has ``stopped_by`` (no summary)."""
     if args.summary_only:
         payload = write_summary(Path(args.results_dir) / args.budget, args.budget, args.config)
     else:
         import torch  # noqa: PLC0415
 
-        from dino_sparo.train import stopped_exit_code  # noqa: PLC0415
-
         torch.set_num_threads(args.threads)
         payload = run_study(args.config, args.seeds, args.budget, args.results_dir, args.output_dir, args.arms,
                             args.device, baselines=args.baselines)
-        if "stopped_by" in payload:  # no JSON for the stopped run; the exit code says which signal
-            raise SystemExit(stopped_exit_code(payload["stopped_by"]))
+        if "stopped_by" in payload:  # no JSON for the stopped run; the exit status says which signal
+            return payload
     print(format_summary(payload["arms"]))
     for name, entry in payload["baselines"].items():
         print(f"{name}: k-NN top-1 {100 * entry['knn_top1']:.2f}, linear top-1 {100 * entry['linear_top1']:.2f}")

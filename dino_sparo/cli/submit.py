@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from dino_sparo.cli.common import run_program
+from dino_sparo.errors import Failure, UsageError
 from dino_sparo.submit import Resources, Submission, describe, submit
 
 # Entry points by job name; evaluation entry points take their own command-line arguments.
@@ -102,14 +104,14 @@ def plan_submission(args: argparse.Namespace) -> Submission:
     entry_point = args.entry_point or ENTRY_POINTS[args.job]
     for flag in ("config", "mode", "output_dir"):
         if getattr(args, flag) is not None:
-            raise ValueError(f"--{flag.replace('_', '-')} is for training; pass evaluation arguments after --")
+            raise UsageError(f"--{flag.replace('_', '-')} is for training; pass evaluation arguments after --")
     argv = list(args.args)
     if args.job_dir:
         job_dir = Path(args.job_dir).absolute()
     elif "--checkpoint" in argv[:-1]:
         job_dir = Path(argv[argv.index("--checkpoint") + 1]).absolute().parent / "submitit"
     else:
-        raise ValueError("--job-dir is needed for this job (no --checkpoint argument to put it beside)")
+        raise UsageError("--job-dir is needed for this job (no --checkpoint argument to put it beside)")
     return Submission(entry_point, argv, job_dir)
 
 
@@ -123,24 +125,25 @@ def resources_from_args(args: argparse.Namespace, default_name: str, submission:
         signal_delay_s=args.signal_delay_s, max_num_timeout=args.max_num_timeout)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        submission = plan_submission(args)
-        default_name = "dino-sparo-" + (args.job if args.entry_point is None else "job")
-        job, cluster = submit(submission, args.cluster, resources_from_args(args, default_name, submission))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> None:
+    """What ``main`` does with parsed options: submit, describe the job, wait when asked."""
+    submission = plan_submission(args)
+    default_name = "dino-sparo-" + (args.job if args.entry_point is None else "job")
+    job, cluster = submit(submission, args.cluster, resources_from_args(args, default_name, submission))
     for line in describe(job, submission, cluster):
         print(line, flush=True)
     if args.wait or args.cluster == "debug":  # the debug cluster runs the job when asked for its result
         try:
             results = job.results()
         except Exception as exc:  # the job's own error, as submitit reports it
-            print(f"job {job.job_id} failed: {exc}", file=sys.stderr)
-            return 1
+            raise Failure(f"job {job.job_id} failed: {' '.join(str(exc).split())[-2000:]}") from None
         print(f"job {job.job_id} finished: {results[0]}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The console script (exit statuses: :func:`~dino_sparo.cli.common.run_program`); returns 0."""
+    args = build_parser().parse_args(argv)
+    run_program("dino-sparo-submit", lambda: run(args))
     return 0
 
 

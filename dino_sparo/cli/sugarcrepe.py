@@ -8,9 +8,8 @@ import argparse
 import logging
 from typing import Any, Optional
 
-from dino_sparo.cli.common import HelpFormatter, run_program
-from dino_sparo.data.datasets import CorruptImageError
-from dino_sparo.evaluation.inputs import write_json
+from dino_sparo.cli.common import HelpFormatter, add_output_json, run_program, save_output_json
+from dino_sparo.errors import UsageError
 from dino_sparo.evaluation.sugarcrepe import CATEGORIES, SELECTION_SCOPES, format_table, sugarcrepe_from_checkpoint
 from dino_sparo.runtime import setup_logging
 
@@ -61,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=2, help="image-loading processes (0: load in this process)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where the model runs (auto: the GPU when there is one)")
-    parser.add_argument("--output-json", metavar="PATH",
-                        help="also write the result as JSON here, creating its folders (default: none, only the "
+    add_output_json(parser, help="also write the result as JSON here, creating its folders (default: none, only the "
                              "table on stdout)")
     return parser
 
@@ -71,24 +69,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """What ``main`` does with parsed options: evaluate, print the table, write the JSON; returns the result."""
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     if not categories:
-        raise ValueError(f"--categories must name at least one of {', '.join(CATEGORIES)}, got {args.categories!r}")
+        raise UsageError(f"--categories must name at least one of {', '.join(CATEGORIES)}, got {args.categories!r}")
     result = sugarcrepe_from_checkpoint(
         args.checkpoint, args.data, args.images, categories=categories, per_slot=args.per_slot,
         select_slots=args.select_slots, selection_fraction=args.selection_fraction,
         selection_scope=args.selection_scope, seed=args.seed, max_slots=args.max_slots, batch_size=args.batch_size,
         num_workers=args.num_workers, device=args.device)
     print(format_table(result), flush=True)
-    if args.output_json:
-        logger.info("wrote %s", write_json(args.output_json, result))
+    save_output_json(result, args.output_json)
     return result
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """The console script: exit status 0 on success; a user's mistake is one line on stderr, status 1."""
+    """The console script (exit statuses: :func:`~dino_sparo.cli.common.run_program`)."""
     args = build_parser().parse_args(argv)
     setup_logging()
-    run_program("dino-sparo-sugarcrepe", lambda: run(args),
-                errors=(ValueError, FileNotFoundError, KeyError, CorruptImageError))
+    run_program("dino-sparo-sugarcrepe", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -43,9 +43,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """The console script: exit status 0 on success; a user's mistake is one line on stderr, status 1."""
+    """The console script (exit statuses: :func:`~dino_sparo.cli.common.run_program`)."""
     args = build_parser().parse_args(argv)
-    run_program("dino-sparo-visualize", lambda: run(args), errors=(ValueError, FileNotFoundError, KeyError, IndexError))
+    run_program("dino-sparo-visualize", lambda: run(args))
 
 
 if __name__ == "__main__":

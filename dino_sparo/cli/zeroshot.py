@@ -5,12 +5,12 @@ CLIP-mode checkpoint; prints a table and writes a JSON result (the work is in
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from dino_sparo.cli.common import HelpFormatter, run_program
+from dino_sparo.cli.common import HelpFormatter, add_output_json, run_program, save_output_json
+from dino_sparo.evaluation.options import Extraction
 from dino_sparo.evaluation.zeroshot import format_table, zeroshot_from_checkpoint
 from dino_sparo.runtime import setup_logging
 
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data-loading processes (0: load in this process)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where the model runs (auto: the GPU when there is one)")
-    parser.add_argument("--output", help="JSON result file (default: zeroshot.json beside the checkpoint)")
+    add_output_json(parser, help="write the result here as JSON (default: zeroshot.json beside the checkpoint)")
+    parser.add_argument("--output", dest="output_json", help=argparse.SUPPRESS)  # the former name
     return parser
 
 
@@ -60,20 +61,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.checkpoint, dataset=args.dataset, data_path=args.data_path, split="val" if args.split == "val" else "test",
         limit=args.limit, classnames=args.classnames, templates=args.templates, slot_selection=args.slot_selection,
         selection_size=args.selection_size, retrieval=args.retrieval, max_slots=args.max_slots,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
+        extraction=Extraction(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device))
     print(format_table(result))
-    output = Path(args.output) if args.output else Path(args.checkpoint).with_name("zeroshot.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
-    logger.info("wrote %s", output)
+    save_output_json(result, args.output_json or str(Path(args.checkpoint).with_name("zeroshot.json")))
     return result
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """The console script: exit status 0 on success; a user's mistake is one line on stderr, status 1."""
+    """The console script (exit statuses: :func:`~dino_sparo.cli.common.run_program`)."""
     args = build_parser().parse_args(argv)
     setup_logging()
-    run_program("dino-sparo-zeroshot", lambda: run(args), errors=(ValueError, FileNotFoundError, KeyError, IndexError))
+    run_program("dino-sparo-zeroshot", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from dino_sparo.data.datasets import FashionMNIST
 from dino_sparo.data.transforms import to_rgb
+from dino_sparo.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ class FashionMNISTCaptions(_Captioned):
                  limit: Optional[int] = None) -> None:
         templates = list(templates)
         if not templates or any("{}" not in t for t in templates):
-            raise ValueError(f"config key 'clip.templates' must list templates with a '{{}}' for the class "
+            raise ConfigError(f"config key 'clip.templates' must list templates with a '{{}}' for the class "
                              f"name, got {templates}")
         self.images = FashionMNIST(root, split=split, limit=limit)
         self.transform, self.tokenizer, self.templates = transform, tokenizer, templates
@@ -315,12 +316,12 @@ def build_caption_dataset(cfg: Any, transform: Optional[Callable], tokenizer: Op
         root = clip.train_data or cfg.data.path
         return FashionMNISTCaptions(root, "train", transform, tokenizer, clip.templates, limit=cfg.data.limit)
     if not clip.train_data:
-        raise ValueError(f"config key 'clip.train_data' must name the caption table or the shards for "
+        raise ConfigError(f"config key 'clip.train_data' must name the caption table or the shards for "
                          f"clip.dataset={clip.dataset}")
     if clip.dataset == "table":
         return CaptionTable(clip.train_data, transform, tokenizer, clip.image_column, clip.caption_column)
     if clip.dataset == "webdataset":
         return TarShardCaptions(clip.train_data, transform, tokenizer, clip.shard_image_keys, clip.shard_caption_key,
                                 index_cache=index_cache)
-    raise ValueError(f"config key 'clip.dataset' must be fashion_mnist, table, webdataset or scenes, "
+    raise ConfigError(f"config key 'clip.dataset' must be fashion_mnist, table, webdataset or scenes, "
                      f"got {clip.dataset!r}")

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, Subset
+from dino_sparo.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -492,6 +493,8 @@ _IMAGEFOLDER_SUBDIRS = {"train": ("train",), "val": ("val", "test"), "test": ("t
 
 def _imagefolder_split_root(path: Path, split: str) -> Path:
     """`path/train` or `path/val` when present, else `path` itself (one folder for everything)."""
+    if not path.is_dir():  # said before any word about its sub-folders
+        raise FileNotFoundError(f"image folder not found: {path}")
     for name in _IMAGEFOLDER_SUBDIRS[split]:
         if (path / name).is_dir():
             return path / name
@@ -513,7 +516,7 @@ def build_dataset(data_cfg: Any, split: str, transform: Callable | None = None) 
     corrupt_images = getattr(data_cfg, "corrupt_images", "error")
     is_count = isinstance(limit, (int, np.integer)) and not isinstance(limit, bool)
     if limit is not None and (not is_count or limit < 0):
-        raise ValueError(f"config key 'data.limit' must be a non-negative integer or null, got {limit!r}")
+        raise ConfigError(f"config key 'data.limit' must be a non-negative integer or null, got {limit!r}")
 
     if name == "fashion_mnist":
         root = path if path not in (None, "") else DEFAULT_FASHION_MNIST_ROOT
@@ -528,7 +531,7 @@ def build_dataset(data_cfg: Any, split: str, transform: Callable | None = None) 
                               label=getattr(settings, "label", "shape"), limit=limit)
     elif name == "imagefolder":
         if path in (None, ""):
-            raise ValueError("config key 'data.path' must name the image folder for data.dataset=imagefolder")
+            raise ConfigError("config key 'data.path' must name the image folder for data.dataset=imagefolder")
         root = _imagefolder_split_root(Path(os.path.expanduser(str(path))), split)
         dataset = ImageFolder(root, transform=transform, corrupt_images=corrupt_images, limit=limit)
     else:

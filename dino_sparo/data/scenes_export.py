@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dino_sparo.data.scenes import COLOURS, KINDS, SHAPES, SIZE_WORDS, SceneWorld, benchmark
+from dino_sparo.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def export_scenes(world: SceneWorld, out: str | os.PathLike, count: int, split: 
     from tqdm import tqdm  # noqa: PLC0415
 
     if count < 1:
-        raise ValueError(f"--count must be at least 1, got {count}")
+        raise UsageError(f"--count must be at least 1, got {count}")
     count = min(count, world.split_size(split))
     root = Path(out)
     images = root / "images"

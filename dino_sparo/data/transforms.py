@@ -17,19 +17,29 @@ from PIL import Image, ImageFilter
 from torch.utils.data import default_collate
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+from dino_sparo.errors import ConfigError
 
 if TYPE_CHECKING:
     from dino_sparo.config import TrainConfig
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
-    "RandomGaussianBlur",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "MultiCropTransform",
+    "RandomGaussianBlur",
+    "clip_eval_transform",
+    "clip_train_transform",
+    "eval_image_size",
+    "eval_normalization",
     "eval_transform",
+    "eval_transform_for",
+    "is_clip",
     "multicrop_collate",
+    "normalization_for",
+    "probe_train_transform",
+    "to_rgb",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -312,7 +322,7 @@ def clip_train_transform(size: int, scale: Sequence[float], mean: Sequence[float
     else (open_clip's). No horizontal flip, deliberately: a flipped image makes a caption that says
     "left of" false."""
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"config key 'clip.crop_scale' must be (low, high) with 0 < low <= high <= 1, got {scale}")
+        raise ConfigError(f"config key 'clip.crop_scale' must be (low, high) with 0 < low <= high <= 1, got {scale}")
     return transforms.Compose([
         to_rgb,
         transforms.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),

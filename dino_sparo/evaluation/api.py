@@ -6,18 +6,21 @@ the command-line programs, the demo and the study all come through :func:`evalua
 
 Keyword options that are :class:`~dino_sparo.evaluation.inputs.EvalRequest` fields choose the
 network and data; the rest go to the protocol (:func:`~dino_sparo.evaluation.knn.evaluate_knn`,
-:func:`~dino_sparo.evaluation.linear.evaluate_linear`).
+:func:`~dino_sparo.evaluation.linear.evaluate_linear`) as its option objects (:func:`protocol_options`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional
 
 from dino_sparo.data.transforms import probe_train_transform
+from dino_sparo.errors import UsageError
 from dino_sparo.evaluation.inputs import EvalInputs, EvalRequest, data_for, labelled_result, open_request
 from dino_sparo.evaluation.knn import evaluate_knn
-from dino_sparo.evaluation.linear import evaluate_linear
+from dino_sparo.evaluation.linear import ProbeOptions, evaluate_linear
+from dino_sparo.evaluation.options import Extraction, SlotAnalysis, split_options
 
 PROTOCOLS = ("knn", "linear")
 
@@ -29,20 +32,42 @@ def evaluate_checkpoint(protocol: str, checkpoint: Optional[str | os.PathLike] =
     return evaluate_inputs(protocol, open_request(request), **protocol_options)
 
 
-def evaluate_inputs(protocol: str, inputs: EvalInputs, **options: Any) -> dict[str, Any]:
-    """``protocol`` on an opened request, the result headed by what was evaluated. For the linear
-    probe, ``augment=True`` trains on views of the train split with ``crop_scale`` (default DINO's)."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"evaluation protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    data = inputs.data
-    common = dict(cache_dir=inputs.request.cache_path(), device=inputs.device, num_classes=data.num_classes)
+def protocol_options(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Flat keyword options (as the programs, the demo and the study give them) as the protocol's
+    arguments: :class:`Extraction`, :class:`SlotAnalysis` / :class:`ProbeOptions` and its own numbers.
+    For the linear probe ``batch_size`` is the probe's batch and ``extract_batch_size`` the extraction's."""
+    options = dict(options)
+    if protocol == "linear":
+        extract_batch = options.pop("extract_batch_size", None)
+        probe, options = split_options(ProbeOptions, options)
+        if extract_batch is not None:
+            options["batch_size"] = extract_batch
+    extraction, options = split_options(Extraction, options)
     if protocol == "knn":
-        result = evaluate_knn(inputs.source.backbone, data.train, data.test, **common, **options)
+        slots, options = split_options(SlotAnalysis, options)
+        return {"extraction": extraction, "slots": slots, **options}
+    return {"extraction": extraction, "probe": probe, **options}
+
+
+def evaluate_inputs(protocol: str, inputs: EvalInputs, **options: Any) -> dict[str, Any]:
+    """``protocol`` on an opened request, the result headed by what was evaluated; ``options`` as
+    :func:`protocol_options` reads them. For the linear probe, ``augment=True`` trains on views of
+    the train split with ``crop_scale`` (default DINO's)."""
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"evaluation protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    data = inputs.data
+    arguments = protocol_options(protocol, options)
+    arguments["extraction"] = dataclasses.replace(arguments["extraction"], device=inputs.device,
+                                                  cache_dir=inputs.request.cache_path())
+    if protocol == "knn":
+        result = evaluate_knn(inputs.source.backbone, data.train, data.test, num_classes=data.num_classes,
+                              **arguments)
     else:
-        crop_scale = tuple(options.pop("crop_scale", (0.08, 1.0)))
-        if options.get("augment"):
-            options["augment_dataset"] = augmented_train_split(inputs, crop_scale)
-        result = evaluate_linear(inputs.source.backbone, data.train, data.test, **common, **options)
+        crop_scale = tuple(arguments.pop("crop_scale", (0.08, 1.0)))
+        if arguments.pop("augment", False):
+            arguments["augment_dataset"] = augmented_train_split(inputs, crop_scale)
+        result = evaluate_linear(inputs.source.backbone, data.train, data.test, num_classes=data.num_classes,
+                                 **arguments)
     return labelled_result(result, inputs)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from dino_sparo.errors import UsageError
 
 DEFAULT_DIMS = (384, 4096)
 DEFAULT_BACKENDS = ("faiss-cpu", "torch", "faiss-flat", "torch-oneshot")
@@ -172,14 +173,55 @@ def measure(paths: dict[str, str], backend: str, k: int, temperature: float, num
 # --------------------------------------------------------------------------- the bench (parent)
 
 
+def _run_worker(paths: dict[str, str], backend: str, dim: int, k: int, temperature: float, num_classes: int,
+                threads: int, neighbours_out: Optional[str]) -> dict[str, Any]:
+    """One measurement in a fresh process; a backend that cannot run here (e.g. faiss-gpu without a
+    GPU, faiss without faiss) gives ``{"error": its last line}`` instead of stopping the bench."""
+    spec = json.dumps({"paths": paths, "backend": backend, "k": k, "temperature": temperature,
+                       "num_classes": num_classes, "threads": threads, "neighbours_out": neighbours_out})
+    proc = subprocess.run([sys.executable, "-m", "dino_sparo.evaluation.bench_knn", spec],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or [f"exit {proc.returncode}"]
+        return {"error": lines[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _rows_of_dim(dim: int, dim_dtype: str, runs: dict[str, list[dict[str, Any]]], neighbours: dict[str, np.ndarray],
+                 num_train: int, num_test: int, k: int) -> list[dict[str, Any]]:
+    """One row per backend: the measured ones with their figures, the others with their error."""
+    rows, measured = [], [b for b, r in runs.items() if "error" not in r[0]]
+    reference = measured[0] if measured else None
+    for backend, results in runs.items():
+        row: dict[str, Any] = {"dim": dim, "dtype": dim_dtype, "num_train": num_train, "num_test": num_test, "k": k,
+                               "backend": backend, "one_shot": backend in ONE_SHOT}
+        if "error" in results[0]:
+            rows.append({**row, "error": results[0]["error"]})
+            continue
+        times = [r["seconds"] for r in results]
+        row.update({**results[0], "seconds": min(times), "seconds_median": float(np.median(times)),
+                    "seconds_all": times,
+                    "cpu_seconds_median": float(np.median([r["cpu_seconds"] for r in results]))})
+        del row["cpu_seconds"]
+        row["same_neighbours_as_" + reference] = float((neighbours[backend] == neighbours[reference]).mean())
+        rows.append(row)
+    for key, ratio in (("seconds_median", "vs_one_shot"), ("cpu_seconds_median", "cpu_vs_one_shot")):
+        fastest = min((r[key] for r in rows if r["one_shot"] and "error" not in r), default=None)
+        for row in rows:
+            if "error" not in row:
+                row[ratio] = round(row[key] / fastest, 3) if fastest else None
+    return rows
+
+
 def run_bench(dims: list[int], backends: list[str], num_train: int, num_test: int, num_classes: int,
               k: int, temperature: float, dtype: str, noise: float, threads: int, seed: int,
               folder: Optional[str] = None, repeats: int = 1) -> list[dict[str, Any]]:
     """Every (dim, backend) pair ``repeats`` times, each in its own process, the backends taking
     turns; one row per pair: the fastest and the median wall time, the median CPU time (all
-    threads), their ratios to the fastest one-shot reference's medians, memory of the first run."""
+    threads), their ratios to the fastest one-shot reference's medians, memory of the first run.
+    A backend that cannot run here keeps its row, with ``error`` saying why; the others are measured."""
     if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+        raise UsageError(f"--repeats must be >= 1, got {repeats}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_knn_", dir=folder) as tmp:
         for dim in dims:
@@ -191,34 +233,19 @@ def run_bench(dims: list[int], backends: list[str], num_train: int, num_test: in
             neighbours = {}
             for repeat in range(repeats):
                 for backend in backends:
+                    if runs[backend] and "error" in runs[backend][0]:
+                        continue  # not available here: tried once
                     out = os.path.join(tmp, f"neighbours_{dim}_{backend}.npy")
-                    spec = json.dumps({"paths": paths, "backend": backend, "k": k, "temperature": temperature,
-                                       "num_classes": num_classes, "threads": threads,
-                                       "neighbours_out": out if repeat == 0 else None})
-                    proc = subprocess.run([sys.executable, "-m", "dino_sparo.evaluation.bench_knn", spec],
-                                          capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        raise RuntimeError(f"k-NN bench worker ({backend}, D={dim}) failed:\n{proc.stderr}")
-                    runs[backend].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    result = _run_worker(paths, backend, dim, k, temperature, num_classes, threads,
+                                         out if repeat == 0 else None)
+                    runs[backend].append(result)
+                    if "error" in result:
+                        print(f"D={dim} {backend}: not measured: {result['error']}", file=sys.stderr)
+                        continue
                     if repeat == 0:
                         neighbours[backend] = np.load(out)
-                    print(f"D={dim} {backend} (run {repeat + 1}/{repeats}): {runs[backend][-1]['seconds']} s",
-                          file=sys.stderr)
-            for backend in backends:
-                times = [r["seconds"] for r in runs[backend]]
-                row = {"dim": dim, "dtype": dim_dtype, "num_train": num_train, "num_test": num_test, "k": k,
-                       **runs[backend][0], "seconds": min(times), "seconds_median": float(np.median(times)),
-                       "seconds_all": times,
-                       "cpu_seconds_median": float(np.median([r["cpu_seconds"] for r in runs[backend]])),
-                       "one_shot": backend in ONE_SHOT}
-                del row["cpu_seconds"]
-                row["same_neighbours_as_" + backends[0]] = float((neighbours[backend] == neighbours[backends[0]]).mean())
-                rows.append(row)
-            mine = rows[-len(backends):]
-            for key, ratio in (("seconds_median", "vs_one_shot"), ("cpu_seconds_median", "cpu_vs_one_shot")):
-                fastest = min((r[key] for r in mine if r["one_shot"]), default=None)
-                for row in mine:
-                    row[ratio] = round(row[key] / fastest, 3) if fastest else None
+                    print(f"D={dim} {backend} (run {repeat + 1}/{repeats}): {result['seconds']} s", file=sys.stderr)
+            rows.extend(_rows_of_dim(dim, dim_dtype, runs, neighbours, num_train, num_test, k))
             for name in os.listdir(tmp):  # free the disk before the next dimension
                 os.remove(os.path.join(tmp, name))
     return rows
@@ -230,6 +257,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
            f"{'top-1':>6} {'same nbrs':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['dim']:>5} {r['dtype']:>5} {r['backend']:>13}   not measured: {r['error']}")
+            continue
         same = next(v for key, v in r.items() if key.startswith("same_neighbours_as_"))
         ratios = [f"{r[key]:.2f}" if r.get(key) is not None else "-" for key in ("vs_one_shot", "cpu_vs_one_shot")]
         lines.append(f"{r['dim']:>5} {r['dtype']:>5} {r['backend']:>13} {'no' if r['one_shot'] else 'yes':>7} "

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from dino_sparo.errors import UsageError
 
 FEATURE_KINDS = ("auto", "embedding", "last_blocks", "pixels")
 
@@ -36,9 +37,9 @@ class FeatureSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in FEATURE_KINDS[1:]:
-            raise ValueError(f"feature kind must be one of {FEATURE_KINDS[1:]}, got {self.kind!r}")
+            raise UsageError(f"feature kind must be one of {FEATURE_KINDS[1:]}, got {self.kind!r}")
         if self.kind == "last_blocks" and self.n_last_blocks < 1:
-            raise ValueError(f"n_last_blocks must be >= 1, got {self.n_last_blocks}")
+            raise UsageError(f"n_last_blocks must be >= 1, got {self.n_last_blocks}")
 
     def describe(self) -> str:
         if self.kind == "last_blocks":
@@ -66,7 +67,7 @@ def resolve_spec(kind: str, backbone: Optional[nn.Module], grayscale: bool = Fal
     """Turn a command-line choice into a spec. ``auto`` is ``dino_linear_spec`` (the linear probe's
     choice; k-NN asks for ``embedding``); ``last_blocks`` by name takes 4 blocks unless told."""
     if kind not in FEATURE_KINDS:
-        raise ValueError(f"--features must be one of {FEATURE_KINDS}, got {kind!r}")
+        raise UsageError(f"--features must be one of {FEATURE_KINDS}, got {kind!r}")
     if backbone is None or kind == "pixels":
         return FeatureSpec("pixels", grayscale=grayscale)
     if kind == "embedding":
@@ -79,7 +80,7 @@ def resolve_spec(kind: str, backbone: Optional[nn.Module], grayscale: bool = Fal
         spec = FeatureSpec("last_blocks", n_last_blocks=min(4, len(backbone.blocks)))
     n = spec.n_last_blocks if n_last_blocks is None else n_last_blocks
     if not 1 <= n <= len(backbone.blocks):
-        raise ValueError(f"--n-last-blocks must lie in [1, {len(backbone.blocks)}] for this backbone, got {n}")
+        raise UsageError(f"--n-last-blocks must lie in [1, {len(backbone.blocks)}] for this backbone, got {n}")
     return FeatureSpec("last_blocks", n_last_blocks=n, avgpool=spec.avgpool if avgpool is None else avgpool)
 
 
@@ -109,7 +110,7 @@ def feature_fn(backbone: Optional[nn.Module], spec: FeatureSpec) -> ModelFn:
             return images.flatten(1).float()  # B × C·H·W
         return pixels
     if backbone is None:
-        raise ValueError(f"feature kind {spec.kind!r} needs a backbone")
+        raise UsageError(f"feature kind {spec.kind!r} needs a backbone")
     if spec.kind == "embedding":
         return lambda images: backbone(images)
     return lambda images: last_blocks_features(backbone, images, spec.n_last_blocks, spec.avgpool)

@@ -1,6 +1,7 @@
 """What an evaluation reads, shared by every protocol (k-NN, linear probe) and program: the network
-(a checkpoint's backbone, the same architecture at initialisation, or no network: raw pixels) and the
-labelled train / test splits it is evaluated on, both described by one :class:`EvalRequest`.
+(a checkpoint's backbone, a weights file such as a released timm or DINO backbone, the same
+architecture at initialisation, or no network: raw pixels) and the labelled train / test splits it
+is evaluated on, both described by one :class:`EvalRequest`.
 
 The feature cache of a request sits next to the checkpoint by default (``cache_dir="auto"``); the
 extraction and the cache itself are :mod:`dino_sparo.evaluation.feature_store`'s.
@@ -12,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,10 +22,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dino_sparo.checkpoint import load_run
-from dino_sparo.config import DataConfig, TrainConfig, load_config
+from dino_sparo.config import ARCHS, DataConfig, TrainConfig, load_config
 from dino_sparo.data.datasets import build_dataset
 from dino_sparo.data.transforms import eval_image_size, eval_transform_for, normalization_for
-from dino_sparo.models.build import CHECKPOINT_BACKBONE_PREFIXES, build_backbone, load_backbone_from_checkpoint
+from dino_sparo.errors import UsageError
+from dino_sparo.models.build import (
+    CHECKPOINT_BACKBONE_PREFIXES,
+    build_backbone,
+    load_backbone_from_checkpoint,
+    load_pretrained_file,
+    read_pretrained,
+)
 from dino_sparo.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -45,6 +52,9 @@ class EvalRequest:
 
     checkpoint: Optional[str | os.PathLike] = None
     checkpoint_key: str = "auto"  # teacher of a DINO run, the image tower of a CLIP run
+    weights: Optional[str | os.PathLike] = None  # a weights file instead: timm, DINO's release, DeiT, ours
+    arch: Optional[str] = None  # with weights and no config: the ViT size (default: read from the file)
+    patch_size: Optional[int] = None  # with weights and no config (default: read from the file)
     baseline: Optional[str] = None  # "init" | "pixels": evaluate a reference instead of the trained weights
     config: Optional[str | os.PathLike] = None  # the architecture when there is no checkpoint (baseline init)
     dataset: Optional[str] = None  # default: the checkpoint's
@@ -84,10 +94,11 @@ class EvalRequest:
 class EvalSource:
     """The network an evaluation reads (None for raw pixels) and the run config it belongs to."""
 
-    name: str  # the checkpoint key ("teacher", "student", "model"), "init" or "pixels"
+    name: str  # the checkpoint key ("teacher", "student", "model"), "weights", "init" or "pixels"
     backbone: Optional[nn.Module]
     cfg: Optional[TrainConfig]
     checkpoint: Optional[Path] = None
+    weights: Optional[str] = None  # the weights file loaded (--weights, or model.pretrained of an init)
 
 
 def init_backbone(cfg: TrainConfig, seed: Optional[int] = None) -> nn.Module:
@@ -106,16 +117,27 @@ def load_source(
     baseline: Optional[str] = None,
     config: Optional[str | os.PathLike] = None,
     device: str | torch.device = "cpu",
+    weights: Optional[str | os.PathLike] = None,
+    arch: Optional[str] = None,
+    patch_size: Optional[int] = None,
 ) -> EvalSource:
-    """The backbone stored under ``key`` of ``checkpoint``; or, with ``baseline``, the same
-    architecture at initialisation (``"init"``) or no network at all (``"pixels"``). ``config``
-    (a YAML file) stands in for the checkpoint's config when there is no checkpoint."""
+    """The backbone stored under ``key`` of ``checkpoint``; or the backbone in a ``weights`` file
+    (:func:`load_weights_source`); or, with ``baseline``, the same architecture at initialisation
+    (``"init"``: with ``model.pretrained`` loaded when the config names one, as a run would start)
+    or no network at all (``"pixels"``). ``config`` (a YAML file) stands in for the checkpoint's
+    config when there is no checkpoint."""
     if baseline is not None and baseline not in BASELINES:
-        raise ValueError(f"--baseline must be one of {BASELINES}, got {baseline!r}")
+        raise UsageError(f"--baseline must be one of {BASELINES}, got {baseline!r}")
+    if weights is not None:
+        if checkpoint is not None or baseline is not None:
+            raise UsageError("give --weights, --checkpoint or --baseline, one of them")
+        return load_weights_source(weights, config, arch, patch_size, device)
+    if arch is not None or patch_size is not None:
+        raise UsageError("--arch and --patch-size describe a --weights file; a checkpoint or --config has its own")
     path = Path(checkpoint) if checkpoint is not None else None
     if baseline is None:
         if path is None:
-            raise ValueError("--checkpoint is required (or choose --baseline pixels|init)")
+            raise UsageError("--checkpoint is required (or choose --baseline pixels|init)")
         backbone, cfg = load_backbone_from_checkpoint(path, key, device=device)
         if key == "auto":
             key = "teacher" if cfg.mode == "dino" else "model"
@@ -130,9 +152,75 @@ def load_source(
     if baseline == "pixels":
         return EvalSource("pixels", None, cfg, path)
     if cfg is None:
-        raise ValueError("--baseline init needs the architecture: give --checkpoint or --config")
-    logger.info("evaluating %s at initialisation (seed %d)", cfg.model.arch, cfg.seed)
-    return EvalSource("init", init_backbone(cfg).to(device), cfg, path)
+        raise UsageError("--baseline init needs the architecture: give --checkpoint or --config")
+    backbone = init_backbone(cfg)
+    if cfg.model.pretrained:  # where the run starts: the pretrained weights, the read-out initialised
+        _load_weights(backbone, cfg.model.pretrained, "config key 'model.pretrained'")
+        logger.info("evaluating %s at initialisation (seed %d) with model.pretrained %s", cfg.model.arch, cfg.seed,
+                    cfg.model.pretrained)
+    else:
+        logger.info("evaluating %s at initialisation (seed %d)", cfg.model.arch, cfg.seed)
+    return EvalSource("init", backbone.to(device), cfg, path, weights=cfg.model.pretrained)
+
+
+def _load_weights(backbone: nn.Module, path: str | os.PathLike, what: str) -> None:
+    """``load_pretrained_file`` with its refusals as one line naming the option."""
+    try:
+        report = load_pretrained_file(backbone, path)
+    except (KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise UsageError(f"{what} ({path}): {' '.join(str(message).split())}") from None
+    logger.info("%s: %s, %d tensors loaded%s", path, report.kind, len(report.loaded),
+                f"; {len(report.initialised)} of the read-out initialised (random)" if report.initialised else "")
+
+
+def architecture_of(weights: dict, arch: Optional[str] = None, patch_size: Optional[int] = None) -> list[str]:
+    """Config overrides of a class-token ViT with every block of a weights file: its width, depth and
+    patch size read from the tensors (``arch`` and ``patch_size``, when given, must agree)."""
+    keys = {key.split("backbone.")[-1].split("module.")[-1]: value for key, value in weights.items()}
+    if "cls_token" not in keys or "patch_embed.proj.weight" not in keys:
+        raise UsageError("--weights: the file holds no ViT backbone (no cls_token or patch_embed.proj.weight)")
+    width, depth = keys["cls_token"].shape[-1], 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("blocks."))
+    patch = keys["patch_embed.proj.weight"].shape[-1]
+    sizes = [name for name, (w, _, _) in ARCHS.items() if w == width]
+    if arch is None and not sizes:
+        raise UsageError(f"--weights: a ViT of width {width} is none of {sorted(ARCHS)}; give --config")
+    if arch is not None and (arch not in ARCHS or ARCHS[arch][0] != width):
+        raise UsageError(f"--arch {arch}: the file's ViT has width {width}" + (f" ({', '.join(sizes)})" if sizes else ""))
+    arch = arch or sizes[0]
+    if patch_size is not None and patch_size != patch:
+        raise UsageError(f"--patch-size {patch_size}: the file's patch embedding is {patch}×{patch}")
+    grid = int(round((keys["pos_embed"].shape[1] - 1) ** 0.5)) if "pos_embed" in keys else 224 // patch
+    return [f"model.arch={arch}", f"model.embed_dim={width}", f"model.depth={depth}", f"model.patch_size={patch}",
+            f"model.img_size={grid * patch}",  # position embeddings stored as trained, resampled per input size
+            "model.readout=cls", "model.reduce_depth=0", "model.drop_path_rate=0.0"]
+
+
+def load_weights_source(weights: str | os.PathLike, config: Optional[str | os.PathLike] = None,
+                        arch: Optional[str] = None, patch_size: Optional[int] = None,
+                        device: str | torch.device = "cpu") -> EvalSource:
+    """The backbone of a weights file: a released timm or DINO ViT (or one wrapped as DeiT's are, or
+    written by ``dino-sparo-export``), evaluated as a class-token ViT with all its blocks, its size
+    read from the file (or ``arch`` / ``patch_size``); with ``config``, the config's architecture
+    (e.g. a SPARO read-out, initialised when the file has none). A dino_sparo training checkpoint is
+    evaluated as ``--checkpoint`` would (its config describes it)."""
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"--weights not found: {path}")
+    state, kind, _ = read_pretrained(path)
+    if kind.startswith("dino_sparo checkpoint"):
+        return load_source(path, device=device)
+    if config is not None:
+        cfg = load_config(config, [f"model.arch={arch}"] if arch else [])
+    else:
+        cfg = load_config(None, architecture_of(state, arch, patch_size), validate=False)
+    backbone = build_backbone(cfg.model)
+    _load_weights(backbone, path, "--weights")
+    backbone.requires_grad_(False)
+    logger.info("evaluating %s: %s %s/%d, %s read-out, embedding %d", path, kind, cfg.model.arch,
+                cfg.model.patch_size, backbone.readout_type, backbone.out_dim)
+    return EvalSource("weights", backbone.to(device).eval(), cfg if config is not None else None, None,
+                      weights=str(path))
 
 # --------------------------------------------------------------------------- the data
 
@@ -178,7 +266,7 @@ def load_eval_data(
         splits[split] = build_dataset(data_cfg, split, transform)
     train, test = splits["train"], splits["val"]
     if train.num_classes != test.num_classes:
-        raise ValueError(f"the train split has {train.num_classes} classes but the evaluation split has "
+        raise UsageError(f"the train split has {train.num_classes} classes but the evaluation split has "
                          f"{test.num_classes} ({data_path}); their class folders must match")
     _, _, grayscale = normalization_for(dataset)
     info = {"dataset": dataset, "path": data_path, "train_limit": train_limit, "test_limit": test_limit,
@@ -198,10 +286,10 @@ def split_paths(dataset: str, data_path: Optional[str], train_path: Optional[str
     and ``val/`` (or ``test/``) sub-folders, unless both splits are named explicitly: evaluating on
     the images the memory holds would report a meaningless (near-perfect) accuracy."""
     if (train_path is None) != (test_path is None):
-        raise ValueError("give both --train-path and --test-path (the class folders of the two splits), or neither")
+        raise UsageError("give both --train-path and --test-path (the class folders of the two splits), or neither")
     if train_path is not None:
         if dataset != "imagefolder":
-            raise ValueError(f"--train-path and --test-path name image folders; the dataset is {dataset!r} "
+            raise UsageError(f"--train-path and --test-path name image folders; the dataset is {dataset!r} "
                              "(add --dataset imagefolder)")
         if Path(train_path).expanduser().resolve() == Path(test_path).expanduser().resolve():
             logger.warning("--train-path and --test-path are the same folder %s: the test images are also in "
@@ -213,7 +301,7 @@ def split_paths(dataset: str, data_path: Optional[str], train_path: Optional[str
         if root.is_dir() and not ((root / "train").is_dir() and has_test):
             missing = " and ".join(n for n, ok in (("train/", (root / "train").is_dir()), ("val/ (or test/)", has_test))
                                    if not ok)
-            raise ValueError(f"image folder {root} has no {missing} sub-folder: evaluation needs "
+            raise UsageError(f"image folder {root} has no {missing} sub-folder: evaluation needs "
                              f"{root}/train/<class>/... and {root}/val/<class>/..., or the two class folders "
                              "given as --train-path and --test-path")
     return {"train": data_path, "val": data_path}
@@ -233,7 +321,8 @@ def open_request(request: EvalRequest) -> EvalInputs:
     """The device, the network (moved there) and the datasets that ``request`` names."""
     device = (request.device if isinstance(request.device, torch.device)
               else resolve_device(request.device or "auto", key="--device"))
-    source = load_source(request.checkpoint, request.checkpoint_key, request.baseline, request.config, device)
+    source = load_source(request.checkpoint, request.checkpoint_key, request.baseline, request.config, device,
+                         request.weights, request.arch, request.patch_size)
     return EvalInputs(request, device, source, data_for(request, source))
 
 
@@ -243,7 +332,7 @@ def data_for(request: EvalRequest, source: EvalSource, transform: Any = None) ->
     explicit = request.train_path is not None or request.test_path is not None
     dataset = request.dataset or ("imagefolder" if explicit else None) or (cfg.data.dataset if cfg is not None else None)
     if dataset is None:
-        raise ValueError("--dataset is required when there is no checkpoint or config to take it from")
+        raise UsageError("--dataset is required when there is no checkpoint or config to take it from")
     data_path = request.data_path
     if data_path is None and cfg is not None and cfg.data.dataset == dataset:
         data_path = cfg.data.path
@@ -264,7 +353,8 @@ def labelled_result(result: dict[str, Any], inputs: EvalInputs) -> dict[str, Any
     request, source = inputs.request, inputs.source
     return {"source": source.name,
             "checkpoint": str(request.checkpoint) if request.checkpoint is not None else None,
-            "checkpoint_key": source.name if request.baseline is None else None,
+            "checkpoint_key": source.name if request.baseline is None and source.weights is None else None,
+            "weights": source.weights,
             "data": inputs.data.info, **result}
 
 
@@ -286,18 +376,8 @@ def read_slots_file(path: str | os.PathLike) -> list[int]:
         if isinstance(data, dict):
             data = data.get("slots")
     if not isinstance(data, list):
-        raise ValueError(f"--slots-file {path} must hold a list of slot ids (or {{\"selected\": [...]}})")
+        raise UsageError(f"--slots-file {path} must hold a list of slot ids (or {{\"selected\": [...]}})")
     try:
         return [int(v) for v in data]
     except (TypeError, ValueError):
-        raise ValueError(f"--slots-file {path} must hold integer slot ids, got {data[:8]}") from None
-
-
-def write_json(path: str | os.PathLike, result: dict) -> Path:
-    """Write ``result`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+        raise UsageError(f"--slots-file {path} must hold integer slot ids, got {data[:8]}") from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -20,17 +19,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dino_sparo import distributed
-from dino_sparo.data.datasets import balanced_subset_indices, is_grayscale, num_classes_of
-from dino_sparo.evaluation.feature_kinds import FeatureSpec, resolve_spec, slot_layout
-from dino_sparo.evaluation.feature_store import FeatureStore, FeatureWorkspace, extract_splits, frozen
+from dino_sparo.data.datasets import balanced_subset_indices, num_classes_of
+from dino_sparo.errors import UsageError
+from dino_sparo.evaluation.feature_store import FeatureStore
 from dino_sparo.evaluation.knn_search import knn_accuracy, resolve_knn_backend
+from dino_sparo.evaluation.options import Extraction, FeatureOpening, SlotAnalysis
 from dino_sparo.evaluation.slots import (
     SelectedSlots,
     greedy_slot_selection,
     per_slot_knn,
     plot_per_slot_accuracy,
 )
-from dino_sparo.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -53,95 +52,47 @@ def evaluate_knn(
     train_dataset: Dataset,
     test_dataset: Dataset,
     *,
-    features: str | FeatureSpec = "embedding",
     ks: Sequence[int] = DEFAULT_KS,
     temperature: float = DEFAULT_TEMPERATURE,
     backend: str = "auto",
-    slots: Optional[Sequence[int]] = None,
-    select_slots: bool = False,
-    select_max_slots: Optional[int] = None,
-    select_val_fraction: float = 0.1,
-    select_samples: Optional[int] = 20000,
-    per_slot: bool = False,
-    slot_k: int = 20,
-    plot_path: Optional[str | Path] = None,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    device: Optional[str | torch.device] = None,
-    fp16_features: bool = False,
-    cache_dir: Optional[str | Path] = None,
+    extraction: Optional[Extraction] = None,
+    slots: Optional[SlotAnalysis] = None,
     num_classes: Optional[int] = None,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """k-NN accuracy of ``backbone``'s features (``None``: raw pixels) of ``train_dataset`` (the
     memory) and ``test_dataset`` (the queries); datasets must carry the evaluation transform.
 
     DINO's protocol: cosine similarity, the k nearest train features vote with exp(sim / T).
-    SPARO models can also be evaluated on a slot subset (``slots``), with slots chosen by greedy
-    selection on a held-out part of the train split (``select_slots``; the test split is never
-    shown to the selector), and slot by slot (``per_slot``, with a bar chart at ``plot_path``).
-    ``slot_k`` is the k of per-slot accuracy and of the selection. Features are cached in
-    ``cache_dir`` when given. The backbone is moved to ``device`` (default: CUDA when available)
-    and keeps its train/eval mode. Under ``torch.distributed`` every rank calls this; extraction
-    is sharded, the search runs on rank 0, and every rank returns rank 0's result.
+    ``extraction`` says what to read and how (default: the embedding, no cache); ``slots`` the SPARO
+    analyses: a slot subset, slots chosen by greedy selection on a held-out part of the train split
+    (the test split is never shown to the selector), and slot by slot with a bar chart. The backbone
+    is moved to the extraction's device and keeps its train/eval mode. Under ``torch.distributed``
+    every rank calls this; extraction is sharded, the search runs on rank 0, and every rank returns
+    rank 0's result.
     """
     ks = sorted({int(k) for k in ks})
-    dev = resolve_device(device, key="device")
-    spec = features if isinstance(features, FeatureSpec) else resolve_spec(
-        "embedding" if features == "auto" else features, backbone, grayscale=is_grayscale(train_dataset))
-    layout = slot_layout(backbone, spec)
-    if (slots is not None or select_slots or per_slot) and layout is None:
-        raise ValueError("--slots, --select-slots and --per-slot need a SPARO model's embedding features")
-    if slots is not None:  # refuse bad ids before the (long) extraction
-        SelectedSlots(np.zeros((1, layout[0] * layout[1]), np.float32), layout[0], layout[1], slots, layout[2])
+    slots = slots or SlotAnalysis()
+    opening = FeatureOpening(backbone, train_dataset, test_dataset, extraction or Extraction(), "embedding", slots)
     if num_classes is None:
         num_classes = num_classes_of(train_dataset)
-
-    t0 = time.perf_counter()
-    with FeatureWorkspace(cache_dir) as workspace, frozen(backbone, dev):
-        stores, hits = extract_splits(workspace, backbone, spec, {"train": train_dataset, "test": test_dataset},
-                                      fp16_features, batch_size, num_workers, dev, progress)
-        t_features = time.perf_counter() - t0
+    with opening.extract() as stores:
         result = None
         if distributed.get_rank() == 0:
-            result = _knn_on_features(
-                stores["train"], stores["test"], num_classes, ks, temperature, backend, layout, slots,
-                select_slots, select_max_slots, select_val_fraction, select_samples, per_slot, slot_k,
-                plot_path, dev, progress,
-            )
-            result.update(
-                features=spec.describe(), feature_spec=spec.to_dict(), feature_dim=stores["train"].dim,
-                feature_dtype=str(stores["train"].features.dtype), cache_hit=hits,
-                cache_dir=str(cache_dir) if cache_dir is not None else None,
-            )
-            t_knn = time.perf_counter() - t0 - t_features
-            result["seconds"] = {"features": round(t_features, 3), "knn": round(t_knn, 3)}
+            start = time.perf_counter()
+            result = _knn_on_features(stores["train"], stores["test"], num_classes, ks, temperature, backend,
+                                      opening.layout, slots, opening.device, opening.extraction.progress)
+            result.update(opening.describe(stores))
+            result["seconds"] = {"features": round(opening.seconds, 3), "knn": round(time.perf_counter() - start, 3)}
         result = distributed.broadcast_object(result)
     return result
 
 
-def _knn_on_features(
-    train: FeatureStore,
-    test: FeatureStore,
-    num_classes: int,
-    ks: list[int],
-    temperature: float,
-    backend: str,
-    layout: Optional[tuple[int, int, str]],
-    slots: Optional[Sequence[int]],
-    select_slots: bool,
-    select_max_slots: Optional[int],
-    select_val_fraction: float,
-    select_samples: Optional[int],
-    per_slot: bool,
-    slot_k: int,
-    plot_path: Optional[str | Path],
-    device: torch.device,
-    progress: bool,
-) -> dict[str, Any]:
+def _knn_on_features(train: FeatureStore, test: FeatureStore, num_classes: int, ks: list[int], temperature: float,
+                     backend: str, layout: Optional[tuple[int, int, str]], slots: SlotAnalysis, device: torch.device,
+                     progress: bool) -> dict[str, Any]:
     """Everything after extraction; rank 0 only."""
     if ks[-1] > len(train):
-        raise ValueError(f"k={ks[-1]} exceeds the {len(train)} train images: lower --ks or raise --train-limit")
+        raise UsageError(f"k={ks[-1]} exceeds the {len(train)} train images: lower --ks or raise --train-limit")
     name = resolve_knn_backend(backend)
     knn_device = device if name == "torch" else None
 
@@ -158,43 +109,52 @@ def _knn_on_features(
         return result
     num_slots, slot_dim, norm = layout
     result["slot_layout"] = {"num_slots": num_slots, "slot_dim": slot_dim, "norm": norm}
-    if slots is not None:
-        chosen = [int(s) for s in slots]
-        result["slots"] = {
-            "slots": chosen,
-            "knn": evaluate(SelectedSlots(train.features, num_slots, slot_dim, chosen, norm),
-                            SelectedSlots(test.features, num_slots, slot_dim, chosen, norm)),
-        }
+
+    def subset(chosen: list[int]) -> dict[str, dict[str, float]]:
+        return evaluate(SelectedSlots(train.features, num_slots, slot_dim, chosen, norm),
+                        SelectedSlots(test.features, num_slots, slot_dim, chosen, norm))
+
+    if slots.slots is not None:
+        chosen = [int(s) for s in slots.slots]
+        result["slots"] = {"slots": chosen, "knn": subset(chosen)}
     selected: list[int] = []
-    if select_slots:
+    if slots.select_slots:
         # only train rows reach the selector; a class-balanced subsample bounds its memory
-        rows = _balanced_rows(train.labels, select_samples)
+        rows = _balanced_rows(train.labels, slots.select_samples)
         feats = train.features if rows is None else np.asarray(train.features[rows], dtype=np.float32)
         labels = train.labels if rows is None else train.labels[rows]
         selection = greedy_slot_selection(
-            feats, labels, num_slots, slot_dim, val_fraction=select_val_fraction, max_slots=select_max_slots,
-            k=slot_k, temperature=temperature, num_classes=num_classes, device=device,
+            feats, labels, num_slots, slot_dim, val_fraction=slots.select_val_fraction,
+            max_slots=slots.select_max_slots, k=slots.slot_k, temperature=temperature, num_classes=num_classes,
+            device=device,
         )
         selected = selection.selected
-        result["slot_selection"] = {
-            **selection.to_dict(), "k": slot_k, "num_train_used": int(labels.size),
-            "knn": evaluate(SelectedSlots(train.features, num_slots, slot_dim, selected, norm),
-                            SelectedSlots(test.features, num_slots, slot_dim, selected, norm)),
-        }
-    if per_slot:
-        accuracy = per_slot_knn(train.features, train.labels, test.features, test.labels, num_slots, slot_dim,
-                                k=min(slot_k, len(train)), temperature=temperature, num_classes=num_classes,
-                                device=device, progress=progress)
-        entry: dict[str, Any] = {"k": slot_k, "top1": [float(a) for a in accuracy]}
-        if plot_path is not None:
-            reference = result["knn"].get(str(slot_k), {}).get("top1")
-            entry["plot"] = str(plot_per_slot_accuracy(
-                accuracy, plot_path, title=f"k-NN top-1 of each slot alone (k={slot_k}, {len(test)} test images)",
-                highlight=selected or (slots or ()), reference=reference,
-                highlight_label="slots chosen by --select-slots" if selected else "slots of --slots",
-                reference_label=f"all {num_slots} slots together"))
-        result["per_slot"] = entry
+        result["slot_selection"] = {**selection.to_dict(), "k": slots.slot_k, "num_train_used": int(labels.size),
+                                    "knn": subset(selected)}
+    if slots.per_slot:
+        result["per_slot"] = _per_slot(train, test, num_classes, layout, slots, selected, temperature,
+                                       result["knn"], device, progress)
     return result
+
+
+def _per_slot(train: FeatureStore, test: FeatureStore, num_classes: int, layout: tuple[int, int, str],
+              slots: SlotAnalysis, selected: list[int], temperature: float, all_slots: dict[str, Any],
+              device: torch.device, progress: bool) -> dict[str, Any]:
+    """k-NN accuracy of each slot alone, and its bar chart when ``slots.plot_path`` names one."""
+    num_slots, slot_dim, _ = layout
+    accuracy = per_slot_knn(train.features, train.labels, test.features, test.labels, num_slots, slot_dim,
+                            k=min(slots.slot_k, len(train)), temperature=temperature, num_classes=num_classes,
+                            device=device, progress=progress)
+    entry: dict[str, Any] = {"k": slots.slot_k, "top1": [float(a) for a in accuracy]}
+    if slots.plot_path is not None:
+        reference = all_slots.get(str(slots.slot_k), {}).get("top1")
+        entry["plot"] = str(plot_per_slot_accuracy(
+            accuracy, slots.plot_path,
+            title=f"k-NN top-1 of each slot alone (k={slots.slot_k}, {len(test)} test images)",
+            highlight=selected or (slots.slots or ()), reference=reference,
+            highlight_label="slots chosen by --select-slots" if selected else "slots of --slots",
+            reference_label=f"all {num_slots} slots together"))
+    return entry
 
 
 # --------------------------------------------------------------------------- the table

@@ -33,6 +33,7 @@ the chunk sizes on a GPU for speed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Iterable, Sequence
@@ -40,6 +41,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from dino_sparo.errors import UsageError
 from dino_sparo.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -89,15 +91,22 @@ def available_backends() -> list[str]:
     return found
 
 
+@functools.lru_cache(maxsize=None)
+def _log_backend(chosen: str, requested: str, available: tuple[str, ...]) -> None:
+    """Once per process: the backend ``auto`` chose, and among what."""
+    logger.info("k-NN backend: %s (%s: the first available of %s)", chosen, requested, ", ".join(available))
+
+
 def resolve_knn_backend(backend: str = "auto") -> str:
     """Turn ``"auto"`` into the first available backend; refuse unknown or missing ones."""
     if backend not in BACKENDS:
-        raise ValueError(f"k-NN backend must be one of {BACKENDS}, got {backend!r}")
+        raise UsageError(f"k-NN backend must be one of {BACKENDS}, got {backend!r}")
     available = available_backends()
     if backend == "auto":
+        _log_backend(available[0], backend, tuple(available))
         return available[0]
     if backend not in available:
-        raise RuntimeError(
+        raise UsageError(
             f"k-NN backend {backend!r} is not available here (available: {available}); "
             "install faiss-cpu / faiss-gpu or use backend='torch'"
         )
@@ -302,7 +311,7 @@ def _validate_search(train: FeatureArray, test: FeatureArray, k: int, groups: in
     if d_train % groups:
         raise ValueError(f"feature dim {d_train} is not divisible into {groups} slots")
     if not 1 <= k <= n_train:
-        raise ValueError(f"k must be in [1, num_train={n_train}], got k={k}")
+        raise UsageError(f"k must be in [1, num_train={n_train}], got k={k}")
 
 
 def knn_search(
@@ -325,7 +334,6 @@ def knn_search(
     if chunk_size < 1 or query_chunk_size < 1:
         raise ValueError(f"chunk sizes must be >= 1, got chunk_size={chunk_size}, query_chunk_size={query_chunk_size}")
     name = resolve_knn_backend(backend)
-    logger.info("k-NN backend: %s (requested %s)", name, backend)
     dev = resolve_device(device) if name == "torch" else torch.device("cpu")
     vals, idx = _stream_topk(
         train_features, test_features, k, 1, name, dev, chunk_size, query_chunk_size, progress

@@ -40,12 +40,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from dino_sparo import distributed
 from dino_sparo.checkpoint import save_checkpoint
-from dino_sparo.data.datasets import is_grayscale, num_classes_of
-from dino_sparo.evaluation.feature_kinds import FeatureSpec, feature_fn, resolve_spec, slot_layout
-from dino_sparo.evaluation.feature_store import FeatureWorkspace, extract_splits, frozen
+from dino_sparo.data.datasets import num_classes_of
+from dino_sparo.errors import UsageError
+from dino_sparo.evaluation.feature_kinds import FeatureSpec, feature_fn
 from dino_sparo.evaluation.knn_search import FeatureArray, as_label_tensor, feature_shape, read_rows
+from dino_sparo.evaluation.options import Extraction, FeatureOpening
 from dino_sparo.evaluation.slots import select_slot_features, stratified_split
-from dino_sparo.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,28 @@ DEFAULT_LRS = (0.001,)
 SWEEP_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 
 BlockFn = Callable[[torch.Tensor], torch.Tensor]  # B × F -> B × D (e.g. a slot subset)
+
+
+@dataclass
+class ProbeOptions:
+    """How the heads are trained and chosen: one head per (lr, weight decay), SGD with ``momentum``
+    for ``epochs`` over batches of ``batch_size`` (the global batch; lrs scaled by it / 256), the head
+    and epoch chosen on ``val_fraction`` of train held out by ``seed`` (default 0.1 with several
+    heads, 0 with one: the last epoch, trained on all)."""
+
+    lrs: Sequence[float] = DEFAULT_LRS
+    weight_decays: Sequence[float] = (0.0,)
+    epochs: int = 100
+    batch_size: int = 1024
+    val_fraction: Optional[float] = None
+    seed: int = 0
+    momentum: float = 0.9
+
+    def held_out(self) -> float:
+        """``val_fraction``, or its default for the number of heads."""
+        if self.val_fraction is not None:
+            return self.val_fraction
+        return 0.1 if len(self.lrs) * len(self.weight_decays) > 1 else 0.0
 
 
 # --------------------------------------------------------------------------- heads and optimiser
@@ -214,7 +236,7 @@ class ProbeResult:
 def _grid(lrs: Sequence[float], weight_decays: Sequence[float]) -> tuple[list[float], list[float]]:
     lrs, weight_decays = [float(v) for v in lrs], [float(v) for v in weight_decays]
     if not lrs or not weight_decays or min(lrs) <= 0 or min(weight_decays) < 0:
-        raise ValueError(f"learning rates must be > 0 and weight decays >= 0, got lrs={lrs}, wds={weight_decays}")
+        raise UsageError(f"learning rates must be > 0 and weight decays >= 0, got lrs={lrs}, wds={weight_decays}")
     pairs = [(lr, wd) for wd in weight_decays for lr in lrs]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
@@ -226,21 +248,16 @@ def train_probe(
     num_classes: int,
     test: tuple[FeatureArray, torch.Tensor],
     val: Optional[tuple[FeatureArray, torch.Tensor, np.ndarray]] = None,
-    lrs: Sequence[float] = DEFAULT_LRS,
-    weight_decays: Sequence[float] = (0.0,),
-    epochs: int = 100,
-    batch_size: int = 1024,
-    momentum: float = 0.9,
+    probe: Optional[ProbeOptions] = None,
     scale: float = 1.0,
     block_fn: Optional[BlockFn] = None,
-    seed: int = 0,
     device: Optional[torch.device] = None,
     progress: bool = True,
     num_fit: int = 0,
     across_ranks: bool = False,
 ) -> ProbeResult:
-    """Train every (lr, wd) head on the batches ``train_batches(epoch)`` yields (features B × D
-    already through ``block_fn`` and ``scale``, labels B), then choose and report.
+    """Train every (lr, wd) head of ``probe`` on the batches ``train_batches(epoch)`` yields
+    (features B × D already through ``block_fn`` and ``scale``, labels B), then choose and report.
 
     ``test`` is ``(features, labels)``; ``val`` is ``(train features, train labels, held-out rows)``
     or None. With ``across_ranks`` (under ``torch.distributed``) every rank calls this with its own
@@ -249,13 +266,15 @@ def train_probe(
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
+    probe = probe or ProbeOptions()
+    epochs, seed = probe.epochs, probe.seed
     device = device or torch.device("cpu")
-    head_lrs, head_wds = _grid(lrs, weight_decays)
+    head_lrs, head_wds = _grid(probe.lrs, probe.weight_decays)
     if val is None and len(head_lrs) > 1:
-        raise ValueError("several heads need a held-out part of train to choose between them (val_fraction > 0)")
+        raise UsageError("several heads need a held-out part of train to choose between them (val_fraction > 0)")
     heads = LinearHeads(len(head_lrs), dim, num_classes, seed).to(device)
-    lr_scale = batch_size / 256.0
-    optimizer = HeadsSGD(heads, torch.tensor(head_lrs) * lr_scale, torch.tensor(head_wds), momentum)
+    lr_scale = probe.batch_size / 256.0
+    optimizer = HeadsSGD(heads, torch.tensor(head_lrs) * lr_scale, torch.tensor(head_wds), probe.momentum)
     total = epochs * steps_per_epoch
     test_x, test_y = test
     best_val = np.full(len(head_lrs), -1.0)
@@ -355,7 +374,7 @@ def slot_block_fn(slots: Optional[Sequence[int]], layout: Optional[tuple[int, in
     if slots is None:
         return None
     if layout is None:
-        raise ValueError("--slots needs a SPARO model's embedding features")
+        raise UsageError("--slots needs a SPARO model's embedding features")
     num_slots, slot_dim, norm = layout
     chosen = [int(s) for s in slots]
     select_slot_features(torch.zeros(1, num_slots * slot_dim), num_slots, slot_dim, chosen, norm)  # validate ids
@@ -392,11 +411,9 @@ def linear_probe(
     for name, y in (("train_labels", y_train), ("test_labels", y_test)):
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(f"{name} must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
-    n_heads = len(lrs) * len(weight_decays)
-    if val_fraction is None:
-        val_fraction = 0.1 if n_heads > 1 else 0.0
-    if val_fraction > 0:
-        fit_rows, val_rows = stratified_split(y_train.numpy(), val_fraction, seed)
+    probe = ProbeOptions(lrs, weight_decays, epochs, batch_size, val_fraction, seed)
+    if probe.held_out() > 0:
+        fit_rows, val_rows = stratified_split(y_train.numpy(), probe.held_out(), seed)
         val = (train_features, y_train, val_rows)
     else:
         fit_rows, val = np.arange(n_train), None
@@ -412,9 +429,8 @@ def linear_probe(
             rows = np.sort(order[a:a + batch_size])  # sorted: sequential reads from a memmap
             yield _rows(train_features, rows, block_fn, device) * scale, y_train[torch.from_numpy(rows)]
 
-    return train_probe(batches, steps, dim, num_classes, (test_features, y_test), val, lrs, weight_decays, epochs,
-                       batch_size, scale=scale, block_fn=block_fn, seed=seed, device=device, progress=progress,
-                       num_fit=int(fit_rows.size))
+    return train_probe(batches, steps, dim, num_classes, (test_features, y_test), val, probe, scale=scale,
+                       block_fn=block_fn, device=device, progress=progress, num_fit=int(fit_rows.size))
 
 
 # --------------------------------------------------------------------------- a network's linear probe
@@ -452,27 +468,24 @@ def _augmented_batches(
     return batches, len(loader)
 
 
-def _augmented_probe(
-    backbone: nn.Module, spec: FeatureSpec, augment_dataset: Dataset, train: Any, test: Any, num_classes: int,
-    lrs: Sequence[float], weight_decays: Sequence[float], epochs: int, batch_size: int, val_fraction: float,
-    block_fn: Optional[BlockFn], num_workers: int, seed: int, device: torch.device, progress: bool,
-) -> ProbeResult:
+def _augmented_probe(backbone: nn.Module, opening: FeatureOpening, augment_dataset: Dataset, train: Any, test: Any,
+                     num_classes: int, probe: ProbeOptions, block_fn: Optional[BlockFn]) -> ProbeResult:
     """The probe on freshly augmented views (every rank trains on its share); held-out and test
     accuracy on the cached eval-transform features ``train`` and ``test``."""
     y_train = as_label_tensor(train.labels, len(train), "train_labels")
-    if val_fraction > 0:
-        fit_rows, val_rows = stratified_split(train.labels, val_fraction, seed)
+    if probe.held_out() > 0:
+        fit_rows, val_rows = stratified_split(train.labels, probe.held_out(), probe.seed)
         val = (train.features, y_train, val_rows)
     else:
         fit_rows, val = np.arange(len(train)), None
-    scale = feature_scale(train.features, block_fn, seed=seed)
+    scale = feature_scale(train.features, block_fn, seed=probe.seed)
     dim = int(block_fn(torch.zeros(1, train.dim)).shape[1]) if block_fn is not None else train.dim
-    batches, steps = _augmented_batches(backbone, spec, augment_dataset, fit_rows, batch_size, num_workers,
-                                        block_fn, scale, device, seed, progress)
+    e = opening.extraction
+    batches, steps = _augmented_batches(backbone, opening.spec, augment_dataset, fit_rows, probe.batch_size,
+                                        e.num_workers, block_fn, scale, opening.device, probe.seed, e.progress)
     test_set = (test.features, as_label_tensor(test.labels, len(test)))
-    return train_probe(batches, steps, dim, num_classes, test_set, val, lrs, weight_decays, epochs, batch_size,
-                       scale=scale, block_fn=block_fn, seed=seed, device=device, progress=progress,
-                       num_fit=int(fit_rows.size), across_ranks=True)
+    return train_probe(batches, steps, dim, num_classes, test_set, val, probe, scale=scale, block_fn=block_fn,
+                       device=opening.device, progress=e.progress, num_fit=int(fit_rows.size), across_ranks=True)
 
 
 def evaluate_linear(
@@ -480,81 +493,57 @@ def evaluate_linear(
     train_dataset: Dataset,
     test_dataset: Dataset,
     *,
-    features: str | FeatureSpec = "auto",
-    lrs: Sequence[float] = DEFAULT_LRS,
-    weight_decays: Sequence[float] = (0.0,),
-    epochs: int = 100,
-    batch_size: int = 1024,
-    val_fraction: Optional[float] = None,
+    probe: Optional[ProbeOptions] = None,
+    extraction: Optional[Extraction] = None,
     slots: Optional[Sequence[int]] = None,
-    augment: bool = False,
     augment_dataset: Optional[Dataset] = None,
-    seed: int = 0,
-    extract_batch_size: int = 256,
-    num_workers: int = 0,
-    device: Optional[str | torch.device] = None,
-    fp16_features: bool = False,
-    cache_dir: Optional[str | Path] = None,
     num_classes: Optional[int] = None,
     save_head: Optional[str | Path] = None,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Linear-probe accuracy of ``backbone``'s frozen features (``None``: raw pixels).
 
-    ``features="auto"``: the SPARO embedding for SPARO models, DINO's last-blocks class tokens for
-    class-token models (``feature_kinds.dino_linear_spec``). ``batch_size`` is the global probe
-    batch (the base lrs are scaled by batch / 256). With ``augment``, ``augment_dataset`` is the
-    train split with a training transform, row for row the same images as ``train_dataset``.
-    ``save_head`` writes the chosen classifier with what is needed to apply it. The backbone is
-    moved to ``device`` and keeps its train/eval mode. Under ``torch.distributed`` every rank
-    calls this and returns rank 0's result.
+    ``extraction.features="auto"``: the SPARO embedding for SPARO models, DINO's last-blocks class
+    tokens for class-token models (``feature_kinds.dino_linear_spec``). ``probe`` says how the heads
+    are trained and chosen; ``slots`` probes a SPARO slot subset. With ``augment_dataset`` (the train
+    split with a training transform, row for row the same images as ``train_dataset``) the heads
+    train on fresh augmented views each step instead of cached features. ``save_head`` writes the
+    chosen classifier with what is needed to apply it. The backbone is moved to the extraction's
+    device and keeps its train/eval mode. Under ``torch.distributed`` every rank calls this and
+    returns rank 0's result.
     """
-    dev = resolve_device(device, key="device")
-    spec = features if isinstance(features, FeatureSpec) else resolve_spec(
-        features, backbone, grayscale=is_grayscale(train_dataset))
-    layout = slot_layout(backbone, spec)
-    block_fn = slot_block_fn(slots, layout)
-    if augment and (backbone is None or augment_dataset is None):
-        raise ValueError("--augment needs a network and the train split with the training transform")
+    probe = probe or ProbeOptions()
+    opening = FeatureOpening(backbone, train_dataset, test_dataset, extraction or Extraction(), "auto")
+    block_fn = slot_block_fn(slots, opening.layout)
+    augment = augment_dataset is not None
+    if augment and backbone is None:
+        raise UsageError("--augment needs a network")
     if augment and len(augment_dataset) != len(train_dataset):
         raise ValueError(f"the augmented train split has {len(augment_dataset)} images, the train split "
                          f"{len(train_dataset)}: they must be the same images")
     if num_classes is None:
         num_classes = num_classes_of(train_dataset)
-    n_heads = len(lrs) * len(weight_decays)
-    if val_fraction is None:
-        val_fraction = 0.1 if n_heads > 1 else 0.0
-
-    t0 = time.perf_counter()
-    with FeatureWorkspace(cache_dir) as workspace, frozen(backbone, dev):
-        stores, hits = extract_splits(workspace, backbone, spec, {"train": train_dataset, "test": test_dataset},
-                                      fp16_features, extract_batch_size, num_workers, dev, progress)
-        t_features = time.perf_counter() - t0
-        train, test = stores["train"], stores["test"]
-        probe = None
-        if not augment:
-            if distributed.is_main_process():
-                probe = linear_probe(train.features, train.labels, test.features, test.labels, num_classes,
-                                     lrs=lrs, weight_decays=weight_decays, epochs=epochs, batch_size=batch_size,
-                                     val_fraction=val_fraction, block_fn=block_fn, seed=seed, device=dev,
-                                     progress=progress)
-        else:
-            probe = _augmented_probe(backbone, spec, augment_dataset, train, test, num_classes, lrs, weight_decays,
-                                     epochs, batch_size, val_fraction, block_fn, num_workers, seed, dev, progress)
+    with opening.extract() as stores:
+        train, test, start = stores["train"], stores["test"], time.perf_counter()
         result = None
+        if augment:
+            fitted = _augmented_probe(backbone, opening, augment_dataset, train, test, num_classes, probe, block_fn)
+        elif distributed.is_main_process():
+            fitted = linear_probe(train.features, train.labels, test.features, test.labels, num_classes,
+                                  lrs=probe.lrs, weight_decays=probe.weight_decays, epochs=probe.epochs,
+                                  batch_size=probe.batch_size, val_fraction=probe.val_fraction, block_fn=block_fn,
+                                  seed=probe.seed, device=opening.device, progress=opening.extraction.progress)
         if distributed.is_main_process():
             result = {
-                "features": spec.describe(), "feature_spec": spec.to_dict(), "feature_dim": train.dim,
-                "slots": [int(s) for s in slots] if slots is not None else None,
-                "mode": "augment" if augment else "cached features", "epochs": epochs, "batch_size": batch_size,
-                "lrs": [float(v) for v in lrs], "weight_decays": [float(v) for v in weight_decays],
-                "lr_scaling": f"lr × {batch_size}/256", "val_fraction": val_fraction, "num_classes": num_classes,
-                **probe.to_dict(), "cache_hit": hits,
-                "cache_dir": str(cache_dir) if cache_dir is not None else None,
-                "seconds": {"features": round(t_features, 3), "probe": round(time.perf_counter() - t0 - t_features, 3)},
+                **opening.describe(stores), "slots": [int(s) for s in slots] if slots is not None else None,
+                "mode": "augment" if augment else "cached features", "epochs": probe.epochs,
+                "batch_size": probe.batch_size, "lrs": [float(v) for v in probe.lrs],
+                "weight_decays": [float(v) for v in probe.weight_decays],
+                "lr_scaling": f"lr × {probe.batch_size}/256", "val_fraction": probe.held_out(),
+                "num_classes": num_classes, **fitted.to_dict(),
+                "seconds": {"features": round(opening.seconds, 3), "probe": round(time.perf_counter() - start, 3)},
             }
             if save_head is not None:
-                result["head_path"] = str(_save_head(save_head, probe, spec, slots, num_classes))
+                result["head_path"] = str(_save_head(save_head, fitted, opening.spec, slots, num_classes))
         result = distributed.broadcast_object(result)
     return result
 

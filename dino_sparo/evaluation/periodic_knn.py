@@ -18,7 +18,9 @@ from torch import nn
 
 from dino_sparo.config import DataConfig, EvalConfig
 from dino_sparo.data.datasets import ImageFolder, build_dataset
+from dino_sparo.errors import ConfigError
 from dino_sparo.evaluation.knn import evaluate_knn
+from dino_sparo.evaluation.options import Extraction
 from dino_sparo.runtime import preserved_rng
 
 
@@ -28,23 +30,17 @@ class PeriodicKnn:
 
     def __init__(self, cfg: EvalConfig, backbone: nn.Module, data_cfg: Any, transform: Callable, batch_size: int,
                  num_workers: int, device: torch.device) -> None:
-        if cfg.knn_every < 0:
-            raise ValueError(f"config key 'eval.knn_every' must be >= 0 (0 = never), got {cfg.knn_every}")
-        if cfg.knn_k < 1:
-            raise ValueError(f"config key 'eval.knn_k' must be >= 1, got {cfg.knn_k}")
-        if cfg.knn_temperature <= 0:
-            raise ValueError(f"config key 'eval.knn_temperature' must be > 0, got {cfg.knn_temperature}")
         self.cfg, self.backbone = cfg, backbone
         self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
         with preserved_rng(device):
             self.train_set = build_dataset(self._limited(data_cfg, cfg.knn_train_limit), "train", transform)
             self.test_set = build_dataset(self._limited(data_cfg, cfg.knn_test_limit), cfg.knn_split, transform)
         if isinstance(self.train_set, ImageFolder) and self.train_set.root == self.test_set.root:
-            raise ValueError(f"config key 'eval.knn_every': the image folder {data_cfg.path} has no val/ (or test/) "
+            raise ConfigError(f"config key 'eval.knn_every': the image folder {data_cfg.path} has no val/ (or test/) "
                              "sub-folder, so k-NN would query the very images of its memory; add "
                              f"{data_cfg.path}/val/<class>/... beside train/, or set eval.knn_every=0")
         if cfg.knn_k > len(self.train_set):
-            raise ValueError(f"config key 'eval.knn_k' ({cfg.knn_k}) exceeds the {len(self.train_set)} train "
+            raise ConfigError(f"config key 'eval.knn_k' ({cfg.knn_k}) exceeds the {len(self.train_set)} train "
                              "images of the k-NN memory: lower it or raise 'eval.knn_train_limit'")
 
     @staticmethod
@@ -60,8 +56,8 @@ class PeriodicKnn:
         """``{"knn_top1", "knn_top5"}`` as fractions in [0, 1]; call on every rank. The backbone
         keeps its train/eval mode (``evaluate_knn`` restores it)."""
         with preserved_rng(self.device):
+            extraction = Extraction("embedding", self.batch_size, self.num_workers, self.device, progress=False)
             result = evaluate_knn(self.backbone, self.train_set, self.test_set, ks=(self.cfg.knn_k,),
-                                  temperature=self.cfg.knn_temperature, batch_size=self.batch_size,
-                                  num_workers=self.num_workers, device=self.device, progress=False)
+                                  temperature=self.cfg.knn_temperature, extraction=extraction)
         entry = result["knn"][str(self.cfg.knn_k)]
         return {"knn_top1": float(entry["top1"]), "knn_top5": float(entry["top5"])}

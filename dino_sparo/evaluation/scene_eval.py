@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from dino_sparo.data.scenes import (KINDS, ZEROSHOT_TASKS, SceneCaptions, SceneImages, SceneWorld, benchmark,
                                     zeroshot_prompts)
+from dino_sparo.errors import UsageError
 from dino_sparo.evaluation import sugarcrepe
 from dino_sparo.evaluation.slot_objects import patch_coverage, slot_object_alignment
 from dino_sparo.evaluation.zeroshot import encode_images, encode_tokens, evaluate, retrieval_recall
@@ -40,7 +41,7 @@ def load_scene_run(checkpoint: str | Path, device: Any = "cpu", with_initial: bo
 
     model, cfg, tokenizer = load_clip_model(checkpoint, device)
     if cfg.clip.dataset != "scenes":
-        raise ValueError(f"checkpoint {checkpoint} was trained on clip.dataset={cfg.clip.dataset!r}, not scenes")
+        raise UsageError(f"checkpoint {checkpoint} was trained on clip.dataset={cfg.clip.dataset!r}, not scenes")
     run = {"model": model, "cfg": cfg, "tokenizer": tokenizer, "world": world_of(cfg.data.scenes),
            "transform": clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)}
     if with_initial:

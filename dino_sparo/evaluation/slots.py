@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dino_sparo.errors import UsageError
 from dino_sparo.evaluation.knn_search import (
     FeatureArray,
     feature_shape,
@@ -51,9 +52,9 @@ def _check_layout(dim: int, num_slots: int, slot_dim: int) -> None:
 def _check_slots(slots: Sequence[int], num_slots: int) -> list[int]:
     slots = [int(s) for s in slots]
     if not slots:
-        raise ValueError("choose at least one slot")
+        raise UsageError("choose at least one slot")
     if len(set(slots)) != len(slots) or min(slots) < 0 or max(slots) >= num_slots:
-        raise ValueError(f"slots must be distinct ids in [0, {num_slots - 1}], got {slots}")
+        raise UsageError(f"slots must be distinct ids in [0, {num_slots - 1}], got {slots}")
     return slots
 
 
@@ -310,7 +311,7 @@ def greedy_slot_selection(
     if num_classes is None:
         num_classes = int(labels.max()) + 1
     if max_slots is not None and not 1 <= max_slots <= num_slots:
-        raise ValueError(f"max_slots must be in [1, num_slots={num_slots}], got {max_slots}")
+        raise UsageError(f"max_slots must be in [1, num_slots={num_slots}], got {max_slots}")
     fit_idx, heldout_idx = stratified_split(labels.numpy(), val_fraction, seed)
     if not 1 <= k <= fit_idx.size:
         raise ValueError(f"k must be in [1, num_fit={fit_idx.size}], got k={k}")

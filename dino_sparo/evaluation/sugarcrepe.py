@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from dino_sparo.config import SUGARCREPE_CATEGORIES
 from dino_sparo.data.datasets import CorruptImageError
 from dino_sparo.data.transforms import clip_eval_transform, to_rgb
+from dino_sparo.errors import UsageError
 from dino_sparo.evaluation.slots import greedy_forward_selection, select_slot_features
 from dino_sparo.evaluation.zeroshot import encode_images, encode_texts, per_slot_cosine
 from dino_sparo.models.clip import load_clip_model
@@ -69,15 +70,15 @@ def _read_category(path: Path, images_dir: Path, missing: list[tuple[Path, str, 
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not a JSON file ({exc})") from None
+        raise UsageError(f"{path}: not a JSON file ({exc})") from None
     if not isinstance(entries, dict) or not entries:
-        raise ValueError(f"{path}: expected a non-empty JSON object of items keyed \"0\", \"1\", ..., "
+        raise UsageError(f"{path}: expected a non-empty JSON object of items keyed \"0\", \"1\", ..., "
                          f"got {'an empty object' if entries == {} else 'a JSON ' + type(entries).__name__}")
     items, seen = [], {}
     for key, entry in entries.items():  # keys may have gaps: the file's order is the order
         for field in FIELDS:
             if not isinstance(entry, dict) or not isinstance(entry.get(field), str):
-                raise ValueError(f"{path}, item {key!r}: no text field {field!r}")
+                raise UsageError(f"{path}, item {key!r}: no text field {field!r}")
         image = images_dir / entry["filename"]
         if image not in seen:
             seen[image] = image.is_file()
@@ -97,7 +98,7 @@ def load_benchmark(data_dir: str | os.PathLike, images_dir: str | os.PathLike,
         categories = [c.strip() for c in categories.split(",") if c.strip()]
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown or not categories:
-        raise ValueError(f"unknown SugarCrepe categories {unknown or '(none given)'}; "
+        raise UsageError(f"unknown SugarCrepe categories {unknown or '(none given)'}; "
                          f"choose among {', '.join(CATEGORIES)}")
     for folder, what in ((data_dir, "SugarCrepe JSON folder"), (images_dir, "image folder")):
         if not folder.is_dir():
@@ -241,7 +242,7 @@ def selection_split(category: str, num_items: int, fraction: float, seed: int) -
     drawn by a ``torch.Generator`` seeded from ``seed`` and the category's name, so one category's
     split does not depend on which others are evaluated."""
     if num_items < 2:
-        raise ValueError(f"SugarCrepe category {category!r} has {num_items} item(s): slot selection needs at least 2 "
+        raise UsageError(f"SugarCrepe category {category!r} has {num_items} item(s): slot selection needs at least 2 "
                          "to split into selection and evaluation items")
     num_selection = min(max(1, round(fraction * num_items)), num_items - 1)
     generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{category}".encode()))
@@ -308,20 +309,20 @@ def _check_options(model: Any, benchmark: dict[str, list[SugarCrepeItem]], slots
                    ) -> Optional[tuple[int, int]]:
     """The model's slot layout, once every option is known to make sense (before any encoding)."""
     if not benchmark or any(not items for items in benchmark.values()):
-        raise ValueError(f"the SugarCrepe benchmark needs at least one category with items, got "
+        raise UsageError(f"the SugarCrepe benchmark needs at least one category with items, got "
                          f"{ {c: len(items) for c, items in benchmark.items()} }")
     if batch_size < 1 or num_workers < 0:
-        raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+        raise UsageError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
     layout = model.slot_layout() if hasattr(model, "slot_layout") else None
     if slots_asked and layout is None:
-        raise ValueError("per-slot accuracy and slot selection need a model with SPARO read-outs on both towers; "
+        raise UsageError("per-slot accuracy and slot selection need a model with SPARO read-outs on both towers; "
                          "this one has none")
     if not 0.0 < selection_fraction < 1.0:
-        raise ValueError(f"selection_fraction must lie in (0, 1), got {selection_fraction}")
+        raise UsageError(f"selection_fraction must lie in (0, 1), got {selection_fraction}")
     if selection_scope not in SELECTION_SCOPES:
-        raise ValueError(f"selection_scope must be one of {SELECTION_SCOPES}, got {selection_scope!r}")
+        raise UsageError(f"selection_scope must be one of {SELECTION_SCOPES}, got {selection_scope!r}")
     if max_slots is not None and layout is not None and not 1 <= max_slots <= layout[0]:
-        raise ValueError(f"max_slots must lie in [1, {layout[0]}] (the model's slots), got {max_slots}")
+        raise UsageError(f"max_slots must lie in [1, {layout[0]}] (the model's slots), got {max_slots}")
     return layout
 
 
@@ -361,7 +362,7 @@ def sugarcrepe_from_checkpoint(
     try:
         model, cfg, tokenizer = load_clip_model(checkpoint, device)
     except RuntimeError as exc:  # a state dict that does not fit the config, an unreadable file
-        raise ValueError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     transform = clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)
     result = evaluate(model, tokenizer, benchmark, transform, per_slot=per_slot, select_slots=select_slots,
                       selection_fraction=selection_fraction, selection_scope=selection_scope, seed=seed,

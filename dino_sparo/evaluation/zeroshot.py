@@ -26,6 +26,8 @@ from dino_sparo.config import DataConfig
 from dino_sparo.data.captions import CaptionTable
 from dino_sparo.data.datasets import build_dataset
 from dino_sparo.data.transforms import clip_eval_transform
+from dino_sparo.errors import UsageError
+from dino_sparo.evaluation.options import Extraction
 from dino_sparo.evaluation.slots import greedy_forward_selection, select_slot_features
 from dino_sparo.models.clip import load_clip_model
 from dino_sparo.runtime import resolve_device
@@ -75,7 +77,7 @@ def class_embeddings(model: Any, tokenizer: Callable, classnames: Sequence[str],
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """``C × E``: per class, the mean of its normalised template embeddings, renormalised."""
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"prompt templates must each hold '{{}}' for the class name, got {list(templates)[:3]}")
+        raise UsageError(f"prompt templates must each hold '{{}}' for the class name, got {list(templates)[:3]}")
     texts = [t.format(name) for name in classnames for t in templates]
     embeddings = encode_texts(model, tokenizer, texts, device).view(len(classnames), len(templates), -1)
     return F.normalize(embeddings.mean(dim=1), dim=-1)  # C × E
@@ -193,7 +195,7 @@ def load_templates(spec: str, config_templates: Sequence[str]) -> list[str]:
     templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
-        raise ValueError(f"--templates file {spec}: every line must hold '{{}}' for the class name"
+        raise UsageError(f"--templates file {spec}: every line must hold '{{}}' for the class name"
                          + (f", e.g. not {bad[0]!r}" if bad else " (the file is empty)"))
     return templates
 
@@ -213,7 +215,7 @@ def load_classnames(spec: Optional[str], dataset_classes: Sequence[str]) -> list
             raise FileNotFoundError(f"--classnames: no such file: {spec}")
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if len(names) != len(dataset_classes):
-        raise ValueError(f"--classnames {spec} gives {len(names)} names for a dataset of {len(dataset_classes)} classes")
+        raise UsageError(f"--classnames {spec} gives {len(names)} names for a dataset of {len(dataset_classes)} classes")
     return names
 
 
@@ -236,7 +238,7 @@ def evaluate(model: Any, tokenizer: Callable, *, test_set: Optional[Dataset] = N
     class_features = None
     if test_set is not None:
         if classnames is None:
-            raise ValueError("zero-shot classification needs class names")
+            raise UsageError("zero-shot classification needs class names")
         class_features = class_embeddings(model, tokenizer, classnames, templates, device)
         images, labels = encode_images(model, _loader(test_set, batch_size, num_workers), device, progress)
         result["zeroshot"] = {**zeroshot_accuracy(images, class_features, labels), "num_images": len(labels),
@@ -298,16 +300,19 @@ def zeroshot_from_checkpoint(
     checkpoint: str | Path, *, dataset: Optional[str] = None, data_path: Optional[str] = None, split: str = "test",
     limit: Optional[int] = None, classnames: Optional[str] = None, templates: str = "config",
     slot_selection: bool = False, selection_size: int = 5000, retrieval: Optional[str] = None,
-    max_slots: Optional[int] = None, batch_size: int = 256, num_workers: int = 2,
-    device: str | torch.device = "auto", progress: bool = True,
+    max_slots: Optional[int] = None, extraction: Optional[Extraction] = None,
 ) -> dict[str, Any]:
     """:func:`evaluate` on a CLIP-mode checkpoint: zero-shot on ``dataset`` (default: Fashion-MNIST
-    when the model was trained on it, else none; ``"none"`` skips it) and retrieval on a caption table."""
-    device = resolve_device(device, key="--device")
+    when the model was trained on it, else none; ``"none"`` skips it) and retrieval on a caption table.
+    ``extraction`` gives the batch size, loader workers, device and progress bars (its feature kind
+    and cache do not apply: a CLIP model's embeddings are read directly)."""
+    extraction = extraction or Extraction(num_workers=2)
+    batch_size, num_workers, progress = extraction.batch_size, extraction.num_workers, extraction.progress
+    device = resolve_device(extraction.device or "auto", key="--device")
     try:
         model, cfg, tokenizer = load_clip_model(checkpoint, device)
     except RuntimeError as exc:  # a state dict that does not fit the config
-        raise ValueError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     transform = clip_eval_transform(cfg.model.img_size, cfg.clip.image_mean, cfg.clip.image_std)
     dataset = dataset or ("fashion_mnist" if cfg.clip.dataset == "fashion_mnist" else "none")
     inputs: dict[str, Any] = {}
@@ -318,14 +323,14 @@ def zeroshot_from_checkpoint(
                       templates=load_templates(templates, cfg.clip.templates))
         if slot_selection:
             if model.slot_layout() is None:
-                raise ValueError("--slot-selection needs a model with SPARO read-outs on both towers")
+                raise UsageError("--slot-selection needs a model with SPARO read-outs on both towers")
             inputs["selection_set"] = build_dataset(DataConfig(dataset=dataset, path=path, limit=selection_size),
                                                     "train", transform)
     if retrieval:
         inputs["retrieval_set"] = CaptionTable(retrieval, transform, tokenizer, cfg.clip.image_column,
                                                cfg.clip.caption_column)
     if not inputs:
-        raise ValueError("nothing to evaluate: give --dataset and/or --retrieval")
+        raise UsageError("nothing to evaluate: give --dataset and/or --retrieval")
     result = evaluate(model, tokenizer, max_slots=max_slots, batch_size=batch_size, num_workers=num_workers,
                       device=device, progress=progress, **inputs)
     result["checkpoint"] = str(checkpoint)

@@ -111,8 +111,21 @@ def _log_xformers_fallback(reason: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _log_choice(requested: str, chosen: str, device_type: str, dtype: Optional[torch.dtype]) -> None:
-    logger.info("attention backend: %s (requested %s, device %s, %s)", chosen, requested, device_type,
-                str(dtype or "any dtype").replace("torch.", ""))
+    # debug only: a run states its kernel once, with the reason (describe_attention_backend)
+    logger.debug("attention backend: %s (requested %s, device %s, %s)", chosen, requested, device_type,
+                 str(dtype or "any dtype").replace("torch.", ""))
+
+
+def describe_attention_backend(backend: str, device: torch.device | str, dtype: Optional[torch.dtype]) -> str:
+    """One line for a run's start-up log: the kernel its blocks use and why (under ``auto``)."""
+    chosen = resolve_attention_backend(backend, device, dtype)
+    if backend != "auto":
+        return f"attention kernel: {chosen} (model.attn_backend)"
+    reason = {"xformers": "xformers' memory-efficient kernel on this GPU",
+              "math": "explicit softmax attention: on the CPU, PyTorch's fused kernel is slower in "
+                      f"{str(dtype).replace('torch.', '')}",
+              "sdpa": "PyTorch's scaled_dot_product_attention, which picks its fastest kernel"}[chosen]
+    return f"attention kernel: {chosen} (auto: {reason})"
 
 
 def resolve_attention_backend(

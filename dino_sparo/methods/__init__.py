@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-METHODS = {"dino": "dino_sparo.methods.dino:DinoMethod", "clip": "dino_sparo.methods.clip:ClipMethod"}
+from dino_sparo.methods.base import Method
+from dino_sparo.methods.clip import ClipMethod
+from dino_sparo.methods.dino import DinoMethod
+
+METHODS: dict[str, type[Method]] = {"dino": DinoMethod, "clip": ClipMethod}  # config key 'mode' -> its method
 
 
-def build_method(cfg: Any, device: Any):
+def build_method(cfg: Any, device: Any) -> Method:
     """The method object for ``cfg.mode``."""
-    if cfg.mode not in METHODS:
-        raise ValueError(f"config key 'mode' must be one of {sorted(METHODS)}, got {cfg.mode!r}")
-    module, name = METHODS[cfg.mode].split(":")
-    return getattr(importlib.import_module(module), name)(cfg, device)
+    return METHODS[cfg.mode](cfg, device)

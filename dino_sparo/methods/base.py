@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dino_sparo.errors import ConfigError
 from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods.hooks import LoggedKnn
 from dino_sparo.schedules import Schedules, method_schedules
@@ -93,7 +94,7 @@ class Method:
         """k-NN during training of :meth:`eval_backbone` on :meth:`eval_data`."""
         backbone = self.eval_backbone()
         if backbone is None:
-            raise ValueError(f"config key 'eval.knn_every': the {type(self).__name__} method has no image "
+            raise ConfigError(f"config key 'eval.knn_every': the {type(self).__name__} method has no image "
                              "backbone to evaluate")
         data_cfg, transform = self.eval_data()
         return LoggedKnn(PeriodicKnn(self.cfg.eval, backbone, data_cfg, transform, self.cfg.data.batch_size_per_gpu,

@@ -24,6 +24,7 @@ from dino_sparo import distributed
 from dino_sparo.config import DataConfig
 from dino_sparo.data.captions import build_caption_dataset
 from dino_sparo.data.transforms import clip_eval_transform, clip_train_transform
+from dino_sparo.errors import ConfigError
 from dino_sparo.losses import ClipLoss
 from dino_sparo.methods.base import Method, param_groups
 from dino_sparo.methods.hooks import EveryNEpochs
@@ -38,11 +39,8 @@ class ClipMethod(Method):
     def __init__(self, cfg: Any, device: torch.device) -> None:
         super().__init__(cfg, device)
         clip = cfg.clip
-        if clip.accum_steps < 1 or cfg.data.batch_size_per_gpu % clip.accum_steps:
-            raise ValueError(f"config key 'clip.accum_steps' ({clip.accum_steps}) must be >= 1 and divide "
-                             f"'data.batch_size_per_gpu' ({cfg.data.batch_size_per_gpu})")
         if clip.accum_steps > 1 and cfg.precision == "fp16":
-            raise ValueError("config key 'clip.accum_steps' > 1 needs precision bf16 or fp32: the micro-batch "
+            raise ConfigError("config key 'clip.accum_steps' > 1 needs precision bf16 or fp32: the micro-batch "
                              "gradients collected inside the step are not loss-scaled")
         self.tokenizer = Tokenizer(clip.context_length)
         self.model = build_clip_model(cfg).to(device)

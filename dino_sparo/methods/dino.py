@@ -98,16 +98,12 @@ class DinoMethod(Method):
             student_temp=cfg.dino.student_temp, center_momentum=cfg.dino.center_momentum,
             centering=cfg.dino.centering,
         ).to(device)
-        if cfg.dino.koleo_weight < 0:
-            raise ValueError(f"config key 'dino.koleo_weight' must be >= 0, got {cfg.dino.koleo_weight}")
         self.collate_fn = multicrop_collate
         self.momentum_schedule = None
 
     def train_dataset(self) -> Dataset:
         crops = self.cfg.crops
         mean, std, grayscale = normalization_for(self.cfg.data.dataset)
-        if crops.global_crops_number != 2:
-            raise ValueError(f"config key 'crops.global_crops_number' must be 2 for DINO, got {crops.global_crops_number}")
         transform = MultiCropTransform(
             global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size,
             global_crops_scale=crops.global_crops_scale, local_crops_scale=crops.local_crops_scale,

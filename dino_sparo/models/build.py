@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from timm.layers import resample_abs_pos_embed
 
+from dino_sparo.errors import UsageError
 from dino_sparo.models.vit import VisionTransformer, vit
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def load_pretrained_backbone(model: VisionTransformer, state_dict: dict, source:
     missing = sorted(own - set(mapped))
     unexpected = sorted(set(mapped) - set(model.state_dict()))
     if missing or unexpected:
-        raise KeyError(f"pretrained weights do not match the backbone: missing {missing[:8]}"
+        raise UsageError(f"pretrained weights do not match the backbone: missing {missing[:8]}"
                        f"{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                        f"{'…' if len(unexpected) > 8 else ''}")
     result = model.load_state_dict(mapped, strict=False)
@@ -127,17 +128,17 @@ def load_backbone_from_checkpoint(
     if key == "auto":
         key = next((k for k in CHECKPOINT_BACKBONE_PREFIXES if k in state), "teacher")
     if key not in CHECKPOINT_BACKBONE_PREFIXES:
-        raise ValueError(f"checkpoint key must be 'auto' or one of {sorted(CHECKPOINT_BACKBONE_PREFIXES)}, got {key!r}")
+        raise UsageError(f"checkpoint key must be 'auto' or one of {sorted(CHECKPOINT_BACKBONE_PREFIXES)}, got {key!r}")
     if key not in state:
         stored = sorted(k for k in state if k in CHECKPOINT_BACKBONE_PREFIXES)
-        raise KeyError(f"checkpoint {path} has no {key!r} weights (it holds {stored})")
+        raise UsageError(f"checkpoint {path} has no {key!r} weights (it holds {stored})")
     cfg = run.cfg
     backbone = build_backbone(cfg.model)
     weights = strip_prefix(state[key], CHECKPOINT_BACKBONE_PREFIXES[key])
     missing = sorted(set(backbone.state_dict()) - set(weights))
     unexpected = sorted(set(weights) - set(backbone.state_dict()))
     if missing or unexpected:
-        raise KeyError(f"checkpoint {path} ['{key}'] does not match the backbone its config builds: "
+        raise UsageError(f"checkpoint {path} ['{key}'] does not match the backbone its config builds: "
                        f"missing {missing[:8]}{'…' if len(missing) > 8 else ''}, "
                        f"unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}")
     backbone.load_state_dict(weights, strict=True)
@@ -174,7 +175,7 @@ def read_pretrained(path: str | Path) -> tuple[dict, str, str]:
     except pickle.UnpicklingError:  # our checkpoints hold NumPy RNG states: unpickled as when resuming
         state = load_checkpoint(path)
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of weights")
+        raise UsageError(f"{path} holds a {type(state).__name__}, not a dict of weights")
     if is_training_state(state) and any(k in state for k in CHECKPOINT_BACKBONE_PREFIXES):
         key = next(k for k in CHECKPOINT_BACKBONE_PREFIXES if k in state)
         return strip_prefix(state[key], CHECKPOINT_BACKBONE_PREFIXES[key]), f"dino_sparo checkpoint (its {key})", "ours"
@@ -184,7 +185,7 @@ def read_pretrained(path: str | Path) -> tuple[dict, str, str]:
         if isinstance(state.get(wrapper), dict):
             return state[wrapper], f"ViT weights (under '{wrapper}')", "timm"
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is neither a state dict nor a checkpoint holding one (keys: {sorted(state)[:8]})")
+        raise UsageError(f"{path} is neither a state dict nor a checkpoint holding one (keys: {sorted(state)[:8]})")
     has_classifier = any(k.startswith("head.") for k in state)
     return state, "timm ViT weights" if has_classifier else "ViT backbone weights (DINO's release layout)", (
         "timm" if has_classifier else "dino")
@@ -200,7 +201,7 @@ def load_pretrained_file(model: VisionTransformer, path: str | Path) -> Pretrain
               for key, value in _our_names(weights).items()
               if key in own and key != "pos_embed" and value.shape != own[key].shape]  # pos_embed is resampled
     if differ:
-        raise ValueError(f"{len(differ)} tensor(s) have other shapes than this backbone's (another model.arch, "
+        raise UsageError(f"{len(differ)} tensor(s) have other shapes than this backbone's (another model.arch, "
                          f"embed_dim, patch_size or read-out?): {'; '.join(differ[:4])}{'…' if len(differ) > 4 else ''}")
     dropped = load_pretrained_backbone(model, weights, source="dino" if source == "dino" else "auto")
     given = set(_our_names(weights)) - set(dropped)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dino_sparo.errors import ConfigError, UsageError
 from dino_sparo.models.build import build_backbone
 from dino_sparo.models.text import EOT_TOKEN_ID, VOCAB_SIZE, TextTransformer
 from dino_sparo.models.vit import VisionTransformer, count_parameters
@@ -45,7 +46,7 @@ class CLIPModel(nn.Module):
     ) -> None:
         super().__init__()
         if init_temperature <= 0 or max_logit_scale <= 1.0 / init_temperature:
-            raise ValueError(f"config keys 'clip.init_temperature' ({init_temperature}) and 'clip.max_logit_scale' "
+            raise ConfigError(f"config keys 'clip.init_temperature' ({init_temperature}) and 'clip.max_logit_scale' "
                              f"({max_logit_scale}) must satisfy 0 < 1 / init_temperature < max_logit_scale")
         self.visual, self.text = visual, text
         self.image_projection = None if visual.sparo is not None else nn.Linear(visual.out_dim, embed_dim, bias=False)
@@ -65,9 +66,9 @@ class CLIPModel(nn.Module):
         self.shares_queries = share_queries
         if share_queries:
             if visual.sparo is None or text.sparo is None:
-                raise ValueError("config key 'clip.share_queries' needs SPARO read-outs on both towers")
+                raise ConfigError("config key 'clip.share_queries' needs SPARO read-outs on both towers")
             if visual.sparo.queries.shape != text.sparo.queries.shape:
-                raise ValueError(f"config key 'clip.share_queries': image queries {tuple(visual.sparo.queries.shape)} "
+                raise ConfigError(f"config key 'clip.share_queries': image queries {tuple(visual.sparo.queries.shape)} "
                                  f"and text queries {tuple(text.sparo.queries.shape)} differ in shape; "
                                  "set model.sparo.attn_dim so both towers use the same key width")
             text.sparo.queries = visual.sparo.queries  # one Parameter, two users
@@ -163,10 +164,10 @@ def load_clip_model(path: str | Path, device: torch.device | str = "cpu") -> tup
     run = load_run(path)
     state, cfg = run.state, run.cfg
     if "model" not in state:
-        raise KeyError(f"checkpoint {path} holds no CLIP model (its keys: {sorted(state)}); "
+        raise UsageError(f"checkpoint {path} holds no CLIP model (its keys: {sorted(state)}); "
                        "was it written by dino-sparo-train --mode clip?")
     if cfg.mode != "clip":
-        raise ValueError(f"checkpoint {path} was trained with mode {cfg.mode!r}, not 'clip'")
+        raise UsageError(f"checkpoint {path} was trained with mode {cfg.mode!r}, not 'clip'")
     model = build_clip_model(cfg)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, Tokenizer(cfg.clip.context_length)

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from dino_sparo.errors import ConfigError
 from dino_sparo.models.vit import Block
 from dino_sparo.sparo import SPARO
 
@@ -102,11 +103,11 @@ class TextTransformer(nn.Module):
     ) -> None:
         super().__init__()
         if readout not in TEXT_READOUTS:
-            raise ValueError(f"config key 'clip.text_readout' must be one of {TEXT_READOUTS}, got {readout!r}")
+            raise ConfigError(f"config key 'clip.text_readout' must be one of {TEXT_READOUTS}, got {readout!r}")
         if reduce_depth is None:
             reduce_depth = 1 if readout == "sparo" else 0
         if not 0 <= reduce_depth < depth:
-            raise ValueError(f"config key 'clip.text_reduce_depth' must lie in [0, {depth - 1}], got {reduce_depth}")
+            raise ConfigError(f"config key 'clip.text_reduce_depth' must lie in [0, {depth - 1}], got {reduce_depth}")
         if not 0 <= eot_token_id < vocab_size:
             raise ValueError(f"eot_token_id {eot_token_id} lies outside the vocabulary of {vocab_size}")
         self.readout_type = readout
