@@ -21,6 +21,7 @@ from PIL import Image
 from dino_sparo import SPARO
 from dino_sparo.config import load_config
 from dino_sparo.data.captions import CaptionTable, FashionMNISTCaptions, TarShardCaptions
+from dino_sparo.data.images import CorruptImageError
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.cli import zeroshot as zeroshot_cli
 from dino_sparo.evaluation import zeroshot
@@ -284,9 +285,8 @@ def test_caption_table_errors_name_file_and_line(tmp_path):
     table.write_text("path,caption\n" + f"{names[0]},first\n" + "imgs/missing.png,second\n")
     with pytest.raises(ValueError, match=r"no column 'text'.*pairs\.csv|pairs\.csv.*no column 'text'"):
         CaptionTable(table, caption_column="text")
-    data = CaptionTable(table)
-    with pytest.raises(FileNotFoundError, match=r"pairs\.csv, line 3: image not found"):
-        data[1]
+    with pytest.raises(CorruptImageError, match=r"pairs\.csv, line 3: image not found: .*imgs/missing\.png$"):
+        CaptionTable(table)  # a missing file is found when the table is read, not mid-epoch
     table.write_text("path,caption\n" + f"{names[0]},first\n" + f"{names[1]},\n")
     with pytest.raises(ValueError, match=r"pairs\.csv, line 3: empty 'caption'"):
         CaptionTable(table)
