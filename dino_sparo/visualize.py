@@ -274,7 +274,10 @@ def visualize_checkpoint(
                                   channels=cfg.model.in_chans)
     shown = plot_slot_attention(backbone, images, display, output, slots=slots, num_slots=num_slots,
                                 title=f"{Path(checkpoint).parent.name}: slot attention over patches")
-    result: dict[str, Any] = {"image_png": str(output), "slots": shown}
+    source = (repr(run_images) if run_images is not None else "the scene world's test split" if world is not None
+              else "Fashion-MNIST's test set")
+    result: dict[str, Any] = {"image_png": str(output), "slots": shown, "images": [str(i) for i in items],
+                              "indices_into": source}
     if caption is not None:
         if text is None:
             raise ValueError(f"--caption needs a CLIP checkpoint; {checkpoint} was trained with mode {mode!r}")
