@@ -236,7 +236,9 @@ class ClipConfig:
         None, "'fashion_mnist' (default) or an image folder (with val/ or the classes)")
     zeroshot_classnames: Optional[str] = option(
         None, "'imagenet' (open_clip's names for wnid folders), a file, or folder names")
-    zeroshot_templates: str = option("config", "'config' (clip.templates), 'simple', 'openai' (CLIP's 80), or a file")
+    zeroshot_templates: str = option(
+        "auto", "'auto' (openai for an image folder, config for Fashion-MNIST), 'config' (clip.templates), "
+                "'simple', 'openai' (CLIP's 80 ImageNet prompts), or a file")
 
 
 @dataclass

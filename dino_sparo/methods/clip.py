@@ -173,7 +173,7 @@ class ClipMethod(Method):
                 data_cfg, split = DataConfig(dataset="imagefolder", path=name), "val"
             test_set = build_dataset(data_cfg, split, transform)
             classnames = load_classnames(clip.zeroshot_classnames, test_set.classes)
-            templates = load_templates(clip.zeroshot_templates, clip.templates)
+            templates = load_templates(clip.zeroshot_templates, clip.templates, data_cfg.dataset)
         return name, test_set, classnames, templates
 
     def describe(self) -> list[str]:
