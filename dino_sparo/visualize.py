@@ -210,7 +210,9 @@ def images_of_run(cfg: Any) -> Optional[Dataset]:
         return None
     if cfg.data.dataset in ("imagefolder", "webdataset"):
         split = "val" if cfg.data.dataset == "imagefolder" else "train"
-        return build_dataset(dataclasses.replace(cfg.data, limit=None, corrupt_images="skip"), split)
+        index = Path(cfg.output_dir) / "shard_index.npz"  # the training run's, when still there
+        return build_dataset(dataclasses.replace(cfg.data, limit=None, corrupt_images="skip"), split,
+                             index_cache=index if index.is_file() else None)
     return None
 
 

@@ -82,7 +82,7 @@ class _ToPIL:
             image = Image.fromarray(np.ascontiguousarray(image))
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
-        return image if image.mode == self.mode else image.convert(self.mode)
+        return image if image.mode == self.mode else to_mode(image, self.mode)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r})"
