@@ -61,7 +61,7 @@ class ModelConfig:
     arch: str = option("vit_small", "ViT size: vit_pico | vit_tiny | vit_small | vit_base | vit_large")
     patch_size: int = option(16, "patch side in pixels; must divide the image and crop sizes")
     img_size: int = option(224, "the size position embeddings are stored for (CLIP: the training image size)")
-    in_chans: int = option(3, "input channels")
+    in_chans: int = option(3, "input channels: 3 (RGB) or 1 (grey: every view gives one channel; DINO mode)")
     embed_dim: Optional[int] = option(None, "transformer width; null = the arch's")
     depth: Optional[int] = option(None, "transformer blocks; null = the arch's")
     num_heads: Optional[int] = option(None, "attention heads; null = the arch's")
