@@ -63,7 +63,7 @@ class ModelConfig:
     arch: str = option("vit_small", "ViT size: vit_pico | vit_tiny | vit_small | vit_base | vit_large")
     patch_size: int = option(16, "patch side in pixels; must divide the image and crop sizes")
     img_size: int = option(224, "the size position embeddings are stored for (CLIP: the training image size)")
-    in_chans: int = option(3, "input channels")
+    in_chans: int = option(3, "input channels: 3 (RGB) or 1 (grey: every view gives one channel; DINO mode)")
     embed_dim: Optional[int] = option(None, "transformer width; null = the arch's")
     depth: Optional[int] = option(None, "transformer blocks; null = the arch's")
     num_heads: Optional[int] = option(None, "attention heads; null = the arch's")
@@ -102,12 +102,26 @@ class ScenesConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["imagefolder", "fashion_mnist", "scenes"] = option(
-        "imagefolder", "imagefolder (root/<class>/<image>), fashion_mnist (its IDX files) or scenes (made by the code)")
-    path: Optional[str] = option(None, "image-folder root, or a folder with the four Fashion-MNIST files")
+    dataset: Literal["imagefolder", "fashion_mnist", "scenes", "webdataset"] = option(
+        "imagefolder", "imagefolder (root/<class>/<image>), fashion_mnist (its IDX files), scenes (made by the "
+        "code) or webdataset (tar shards; DINO training only)")
+    path: Optional[str] = option(None, "image-folder root, a folder with the four Fashion-MNIST files, or "
+                                       "WebDataset shards ('x/{00000..00099}.tar', a folder of .tar)")
     corrupt_images: Literal["error", "skip"] = option(
-        "error", "error: stop, naming the file; skip: warn, naming it, and take the next image")
-    limit: Optional[int] = option(None, "use only this many training images (class-balanced)")
+        "error", "missing or undecodable images (folders, caption tables, shards): error stops, naming the file; "
+                 "skip warns, naming it, takes the next image, and counts the skips at each epoch's end")
+    alpha_background: tuple[int, int, int] = option(
+        (255, 255, 255), "RGB colour (0-255) that images with transparency (RGBA, LA, P) are composited on")
+    limit: Optional[int] = option(None, "use only this many training images (class-balanced; tables and shards: "
+                                        "the first ones); above the data's size: all, with a warning")
+    mean: Optional[list[float]] = option(
+        None, "DINO: normalisation mean, one value per input channel; null = the dataset's (ImageNet's, "
+              "Fashion-MNIST's)")
+    std: Optional[list[float]] = option(None, "DINO: normalisation std, one value per input channel; null = the dataset's")
+    shard_image_keys: str = option("jpg;jpeg;png;webp", "data.dataset webdataset: the image member of a sample, "
+                                                        "first found")
+    shard_label_key: Optional[str] = option("cls", "data.dataset webdataset: a member holding an integer label "
+                                                   "(null: none; DINO does not use it)")
     batch_size_per_gpu: int = option(64, "per process; the global batch is this × world size")
     num_workers: int = option(8, "DataLoader worker processes per training process (0 = load in the main process)")
     scenes: ScenesConfig = option(meaning="the procedural scene world", factory=ScenesConfig)
@@ -123,6 +137,9 @@ class CropsConfig:
     local_crops_size: int = option(96, "local crop side in pixels")
     local_crops_scale: tuple[float, float] = option(
         (0.05, 0.4), "area range of the local crops (RandomResizedCrop scale)")
+    color_jitter_strength: float = option(
+        1.0, "scales DINO's colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1); 0 = none")
+    grayscale_prob: float = option(0.2, "chance that a crop is turned grey (DINO's 0.2; 0 for grey data)")
 
 
 @dataclass
@@ -221,7 +238,9 @@ class ClipConfig:
         None, "'fashion_mnist' (default) or an image folder (with val/ or the classes)")
     zeroshot_classnames: Optional[str] = option(
         None, "'imagenet' (open_clip's names for wnid folders), a file, or folder names")
-    zeroshot_templates: str = option("config", "'config' (clip.templates), 'simple', 'openai' (CLIP's 80), or a file")
+    zeroshot_templates: str = option(
+        "auto", "'auto' (openai for an image folder, config for Fashion-MNIST), 'config' (clip.templates), "
+                "'simple', 'openai' (CLIP's 80 ImageNet prompts), or a file")
 
 
 @dataclass
@@ -494,6 +513,26 @@ def _check_data_optim_eval(c: _Checks, cfg: TrainConfig) -> None:
     at_least("eval.knn_test_limit", 1, optional=True)
     if cfg.data.dataset == "scenes" or (cfg.mode == "clip" and cfg.clip.dataset == "scenes"):
         check_scene_settings(cfg.data.scenes)
+    _check_images(c, cfg)
+
+
+def _check_images(c: _Checks, cfg: TrainConfig) -> None:
+    """Channels, normalisation and the image sources: refused here rather than at the first forward."""
+    need, data, channels = c.need, cfg.data, cfg.model.in_chans
+    need("model.in_chans", channels in (1, 3), "1 (grey images) or 3 (RGB)")
+    if cfg.mode == "clip":
+        need("model.in_chans", channels == 3, "3 in CLIP mode (clip.image_mean and image_std are RGB)")
+    need("data.alpha_background", all(0 <= v <= 255 for v in data.alpha_background), "an RGB triple in 0..255")
+    for key in ("mean", "std"):
+        values = getattr(data, key)
+        need(f"data.{key}", values is None or len(values) == channels,
+             f"null or a list of model.in_chans ({channels}) values, one per channel")
+    need("data.std", data.std is None or all(v > 0 for v in data.std), "null or values > 0")
+    if data.dataset == "webdataset":
+        need("data.dataset", cfg.mode == "dino", "not webdataset in CLIP mode (its shards are clip.train_data)")
+        need("eval.knn_every", cfg.eval.knn_every == 0,
+             "0 with data.dataset webdataset (k-NN needs a labelled image folder: evaluate afterwards with "
+             "dino-sparo-knn on one)")
 
 
 def _check_dino(c: _Checks, cfg: TrainConfig) -> None:
@@ -508,6 +547,9 @@ def _check_dino(c: _Checks, cfg: TrainConfig) -> None:
         at_least("crops.local_crops_size", patch)
     c.scale("crops.global_crops_scale")
     c.scale("crops.local_crops_scale")
+    need("crops.color_jitter_strength", 0 <= crops.color_jitter_strength <= 5,
+         "in [0, 5] (the hue jitter, 0.1 × this, must stay <= 0.5)")
+    need("crops.grayscale_prob", 0 <= crops.grayscale_prob <= 1, "a probability in [0, 1]")
     for key in ("out_dim", "head_hidden_dim", "head_bottleneck_dim"):
         at_least(f"dino.{key}", 1)
     for key in ("momentum_teacher", "center_momentum"):

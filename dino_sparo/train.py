@@ -34,7 +34,7 @@ from dino_sparo.config import ConfigError, TrainConfig, save_config, validate_co
 from dino_sparo.errors import Failure, UsageError
 from dino_sparo.layers.attention import describe_attention_backend
 from dino_sparo.data.loaders import STOP_SIGNALS, LoaderWorkers, leave_stop_signals_to_main_process
-from dino_sparo.data.samplers import ResumableSampler, SeededSamples
+from dino_sparo.data.samplers import CollateSkipped, CountSkipped, ResumableSampler, SeededSamples
 from dino_sparo.methods import build_method
 from dino_sparo.methods.base import Method
 from dino_sparo.models.build import load_pretrained_file
@@ -380,7 +380,8 @@ class TrainingRun:
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # device-side NaN watch
 
     def _build_loader(self) -> None:
-        """The method's dataset behind the resumable sampler, each sample's augmentation seeded."""
+        """The method's dataset behind the resumable sampler, each sample's augmentation seeded; each
+        batch comes with the number of its samples replaced for an unreadable image (``data.corrupt_images``)."""
         cfg, info = self.cfg, self.info
         try:
             dataset = self.method.train_dataset()
@@ -391,8 +392,8 @@ class TrainingRun:
         self.global_batch = batch * info.world_size
         self.sampler = ResumableSampler(len(dataset), batch, info.rank, info.world_size, seed=cfg.seed)
         self.loader = DataLoader(
-            SeededSamples(dataset, cfg.seed), batch_size=batch, sampler=self.sampler,
-            num_workers=cfg.data.num_workers, collate_fn=self.method.collate_fn,
+            SeededSamples(CountSkipped(dataset), cfg.seed), batch_size=batch, sampler=self.sampler,
+            num_workers=cfg.data.num_workers, collate_fn=CollateSkipped(self.method.collate_fn),
             pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
             generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=leave_stop_signals_to_main_process,
         )
@@ -493,6 +494,7 @@ class TrainingRun:
         self.window_start, self.window_images = time.perf_counter(), 0
         self.postfix: dict[str, str] = {}
         self.eval_postfix: dict[str, str] = {}  # the latest k-NN / zero-shot accuracy, shown beside the loss
+        self.skipped_images = 0  # samples replaced for an unreadable image since the epoch began (or the resume)
         step, stopping = start_step, False
         # log lines go through tqdm.write above the bar instead of breaking it; the bar closes on an error too
         with _StopRequest() as stop, LoaderWorkers() as workers, logging_redirect_tqdm(), self.progress, \
@@ -500,7 +502,8 @@ class TrainingRun:
             while step < self.end_step and not stopping:
                 epoch = step // self.iters_per_epoch
                 self.sampler.set_epoch(epoch, start_batch=step % self.iters_per_epoch)
-                for batch_data in workers.iterate(self.loader):
+                for batch_data, skipped in workers.iterate(self.loader):
+                    self.skipped_images += skipped
                     self._set_schedules(step)
                     loss, step_metrics = train_step(self.method, batch_data, step, epoch, self.optimizer,
                                                     self.scaler, self.params, self.cfg.optim, self.autocast_dtype)
@@ -548,6 +551,7 @@ class TrainingRun:
         self.save(step)
         eval_metrics: dict[str, float] = {}
         if last_of_epoch:
+            self._report_skipped(step, epoch)
             for hook in self.epoch_end_hooks:
                 if hook.due(step // self.iters_per_epoch):
                     eval_metrics.update(hook.evaluate())
@@ -557,6 +561,21 @@ class TrainingRun:
             self.eval_postfix = {key.split("_")[0]: f"{100 * value:.1f}%" for key, value in eval_metrics.items()
                                  if key.endswith("_top1")}
             self.progress.set_postfix(**self.postfix, **self.eval_postfix)
+
+    def _report_skipped(self, step: int, epoch: int) -> None:
+        """Under ``data.corrupt_images: skip``, the epoch's replaced samples over all ranks: a warning
+        when there were any, and a ``skipped_images`` row in log.jsonl every epoch."""
+        if self.cfg.data.corrupt_images != "skip":
+            return
+        count = torch.tensor(float(self.skipped_images), device=distributed.collective_device())
+        total = int(round(float(distributed.all_reduce_mean(count)) * self.info.world_size))
+        self.skipped_images = 0
+        if not self.info.is_main:
+            return
+        if total:
+            logger.warning("epoch %d: %d sample(s) had an unreadable image and were replaced by the next readable "
+                           "one (data.corrupt_images: skip; each file is named in a warning above)", epoch, total)
+        self.metrics_log.write({"step": step, "epoch": epoch, "skipped_images": total}, "data")
 
     def _finish(self, step: int, stopping: bool, stopped_by: set[str]) -> dict:
         if stopping and step < self.end_step:

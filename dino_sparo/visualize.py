@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from dino_sparo.errors import UsageError
 from dino_sparo.models.vit import VisionTransformer
@@ -44,9 +46,11 @@ def plot_slot_attention(
     title: str = "",
 ) -> list[int]:
     """A grid PNG: one row per image (the image, then each chosen slot's attention over the
-    patches, overlaid); the weight a slot puts on the class token is printed above its map.
+    patches: over a grey image, beside a colour one, where an overlay would mix the map's colours
+    with the photo's), one colour scale for every map; the weight a slot puts on the class token is
+    printed above its map.
 
-    ``images`` are the network's inputs (normalised, ``B × 3 × H × W``); ``display`` the same
+    ``images`` are the network's inputs (normalised, ``B × C × H × W``); ``display`` the same
     images for showing (``B × H × W`` or ``B × H × W × 3``, values in [0, 1]). Slots are chosen by
     :func:`most_attended_slots` unless given. Returns the slots shown.
     """
@@ -58,7 +62,10 @@ def plot_slot_attention(
     b = images.shape[0]
     grid_h, grid_w = images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size
     fig, axes = plt.subplots(b, len(slots) + 1, figsize=(1.3 * (len(slots) + 1), 1.4 * b), squeeze=False)
-    cmap = "gray" if display.ndim == 3 else None
+    grey = display.ndim == 3
+    cmap = "gray" if grey else None
+    top = max(float(attn[:, slots, 1:].max()), 1e-6)  # one scale for every map of the picture
+    shown = None
     for row in range(b):
         axes[row, 0].imshow(display[row], cmap=cmap)
         axes[row, 0].set_title("image", fontsize=7)
@@ -66,14 +73,19 @@ def plot_slot_attention(
             weights = attn[row, slot]
             patch_map = weights[1:].reshape(1, 1, grid_h, grid_w)
             up = torch.nn.functional.interpolate(patch_map, size=display.shape[1:3], mode="nearest")[0, 0]
-            axes[row, col].imshow(display[row], cmap=cmap)
-            axes[row, col].imshow(up.numpy(), cmap="inferno", alpha=0.6)
+            if grey:
+                axes[row, col].imshow(display[row], cmap=cmap)
+            shown = axes[row, col].imshow(up.numpy(), cmap="inferno", vmin=0.0, vmax=top, alpha=0.6 if grey else 1.0)
             axes[row, col].set_title(f"slot {slot} · cls {weights[0]:.2f}", fontsize=6)
     for ax in axes.flat:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    if shown is not None:
+        scale = fig.colorbar(shown, cax=fig.add_axes((0.945, 0.12, 0.015, 0.76)))
+        scale.ax.tick_params(labelsize=6)
+        scale.set_label("attention on the patch", fontsize=6)
     _save(fig, path)
     return slots
 
@@ -138,39 +150,87 @@ def plot_text_attention(
 
 
 def load_images(items: Sequence[str | int], size: int, mean: Sequence[float], std: Sequence[float],
-                grayscale: bool, fashion_mnist_root: Optional[str] = None, world: Any = None
-                ) -> tuple[torch.Tensor, np.ndarray]:
+                grayscale: bool, fashion_mnist_root: Optional[str] = None, world: Any = None,
+                run_images: Optional[Dataset] = None, channels: int = 3) -> tuple[torch.Tensor, np.ndarray]:
     """Network inputs ``B × C × size × size`` and display images (``B × H × W`` grey or
-    ``B × H × W × 3``, in [0, 1]) from test indices (integers: Fashion-MNIST's, or the scene
-    ``world``'s test split when given) or image file paths."""
+    ``B × H × W × 3``, in [0, 1]) from indices (integers: into ``run_images`` when given, else the
+    scene ``world``'s test split when given, else Fashion-MNIST's test set) or image file paths,
+    opened as training opens them (:func:`dino_sparo.data.images.open_image`)."""
     from PIL import Image  # noqa: PLC0415
 
     from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST  # noqa: PLC0415
+    from dino_sparo.data.images import open_image, to_mode  # noqa: PLC0415
     from dino_sparo.data.transforms import eval_transform  # noqa: PLC0415
 
-    transform = eval_transform(size, mean, std, resize_ratio=1.0, grayscale_input=grayscale)
+    grayscale = grayscale or channels == 1
+    mode = "L" if grayscale else "RGB"
+    transform = eval_transform(size, mean, std, resize_ratio=1.0, grayscale_input=grayscale, channels=channels)
     test_set = None
     pictures = []
     for item in items:
-        if world is not None and (isinstance(item, int) or str(item).isdigit()):
+        if not (isinstance(item, int) or str(item).isdigit()):
+            if not Path(item).is_file():
+                raise FileNotFoundError(f"image not found: {item}")
+            picture = open_image(item, mode)
+        elif run_images is not None:
+            if not 0 <= int(item) < len(run_images):
+                raise IndexError(f"image index {item} is outside the run's {len(run_images)} images "
+                                 f"(0..{len(run_images) - 1}): {run_images!r}")
+            picture = run_images[int(item)][0]
+        elif world is not None:
             if not 0 <= int(item) < world.split_size("test"):
                 raise UsageError(f"scene index {item} is outside the test split's 0..{world.split_size('test') - 1}")
             picture = world.image(world.scene("test", int(item)))
-        elif isinstance(item, int) or str(item).isdigit():
+        else:
             if test_set is None:
                 test_set = FashionMNIST(fashion_mnist_root or DEFAULT_FASHION_MNIST_ROOT, "test")
             if not 0 <= int(item) < len(test_set):
                 raise UsageError(f"Fashion-MNIST test index {item} is outside 0..{len(test_set) - 1}")
             picture = test_set[int(item)][0]
-        else:
-            if not Path(item).is_file():
-                raise FileNotFoundError(f"image not found: {item}")
-            picture = Image.open(item)
-        picture = picture.convert("L" if grayscale else "RGB").resize((size, size), Image.BICUBIC)
-        pictures.append(picture)
+        pictures.append(to_mode(picture, mode).resize((size, size), Image.BICUBIC))
     images = torch.stack([transform(p) for p in pictures])  # B × C × size × size
     display = np.stack([np.asarray(p, dtype=np.float32) / 255 for p in pictures])
     return images, display
+
+
+def images_of_run(cfg: Any) -> Optional[Dataset]:
+    """The images a run was trained or evaluated on, as PIL images, for pictures without ``--images``:
+    an image folder's ``val/`` (or ``test/``, or the folder), a caption table, WebDataset shards.
+    None for Fashion-MNIST and the scene world, which have their own indices."""
+    from dino_sparo.data.captions import CaptionTable, TarShardCaptions  # noqa: PLC0415
+    from dino_sparo.data.datasets import build_dataset  # noqa: PLC0415
+
+    if cfg.mode == "clip":
+        clip = cfg.clip
+        if clip.dataset == "table":
+            return CaptionTable(clip.train_data, image_column=clip.image_column, caption_column=clip.caption_column,
+                                corrupt_images="skip", background=tuple(cfg.data.alpha_background))
+        if clip.dataset == "webdataset":
+            return TarShardCaptions(clip.train_data, image_keys=clip.shard_image_keys,
+                                    caption_key=clip.shard_caption_key, corrupt_images="skip")
+        return None
+    if cfg.data.dataset in ("imagefolder", "webdataset"):
+        split = "val" if cfg.data.dataset == "imagefolder" else "train"
+        index = Path(cfg.output_dir) / "shard_index.npz"  # the training run's, when still there
+        return build_dataset(dataclasses.replace(cfg.data, limit=None, corrupt_images="skip"), split,
+                             index_cache=index if index.is_file() else None)
+    return None
+
+
+def default_items(run_images: Optional[Dataset], world: Any, count: int = 8) -> list[int]:
+    """Which images a picture shows without ``--images``: one per class, spread over the classes,
+    of a labelled image folder; the first ones of a table or shards, or of the scene world; a
+    spread of Fashion-MNIST's classes."""
+    if run_images is not None:
+        targets = getattr(run_images, "targets", None)
+        if targets is not None and len(targets):
+            from dino_sparo.data.datasets import balanced_subset_indices  # noqa: PLC0415
+
+            return [int(i) for i in balanced_subset_indices(np.asarray(targets), min(count, len(targets)))]
+        return list(range(min(count, len(run_images))))
+    if world is not None:
+        return list(range(count))
+    return [0, 1250, 2500, 3750, 5000, 6250, 7500, 8750]
 
 
 def visualize_checkpoint(
@@ -184,9 +244,10 @@ def visualize_checkpoint(
     fashion_mnist_root: Optional[str] = None,
 ) -> dict[str, Any]:
     """Slot attention pictures of a DINO (``key``: teacher/student) or CLIP checkpoint; for CLIP
-    with a ``caption`` also the text strip (written beside ``output`` as ``*_text.png``)."""
+    with a ``caption`` also the text strip (written beside ``output`` as ``*_text.png``). Without
+    ``items``, images of the run's own data (:func:`images_of_run`, :func:`default_items`)."""
     from dino_sparo.checkpoint import load_run  # noqa: PLC0415
-    from dino_sparo.data.transforms import normalization_for  # noqa: PLC0415
+    from dino_sparo.data.transforms import dino_normalization  # noqa: PLC0415
 
     output = Path(output)
     mode = load_run(checkpoint).cfg.mode
@@ -202,19 +263,24 @@ def visualize_checkpoint(
         from dino_sparo.models.build import load_backbone_from_checkpoint  # noqa: PLC0415
 
         backbone, cfg = load_backbone_from_checkpoint(checkpoint, key=key)
-        mean, std, grayscale = normalization_for(cfg.data.dataset)
+        mean, std, grayscale = dino_normalization(cfg)
     world = None
     if cfg.data.dataset == "scenes" or (mode == "clip" and cfg.clip.dataset == "scenes"):
         from dino_sparo.data.scenes import world_of  # noqa: PLC0415
 
         world = world_of(cfg.data.scenes)
-    if items is None:  # a spread of Fashion-MNIST's classes, or the first scenes
-        items = list(range(8)) if world is not None else [0, 1250, 2500, 3750, 5000, 6250, 7500, 8750]
+    run_images = _run_images_or_ask(cfg, items)
+    if items is None:
+        items = default_items(run_images, world)
     images, display = load_images(items, cfg.model.img_size, mean, std, grayscale,
-                                  fashion_mnist_root or cfg.data.path, world=world)
+                                  fashion_mnist_root or cfg.data.path, world=world, run_images=run_images,
+                                  channels=cfg.model.in_chans)
     shown = plot_slot_attention(backbone, images, display, output, slots=slots, num_slots=num_slots,
                                 title=f"{Path(checkpoint).parent.name}: slot attention over patches")
-    result: dict[str, Any] = {"image_png": str(output), "slots": shown}
+    source = (repr(run_images) if run_images is not None else "the scene world's test split" if world is not None
+              else "Fashion-MNIST's test set")
+    result: dict[str, Any] = {"image_png": str(output), "slots": shown, "images": [str(i) for i in items],
+                              "indices_into": source}
     if caption is not None:
         if text is None:
             raise UsageError(f"--caption needs a CLIP checkpoint; {checkpoint} was trained with mode {mode!r}")
@@ -222,6 +288,18 @@ def visualize_checkpoint(
         result["text_slots"] = plot_text_attention(text, tokenizer, caption, text_png, slots=slots, num_slots=num_slots)
         result["text_png"] = str(text_png)
     return result
+
+
+def _run_images_or_ask(cfg: Any, items: Optional[Sequence[str | int]]) -> Optional[Dataset]:
+    """:func:`images_of_run`, needed when indices (or nothing) are asked for; when the run's data
+    is no longer where its config says, an error that asks for ``--images`` files."""
+    if items is not None and not any(isinstance(i, int) or str(i).isdigit() for i in items):
+        return None
+    try:
+        return images_of_run(cfg)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the run's images ({' '.join(str(exc).split())}); pass image files "
+                         "with --images") from None
 
 
 def _pyplot() -> Any:

@@ -20,9 +20,11 @@ from PIL import Image
 
 from dino_sparo import SPARO
 from dino_sparo.data.captions import CaptionTable, FashionMNISTCaptions, TarShardCaptions
+from dino_sparo.data.images import CorruptImageError
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
 from dino_sparo.cli import zeroshot as zeroshot_cli
 from dino_sparo.evaluation import zeroshot
+from dino_sparo.evaluation.options import Extraction
 from dino_sparo.losses import ClipLoss
 from dino_sparo.methods.clip import ClipMethod
 from dino_sparo.models.clip import baseline_config, build_clip_model
@@ -283,9 +285,8 @@ def test_caption_table_errors_name_file_and_line(tmp_path):
     table.write_text("path,caption\n" + f"{names[0]},first\n" + "imgs/missing.png,second\n")
     with pytest.raises(ValueError, match=r"no column 'text'.*pairs\.csv|pairs\.csv.*no column 'text'"):
         CaptionTable(table, caption_column="text")
-    data = CaptionTable(table)
-    with pytest.raises(FileNotFoundError, match=r"pairs\.csv, line 3: image not found"):
-        data[1]
+    with pytest.raises(CorruptImageError, match=r"pairs\.csv, line 3: image not found: .*imgs/missing\.png$"):
+        CaptionTable(table)  # a missing file is found when the table is read, not mid-epoch
     table.write_text("path,caption\n" + f"{names[0]},first\n" + f"{names[1]},\n")
     with pytest.raises(ValueError, match=r"pairs\.csv, line 3: empty 'caption'"):
         CaptionTable(table)
@@ -344,6 +345,52 @@ def test_retrieval_recall_against_brute_force_ranks():
         i2t = np.mean([int((sims[i] > sims[i, i]).sum()) < k for i in range(30)])
         t2i = np.mean([int((sims[:, i] > sims[i, i]).sum()) < k for i in range(30)])
         assert math.isclose(result[f"image_to_text_R@{k}"], i2t) and math.isclose(result[f"text_to_image_R@{k}"], t2i)
+
+
+def test_grouped_retrieval_recall_against_brute_force_ranks():
+    """Several captions per image (COCO, Flickr): an image is found by any of its captions."""
+    torch.manual_seed(0)
+    images = F.normalize(torch.randn(10, 8), dim=-1)
+    image_of_text = torch.arange(10).repeat_interleave(3)[torch.randperm(30)]  # three captions each, shuffled
+    texts = F.normalize(images[image_of_text] + 0.9 * torch.randn(30, 8), dim=-1)
+    result = zeroshot.retrieval_recall(images, texts, chunk_size=4, image_of_text=image_of_text)
+    sims = images @ texts.T  # 10 × 30
+    for k in (1, 5, 10):
+        i2t = np.mean([int((sims[i][image_of_text != i] >= sims[i][image_of_text == i].max()).sum()) < k
+                       for i in range(10)])
+        t2i = np.mean([int((sims[:, t] > sims[image_of_text[t], t]).sum()) < k for t in range(30)])
+        assert math.isclose(result[f"image_to_text_R@{k}"], i2t) and math.isclose(result[f"text_to_image_R@{k}"], t2i)
+    one_each = zeroshot.retrieval_recall(images, texts[:10], image_of_text=torch.arange(10))
+    assert one_each == zeroshot.retrieval_recall(images, texts[:10])  # one caption per image: the paired case
+
+
+def test_a_table_listing_images_several_times_is_retrieved_per_image(clip_checkpoint, tmp_path):
+    names = _write_images(tmp_path / "imgs", 4)
+    rows = [(name, f"caption {j} of image {i}") for j in range(3) for i, name in enumerate(names)]
+    (tmp_path / "coco.csv").write_text("path,caption\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    result = zeroshot.zeroshot_from_checkpoint(clip_checkpoint, dataset="none", retrieval=str(tmp_path / "coco.csv"),
+                                               extraction=Extraction(device="cpu", progress=False))
+    r = result["retrieval"]
+    assert r["num_images"] == 4 and r["num_pairs"] == 12
+    assert r["image_to_text_R@10"] == 1.0  # 12 captions, of which 3 are each image's: always within 10
+    assert "images / captions" in zeroshot.format_table(result)
+
+
+def test_zeroshot_on_an_image_folder_uses_openai_templates_with_its_class_names(clip_checkpoint, tmp_path):
+    for split in ("train", "val"):
+        for name in ("sneaker", "bag"):
+            (tmp_path / "shop" / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((28, 28, 3), 60 * i, dtype=np.uint8)).save(
+                    tmp_path / "shop" / split / name / f"{i}.png")
+    result = zeroshot.zeroshot_from_checkpoint(clip_checkpoint, dataset="imagefolder",
+                                               data_path=str(tmp_path / "shop"), split="val",
+                                               extraction=Extraction(device="cpu", progress=False))
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    assert result["zeroshot"]["num_templates"] == len(OPENAI_IMAGENET_TEMPLATES) == 80
+    assert result["zeroshot"]["num_classes"] == 2
+    assert zeroshot.load_templates("auto", ["a {} again"], "fashion_mnist") == ["a {} again"]
 
 
 def test_greedy_zeroshot_selection_finds_the_informative_slot():

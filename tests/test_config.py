@@ -110,7 +110,19 @@ BAD_VALUES = [
     ("dino.momentum_teacher=1.5", r"'dino.momentum_teacher' must be in \[0, 1\]"),
     ("log_every=0", "'log_every' must be an integer >= 1"),
     ("eval.knn_k=0", "'eval.knn_k' must be an integer >= 1"),
+    ("model.in_chans=2", r"'model.in_chans' must be 1 \(grey images\) or 3 \(RGB\), got 2"),
+    ("data.mean=[0.5]", r"'data.mean' must be null or a list of model.in_chans \(3\) values"),
+    ("data.std=[0.5,0.5,0]", "'data.std' must be null or values > 0"),
+    ("data.alpha_background=[0,0,300]", "'data.alpha_background' must be an RGB triple in 0..255"),
+    ("crops.color_jitter_strength=-1", r"'crops.color_jitter_strength' must be in \[0, 5\]"),
+    ("crops.grayscale_prob=1.5", r"'crops.grayscale_prob' must be a probability in \[0, 1\]"),
 ]
+
+
+def test_one_channel_input_is_refused_in_clip_mode_at_load():
+    with pytest.raises(ConfigError, match=r"'model.in_chans' must be 3 in CLIP mode"):
+        load_config(None, ["mode=clip", "model.in_chans=1"])
+    load_config(None, ["model.in_chans=1", "data.mean=[0.5]", "data.std=[0.2]"])  # DINO mode takes it
 
 
 @pytest.mark.parametrize("override,message", BAD_VALUES)

@@ -213,3 +213,75 @@ def test_fashion_mnist_constants_match_the_training_set():
 def test_normalization_for_dataset_names():
     assert normalization_for("fashion_mnist") == (FASHION_MNIST_MEAN, FASHION_MNIST_STD, True)
     assert normalization_for("imagefolder") == (IMAGENET_MEAN, IMAGENET_STD, False)
+
+
+def test_colour_augmentation_strength_and_grey_probability_are_settable():
+    def steps(compose, kind):
+        return [s for s in compose.transforms[1].transforms if isinstance(s, kind)]  # flip and colour
+
+    half = MultiCropTransform(28, 12, local_crops_number=1, color_jitter_strength=0.5, grayscale_prob=0.0)
+    (apply,) = steps(half.global_transforms[0], transforms.RandomApply)
+    jitter = apply.transforms[0]
+    assert apply.p == 0.8 and jitter.brightness == (0.8, 1.2) and jitter.saturation == (0.9, 1.1)
+    assert jitter.hue == (-0.05, 0.05)
+    assert steps(half.global_transforms[0], transforms.RandomGrayscale)[0].p == 0.0
+    off = MultiCropTransform(28, 12, local_crops_number=1, color_jitter_strength=0.0)
+    assert steps(off.local_transform, transforms.RandomApply)[0].p == 0.0
+
+
+def test_one_channel_transforms_give_one_channel_with_per_channel_statistics():
+    rgb = _rgb_image(64, 64)
+    crops = MultiCropTransform(28, 12, local_crops_number=2, mean=[0.5], std=[0.25], channels=1)(rgb)
+    assert [c.shape[0] for c in crops] == [1, 1, 1, 1]
+    evaluated = eval_transform(28, [0.5], [0.25], resize_ratio=1.0, channels=1)(rgb)
+    grey = np.asarray(rgb.convert("L").resize((28, 28), Image.BICUBIC), dtype=np.float32) / 255
+    assert evaluated.shape == (1, 28, 28)
+    assert torch.allclose(evaluated[0], (torch.from_numpy(grey) - 0.5) / 0.25, atol=1e-5)
+
+
+def _constant_folder(root: Path, value: int = 100) -> Path:
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((32, 32, 3), value, dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_normalisation_keys_reach_dino_training_and_evaluation_views(tmp_path):
+    from conftest import TINY_MODEL
+    from dino_sparo.config import load_config
+    from dino_sparo.data.transforms import eval_transform_for
+    from dino_sparo.methods import build_method
+
+    folder = _constant_folder(tmp_path / "images")
+    cfg = load_config(None, [*TINY_MODEL, f"data.path={folder}", "data.mean=[0.5,0.25,0.125]",
+                             "data.std=[0.25,0.5,1.0]", "crops.color_jitter_strength=0", "crops.grayscale_prob=0",
+                             f"output_dir={tmp_path / 'run'}"])
+    expected = (100 / 255 - torch.tensor([0.5, 0.25, 0.125])) / torch.tensor([0.25, 0.5, 1.0])
+    crops, _ = build_method(cfg, torch.device("cpu")).train_dataset()[0]
+    for crop in crops:  # a constant image stays constant through crops, flips, blur and solarisation (< 128)
+        assert torch.allclose(crop.mean(dim=(1, 2)), expected, atol=1e-4) and crop.std(dim=(1, 2)).max() < 1e-4
+    view = eval_transform_for("imagefolder", 28, cfg=cfg)(Image.open(folder / "a" / "0.png"))
+    assert torch.allclose(view.mean(dim=(1, 2)), expected, atol=1e-4)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_TRAIN.is_file(), reason="needs Fashion-MNIST")
+def test_a_one_channel_vit_trains_evaluates_and_draws(tmp_path):
+    """model.in_chans: 1 end to end: training with k-NN during it, k-NN afterwards, the picture."""
+    from conftest import TINY_TRAINING
+    from dino_sparo.config import load_config
+    from dino_sparo.evaluation.api import evaluate_checkpoint
+    from dino_sparo.train import train
+    from dino_sparo.visualize import visualize_checkpoint
+
+    out = tmp_path / "run"
+    metrics = train(load_config(None, [*TINY_TRAINING, "model.in_chans=1", "data.mean=[0.286]", "data.std=[0.353]",
+                                       "optim.epochs=1", "eval.knn_every=1", "eval.knn_train_limit=100",
+                                       "eval.knn_test_limit=50", f"output_dir={out}"]))
+    assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["knn_top1"] <= 1.0
+    checkpoint = out / "checkpoint.pth"
+    result = evaluate_checkpoint("knn", checkpoint, train_limit=100, test_limit=50, ks=(5,), cache_dir=tmp_path / "c")
+    assert result["num_test"] == 50 and result["feature_dim"] == 32
+    assert result["knn"]["5"]["top1"] > 0.2  # features of one-channel inputs, above chance (0.1)
+    drawn = visualize_checkpoint(checkpoint, [0, 1], tmp_path / "slots.png", num_slots=2)
+    assert Image.open(drawn["image_png"]).size[0] > 0

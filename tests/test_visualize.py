@@ -90,3 +90,58 @@ def test_plot_log_reads_logs_and_writes_one_png(tmp_path):
 def test_plot_log_names_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         read_log(tmp_path / "nowhere" / "log.jsonl")
+
+
+class _Figures:
+    """Captures the figures the drawing functions save, for inspection."""
+
+    def __init__(self, monkeypatch):
+        import dino_sparo.visualize as visualize
+
+        self.saved = []
+        monkeypatch.setattr(visualize, "_save", lambda fig, path, dpi=110: self.saved.append(fig))
+
+
+def test_colour_images_get_maps_beside_them_and_every_picture_a_colour_scale(monkeypatch, tmp_path):
+    figures = _Figures(monkeypatch)
+    vit = _tiny_sparo_vit()
+    images = torch.randn(2, 3, 16, 16)
+    plot_slot_attention(vit, images, np.random.rand(2, 16, 16, 3).astype(np.float32), tmp_path / "c.png", slots=[0, 1])
+    plot_slot_attention(vit, images, np.random.rand(2, 16, 16).astype(np.float32), tmp_path / "g.png", slots=[0, 1])
+    colour, grey = figures.saved
+    for fig, layers in ((colour, 1), (grey, 2)):  # a colour photo is never under a map; a grey one is
+        panels, scale = fig.axes[:-1], fig.axes[-1]
+        assert len(panels) == 2 * 3 and scale.get_ylabel() == "attention on the patch"
+        assert [len(ax.images) for ax in panels] == [1, layers, layers] * 2
+        maps = [ax.images[-1] for ax in panels if ax.get_title().startswith("slot")]
+        assert len({m.get_clim() for m in maps}) == 1  # one scale for every map
+
+
+def test_an_image_folder_run_is_drawn_on_its_own_images(monkeypatch, tmp_path):
+    from conftest import TINY_MODEL
+    from dino_sparo.config import load_config
+    from dino_sparo.train import train
+    from dino_sparo.visualize import visualize_checkpoint
+
+    colours = {"a": (250, 0, 0), "b": (0, 250, 0), "c": (0, 0, 250)}
+    for name, colour in colours.items():
+        (tmp_path / "images" / "val" / name).mkdir(parents=True)
+        (tmp_path / "images" / "train" / name).mkdir(parents=True)
+        for i in range(4):
+            for split in ("train", "val"):
+                Image.fromarray(np.full((28, 28, 3), colour, dtype=np.uint8)).save(
+                    tmp_path / "images" / split / name / f"{i}.png")
+    out = tmp_path / "run"
+    train(load_config(None, [*TINY_MODEL, f"data.path={tmp_path / 'images'}", "data.batch_size_per_gpu=4",
+                             "data.num_workers=0", "max_steps=1", f"output_dir={out}"]))
+    figures = _Figures(monkeypatch)
+    result = visualize_checkpoint(out / "checkpoint.pth", None, tmp_path / "slots.png", num_slots=2)
+    assert str(tmp_path / "images" / "val") in result["indices_into"] and len(result["images"]) == 8
+    shown = [ax.images[0].get_array() for ax in figures.saved[0].axes[:-1] if ax.get_title() == "image"]
+    seen = {tuple(np.round(np.asarray(image)[0, 0] * 255).astype(int)) for image in shown}
+    assert seen == set(colours.values())  # the run's own images, every class
+    import shutil
+
+    shutil.rmtree(tmp_path / "images")
+    with pytest.raises(ValueError, match="cannot read the run's images .*pass image files with --images"):
+        visualize_checkpoint(out / "checkpoint.pth", None, tmp_path / "again.png")

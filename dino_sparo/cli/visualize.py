@@ -18,9 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth of a DINO or CLIP run with a SPARO read-out")
     parser.add_argument("--images", nargs="+",
-                        help="test indices (Fashion-MNIST's; for a run on the scene world, its test scenes) and/or "
-                             "image file paths (default: 8 Fashion-MNIST test images of different classes, or "
-                             "scenes 0-7)")
+                        help="image file paths and/or indices into the run's images: an image-folder run's val/ "
+                             "(or test/, or the folder), a caption table's rows, shards' samples, Fashion-MNIST's "
+                             "test set, the scene world's test scenes (default: 8 of the run's images, one per "
+                             "class where there are labels; scenes 0-7)")
     parser.add_argument("--slots", type=int, nargs="+", help="slots to show (default: the most attended ones)")
     parser.add_argument("--num-slots", type=int, default=8, help="how many most-attended slots to show without --slots")
     parser.add_argument("--caption", help="CLIP only: also plot each slot's attention over this caption's tokens")

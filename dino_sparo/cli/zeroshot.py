@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", choices=["test", "val"], help="the split that is measured")
     parser.add_argument("--classnames", help="'imagenet' (open_clip's names for an ImageNet wnid folder) or a file "
                                              "with one name per line; default: the dataset's class names")
-    parser.add_argument("--templates", default="config",
-                        help="prompt templates: 'config' (those the training captions used), 'simple', 'openai' "
+    parser.add_argument("--templates", default="auto",
+                        help="prompt templates: 'auto' (openai for an image folder, config for Fashion-MNIST), "
+                             "'config' (those Fashion-MNIST's synthetic training captions used), 'simple', 'openai' "
                              "(CLIP's 80 ImageNet prompts), or a file with one template per line")
     parser.add_argument("--limit", type=int, help="evaluate only this many test images (class-balanced)")
     parser.add_argument("--retrieval", metavar="TABLE", help="CSV/TSV caption table for recall@1/5/10")

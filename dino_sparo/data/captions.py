@@ -4,19 +4,16 @@ synthetic captions made from its class names.
 Every dataset here is map-style (a length and random access), so the training loop's resumable,
 distributed sampler and its per-sample seeding apply unchanged; items are ``(image, tokens)``
 (or ``(image, caption)`` without a tokeniser). WebDataset shards are indexed once (member offsets
-read from the tar headers) and then read by offset, which is what makes them indexable.
+read from the tar headers) and then read by offset, which is what makes them indexable
+(:mod:`dino_sparo.data.shards`). Unreadable images follow ``data.corrupt_images``.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import os
 import random
-import tarfile
-import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -26,7 +23,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dino_sparo.data.datasets import FashionMNIST
-from dino_sparo.data.transforms import to_rgb
+from dino_sparo.data.images import ALPHA_BACKGROUND, CorruptImageError, UnreadableImages, open_image
+from dino_sparo.data.samplers import warn_limit_above_size
+from dino_sparo.data.shards import DEFAULT_IMAGE_KEYS, TarShards, expand_shards  # noqa: F401 (expand_shards: re-exported)
 from dino_sparo.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -56,18 +55,33 @@ class CaptionTable(_Captioned):
     """Images and captions listed in a CSV (``.csv``) or TSV (``.tsv``, ``.tab``, ``.txt``) file
     with a header row; image paths are relative to the table's folder (absolute paths kept).
 
-    Rows with an empty path or caption are refused when the table is read; a missing or unreadable
-    image is refused when it is loaded; both errors name the table and its line number.
+    Rows with an empty path or caption are refused when the table is read, and so are rows whose
+    image file is missing, unless ``corrupt_images`` is ``skip``: then they are left out, counted
+    in one warning. An image that cannot be decoded follows ``corrupt_images`` when it is loaded
+    (:class:`~dino_sparo.data.images.UnreadableImages`). Every error names the table, the line and
+    the file. ``limit`` keeps the first rows. Several rows may list one image (COCO, Flickr: five
+    captions each): :meth:`image_ids` groups them.
     """
 
     def __init__(self, table: str | os.PathLike, transform: Optional[Callable] = None,
                  tokenizer: Optional[Tokenize] = None, image_column: str = "path",
-                 caption_column: str = "caption") -> None:
+                 caption_column: str = "caption", corrupt_images: str = "error",
+                 background: Sequence[int] = ALPHA_BACKGROUND, limit: Optional[int] = None) -> None:
         self.table = Path(os.path.expanduser(str(table)))
         if not self.table.is_file():
             raise FileNotFoundError(f"caption table not found: {self.table}")
-        delimiter = "," if self.table.suffix.lower() == ".csv" else "\t"
         self.transform, self.tokenizer = transform, tokenizer
+        self.unreadable = UnreadableImages(corrupt_images, f"caption table {self.table}")
+        self.background = tuple(background)
+        paths, captions, lines = self._read_rows(image_column, caption_column)
+        if limit is not None:
+            warn_limit_above_size(limit, len(paths), f"caption table {self.table}")
+            paths, captions, lines = paths[:limit], captions[:limit], lines[:limit]
+        self.paths, self.captions, self.lines = self._drop_missing(paths, captions, lines)
+        logger.info("caption table %s: %d image–caption pairs", self.table, len(self.paths))
+
+    def _read_rows(self, image_column: str, caption_column: str) -> tuple[list[str], list[str], list[int]]:
+        delimiter = "," if self.table.suffix.lower() == ".csv" else "\t"
         root = self.table.parent
         paths: list[str] = []
         captions: list[str] = []
@@ -77,191 +91,109 @@ class CaptionTable(_Captioned):
             columns = reader.fieldnames or []
             for column, key in ((image_column, "clip.image_column"), (caption_column, "clip.caption_column")):
                 if column not in columns:
-                    raise ValueError(f"caption table {self.table} has no column {column!r} (config key '{key}'); "
+                    raise ConfigError(f"caption table {self.table} has no column {column!r} (config key '{key}'); "
                                      f"its header has {columns}")
             for row in reader:
                 line = reader.line_num
                 path, caption = (row.get(image_column) or "").strip(), (row.get(caption_column) or "").strip()
                 if not path or not caption:
                     missing = image_column if not path else caption_column
-                    raise ValueError(f"caption table {self.table}, line {line}: empty {missing!r}")
+                    raise ConfigError(f"caption table {self.table}, line {line}: empty {missing!r}")
                 paths.append(path if os.path.isabs(path) else str(root / path))
                 captions.append(caption)
                 lines.append(line)
         if not paths:
-            raise ValueError(f"caption table {self.table} lists no images")
-        self.paths, self.captions, self.lines = paths, captions, lines
-        logger.info("caption table %s: %d image–caption pairs", self.table, len(paths))
+            raise ConfigError(f"caption table {self.table} lists no images")
+        return paths, captions, lines
+
+    def _drop_missing(self, paths: list[str], captions: list[str], lines: list[int]
+                      ) -> tuple[list[str], list[str], list[int]]:
+        """Rows whose image file exists."""
+        exists = existing_files(paths)
+        missing = [i for i, path in enumerate(paths) if path not in exists]
+        if not missing:
+            return paths, captions, lines
+        first = missing[0]
+        more = f" ({len(missing) - 1} more rows list missing images)" if len(missing) > 1 else ""
+        if self.unreadable.policy == "error":
+            raise CorruptImageError(f"caption table {self.table}, line {lines[first]}: image not found: "
+                                    f"{paths[first]}{more}")
+        logger.warning("caption table %s: %d of %d rows list a missing image and are left out "
+                       "(data.corrupt_images: skip), e.g. line %d: %s", self.table, len(missing), len(paths),
+                       lines[first], paths[first])
+        keep = sorted(set(range(len(paths))) - set(missing))
+        if not keep:
+            raise CorruptImageError(f"caption table {self.table}: every one of its {len(paths)} images is missing, "
+                                    f"e.g. line {lines[first]}: {paths[first]}")
+        return [paths[i] for i in keep], [captions[i] for i in keep], [lines[i] for i in keep]
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def image_ids(self) -> np.ndarray:
+        """``N`` ids, one per distinct image file, in order of first appearance: rows with one id
+        are captions of one image."""
+        return np.asarray(_first_appearance_ids(self.paths), dtype=np.int64)
+
     def load_image(self, index: int) -> Image.Image:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                return to_rgb(image)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"caption table {self.table}, line {self.lines[index]}: image not found: "
-                                    f"{path}") from None
-        except OSError as exc:
-            raise OSError(f"caption table {self.table}, line {self.lines[index]}: cannot read image {path} "
-                          f"({exc})") from exc
+        return open_image(self.paths[index], "RGB", self.background,
+                          where=f"caption table {self.table}, line {self.lines[index]}: ")
+
+    def _load_one(self, index: int) -> tuple[Image.Image, str]:
+        return self.load_image(index), self.captions[index]
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        return self._item(self.load_image(index), self.captions[index])
+        return self._item(*self.unreadable.load(self._load_one, int(index), len(self)))
+
+
+def existing_files(paths: Sequence[str]) -> set[str]:
+    """Which of ``paths`` are files, from one listing of each folder they name (folders listed a few
+    at a time) rather than one ``stat`` per row, which is a round trip each on a network file system."""
+    by_folder: dict[str, set[str]] = {}
+    for path in paths:
+        folder, name = os.path.split(path)
+        by_folder.setdefault(folder, set()).add(name)
+
+    def files_in(folder: str) -> set[str]:
+        try:
+            with os.scandir(folder or ".") as entries:
+                return {entry.name for entry in entries if entry.is_file()}
+        except OSError:  # a missing folder: none of its files exist
+            return set()
+
+    folders = list(by_folder)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        listed = dict(zip(folders, pool.map(files_in, folders)))
+    return {os.path.join(folder, name) for folder, names in by_folder.items() for name in names & listed[folder]}
+
+
+def _first_appearance_ids(keys: Sequence[str]) -> list[int]:
+    seen: dict[str, int] = {}
+    return [seen.setdefault(key, len(seen)) for key in keys]
 
 
 # --------------------------------------------------------------------------------------------
 # WebDataset tar shards
 
 
-def expand_shards(spec: str) -> list[Path]:
-    """Shard paths from a brace pattern (``data/{00000..00099}.tar``), several joined by ``::``,
-    or a folder (every ``.tar`` in it). Every shard must exist."""
-    from braceexpand import braceexpand  # noqa: PLC0415 (a webdataset dependency)
-
-    paths: list[Path] = []
-    for part in spec.split("::"):
-        part = os.path.expanduser(part.strip())
-        if os.path.isdir(part):
-            found = sorted(Path(part).glob("*.tar"))
-            if not found:
-                raise FileNotFoundError(f"no .tar shards in folder {part}")
-            paths.extend(found)
-        else:
-            paths.extend(Path(p) for p in braceexpand(part))
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards not found, e.g. {missing[0]} "
-                                f"(config key 'clip.train_data' = {spec!r})")
-    return paths
-
-
-def _index_shard(path: Path, image_keys: Sequence[str], caption_key: str) -> np.ndarray:
-    """One shard's samples as rows ``(image offset, image size, caption offset, caption size,
-    image key index)``.
-
-    Members are grouped into samples by WebDataset's rule (key = path up to the first dot of the
-    file name); samples without an image or a caption are skipped, as WebDataset's ``to_tuple`` does.
-    """
-    from webdataset.tariterators import base_plus_ext  # noqa: PLC0415
-
-    samples: dict[str, dict[str, tuple[int, int]]] = {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = base_plus_ext(member.name)
-                if key is None or os.path.basename(key).startswith("__"):
-                    continue
-                samples.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
-    except tarfile.TarError as exc:
-        raise ValueError(f"shard {path} is not a readable uncompressed tar file ({exc})") from exc
-    rows = []
-    for members in samples.values():  # dicts keep the order of the tar
-        image = next((i for i, ext in enumerate(image_keys) if ext in members), None)
-        if image is not None and caption_key in members:
-            rows.append((*members[image_keys[image]], *members[caption_key], image))
-    return np.array(rows, dtype=np.int64).reshape(-1, 5)
-
-
-def _shard_signature(shards: Sequence[Path], image_keys: Sequence[str], caption_key: str) -> str:
-    """What an index depends on: the shard paths, sizes and modification times, and the keys."""
-    import hashlib  # noqa: PLC0415
-
-    h = hashlib.sha256(f"{list(image_keys)}|{caption_key}".encode())
-    for path in shards:
-        st = path.stat()
-        h.update(f"|{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
-class TarShardCaptions(_Captioned):
-    """Image–caption pairs from WebDataset tar shards (e.g. as written by img2dataset), indexable.
-
-    The shards are indexed when the dataset is built (tar headers only, several shards at once)
-    or the index is loaded from ``index_cache`` when that file matches the shards (paths, sizes,
-    modification times); items are then read by offset. Each process keeps at most
-    ``max_open_files`` shards open.
-    """
+class TarShardCaptions(TarShards, _Captioned):
+    """Image–caption pairs from WebDataset tar shards (e.g. as written by img2dataset), indexable
+    (see :class:`~dino_sparo.data.shards.TarShards`); samples without a caption are left out."""
 
     def __init__(self, spec: str, transform: Optional[Callable] = None, tokenizer: Optional[Tokenize] = None,
-                 image_keys: str | Sequence[str] = "jpg;jpeg;png;webp", caption_key: str = "txt",
-                 index_cache: Optional[str | os.PathLike] = None, num_threads: int = 16,
-                 max_open_files: int = 64) -> None:
+                 image_keys: str | Sequence[str] = DEFAULT_IMAGE_KEYS, caption_key: str = "txt",
+                 **options: Any) -> None:
+        super().__init__(spec, image_keys, second_key=caption_key, second_required=True, **options)
         self.transform, self.tokenizer = transform, tokenizer
-        self.shards = expand_shards(spec)
-        self.image_keys = image_keys.split(";") if isinstance(image_keys, str) else list(image_keys)
-        self.max_open_files = max_open_files
-        start = time.perf_counter()
-        signature = _shard_signature(self.shards, self.image_keys, caption_key)
-        cache = Path(index_cache) if index_cache is not None else None
-        index = None
-        if cache is not None and cache.is_file():
-            with np.load(cache) as stored:
-                if str(stored["signature"]) == signature:
-                    index = stored["samples"], stored["shard_of"]
-                else:
-                    logger.info("shard index %s was made for other shards: indexing again", cache)
-        if index is None:
-            with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(self.shards)))) as pool:
-                per_shard = list(pool.map(lambda p: _index_shard(p, self.image_keys, caption_key), self.shards))
-            counts = [len(rows) for rows in per_shard]
-            index = np.concatenate(per_shard), np.repeat(np.arange(len(self.shards), dtype=np.int32), counts)
-            if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
-                np.savez(tmp, samples=index[0], shard_of=index[1], signature=np.array(signature))
-                os.replace(tmp, cache)
-        self.samples, self.shard_of = index  # N × 5 (see _index_shard), N
-        if len(self.samples) == 0:
-            raise ValueError(f"no sample with an image ({'/'.join(self.image_keys)}) and a caption "
-                             f"({caption_key}) in {len(self.shards)} shards of {spec!r}")
-        self._files: OrderedDict[int, Any] = OrderedDict()
-        self._pid = os.getpid()
-        logger.info("WebDataset shards %s: %d samples in %d shards (index ready in %.1f s)", spec,
-                    len(self.samples), len(self.shards), time.perf_counter() - start)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _read(self, shard: int, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():  # a DataLoader worker: never share the parent's handles
-            self._files, self._pid = OrderedDict(), os.getpid()
-        handle = self._files.pop(shard, None)
-        if handle is None:
-            if len(self._files) >= self.max_open_files:
-                self._files.popitem(last=False)[1].close()  # the least recently used
-            handle = open(self.shards[shard], "rb")
-        self._files[shard] = handle
-        handle.seek(offset)
-        data = handle.read(size)
-        if len(data) != size:
-            raise OSError(f"shard {self.shards[shard]} is truncated (wanted {size} bytes at offset {offset})")
-        return data
 
     def caption(self, index: int) -> str:
-        _, _, offset, size, _ = self.samples[index]
-        return self._read(int(self.shard_of[index]), int(offset), int(size)).decode("utf-8").strip()
+        return (self.second(index) or b"").decode("utf-8").strip()
+
+    def _load_one(self, index: int) -> tuple[Image.Image, str]:
+        return self.image(index), self.caption(index)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        offset, size, _, _, key = self.samples[index]
-        shard = int(self.shard_of[index])
-        data = self._read(shard, int(offset), int(size))
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                image = to_rgb(image)
-        except OSError as exc:
-            raise OSError(f"shard {self.shards[shard]}: sample {index} has an unreadable "
-                          f"{self.image_keys[int(key)]} image ({exc})") from exc
-        return self._item(image, self.caption(index))
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_files"] = OrderedDict()  # open files do not pickle (spawned workers)
-        return state
+        return self._item(*self.unreadable.load(self._load_one, int(index), len(self)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,23 +237,25 @@ class FashionMNISTCaptions(_Captioned):
 
 def build_caption_dataset(cfg: Any, transform: Optional[Callable], tokenizer: Optional[Tokenize],
                           index_cache: Optional[str | os.PathLike] = None) -> Dataset:
-    """The training set that ``cfg.clip`` names (``dataset``, ``train_data``; ``data.limit`` for Fashion-MNIST);
-    ``index_cache``: where WebDataset shards keep their index."""
-    clip = cfg.clip
+    """The training set that ``cfg.clip`` names (``dataset``, ``train_data``), with ``data.limit``,
+    ``data.corrupt_images`` and ``data.alpha_background``; ``index_cache``: where WebDataset shards
+    keep their index."""
+    clip, data = cfg.clip, cfg.data
     if clip.dataset == "scenes":
         from dino_sparo.data.scenes import SceneCaptions, world_of  # noqa: PLC0415
 
-        return SceneCaptions(world_of(cfg.data.scenes), "train", transform, tokenizer)
+        return SceneCaptions(world_of(data.scenes), "train", transform, tokenizer)
     if clip.dataset == "fashion_mnist":
-        root = clip.train_data or cfg.data.path
-        return FashionMNISTCaptions(root, "train", transform, tokenizer, clip.templates, limit=cfg.data.limit)
+        root = clip.train_data or data.path
+        return FashionMNISTCaptions(root, "train", transform, tokenizer, clip.templates, limit=data.limit)
     if not clip.train_data:
         raise ConfigError(f"config key 'clip.train_data' must name the caption table or the shards for "
                          f"clip.dataset={clip.dataset}")
+    images = dict(corrupt_images=data.corrupt_images, background=tuple(data.alpha_background), limit=data.limit)
     if clip.dataset == "table":
-        return CaptionTable(clip.train_data, transform, tokenizer, clip.image_column, clip.caption_column)
+        return CaptionTable(clip.train_data, transform, tokenizer, clip.image_column, clip.caption_column, **images)
     if clip.dataset == "webdataset":
         return TarShardCaptions(clip.train_data, transform, tokenizer, clip.shard_image_keys, clip.shard_caption_key,
-                                index_cache=index_cache)
+                                index_cache=index_cache, **images)
     raise ConfigError(f"config key 'clip.dataset' must be fashion_mnist, table, webdataset or scenes, "
                      f"got {clip.dataset!r}")

@@ -21,6 +21,10 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from dino_sparo.errors import ConfigError
 
+from dino_sparo.data.images import (ALPHA_BACKGROUND, CORRUPT_IMAGE_POLICIES, CorruptImageError,  # noqa: F401
+                                    UnreadableImages, open_image)
+from dino_sparo.data.samplers import warn_limit_above_size
+
 logger = logging.getLogger(__name__)
 
 # Where Debian's `dataset-fashion-mnist` package installs the four IDX files.
@@ -46,8 +50,6 @@ FASHION_MNIST_FILES = {
 
 # Same set as torchvision, compared case-insensitively.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-CORRUPT_IMAGE_POLICIES = ("error", "skip")
 
 # IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
 _IDX_DTYPES = {
@@ -282,13 +284,6 @@ class FashionMNIST(Dataset):
 # Image folders
 
 
-class CorruptImageError(OSError):
-    """An image file that PIL cannot decode; the message names the file.
-
-    Takes a single message argument so that DataLoader workers can re-raise it in the main process.
-    """
-
-
 def _has_extension(name: str, extensions: tuple[str, ...]) -> bool:
     return name.lower().endswith(extensions)
 
@@ -314,22 +309,15 @@ def _scan_images(folder: str, extensions: tuple[str, ...]) -> list[str]:
     return files
 
 
-def _load_image(path: str, mode: str) -> Image.Image:
-    """Open and fully decode one image; any failure becomes a CorruptImageError naming the path."""
-    try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            return image.convert(mode)  # forces the full decode: truncation surfaces here
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        raise CorruptImageError(f"corrupt or unreadable image {path}: {type(e).__name__}: {e}") from e
-
-
 class ImageFolder(Dataset):
     """Images laid out as `root/<class>/<...>/<image>` (ImageNet style), classes sorted by name.
 
     `corrupt_images="error"` raises CorruptImageError naming the file; `"skip"` logs a warning with
-    the path (once per process) and returns the next readable sample instead. Paths are kept in one
-    byte buffer, not a list of Python strings, so DataLoader workers do not copy it page by page.
+    the path (once per process) and returns the next readable sample instead (see
+    :class:`~dino_sparo.data.images.UnreadableImages`). Images are opened by
+    :func:`~dino_sparo.data.images.open_image` in `image_mode` ('RGB', or 'L' for one channel),
+    transparency composited on `background`. Paths are kept in one byte buffer, not a list of Python
+    strings, so DataLoader workers do not copy it page by page.
     """
 
     def __init__(
@@ -342,12 +330,11 @@ class ImageFolder(Dataset):
         image_mode: str = "RGB",
         limit: int | None = None,
         indices: Sequence[int] | None = None,
+        background: Sequence[int] = ALPHA_BACKGROUND,
     ) -> None:
-        if corrupt_images not in CORRUPT_IMAGE_POLICIES:
-            raise ValueError(
-                f"corrupt_images must be one of {list(CORRUPT_IMAGE_POLICIES)}, got {corrupt_images!r}"
-            )
         self.root = Path(os.path.expanduser(root))
+        self.unreadable = UnreadableImages(corrupt_images, str(self.root))
+        self.background = tuple(background)
         self.transform = transform
         self.target_transform = target_transform
         self.corrupt_images = corrupt_images
@@ -395,7 +382,6 @@ class ImageFolder(Dataset):
         self._path_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         self.targets = target_array  # N
         self.targets.setflags(write=False)
-        self._bad: set[int] = set()
 
     @property
     def num_classes(self) -> int:
@@ -413,21 +399,11 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
+    def _load_one(self, index: int) -> tuple[Image.Image, int]:
+        return open_image(self.path(index), self.image_mode, self.background), index
+
     def _load(self, index: int) -> tuple[Image.Image, int]:
-        if self.corrupt_images == "error":
-            return _load_image(self.path(index), self.image_mode), index
-        for step in range(len(self)):
-            i = (index + step) % len(self)
-            if i in self._bad:
-                continue
-            try:
-                return _load_image(self.path(i), self.image_mode), i
-            except CorruptImageError as e:
-                self._bad.add(i)
-                logger.warning("skipping %s (corrupt_images=skip)", e)
-        raise CorruptImageError(
-            f"no readable image in {self.root}: every one of {len(self)} files is corrupt"
-        )
+        return self.unreadable.load(self._load_one, index, len(self))
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         if not -len(self) <= index < len(self):
@@ -466,7 +442,7 @@ def verify_image_folder(
 
     def check(path: str) -> str | None:
         try:
-            _load_image(path, "RGB")
+            open_image(path, "RGB")
         except CorruptImageError as e:
             logger.warning("%s", e)
             return path
@@ -502,11 +478,14 @@ def _imagefolder_split_root(path: Path, split: str) -> Path:
     return path
 
 
-def build_dataset(data_cfg: Any, split: str, transform: Callable | None = None) -> FashionMNIST | ImageFolder:
-    """Build the dataset that `data_cfg` names (`dataset`, `path`, `corrupt_images`, `limit`) for `split`.
+def build_dataset(data_cfg: Any, split: str, transform: Callable | None = None,
+                  index_cache: str | os.PathLike | None = None) -> Dataset:
+    """Build the dataset that `data_cfg` names (`dataset`, `path`, `corrupt_images`, `limit`,
+    `alpha_background`) for `split`.
 
     `split` is "train", "val" or "test"; Fashion-MNIST maps "val" to its test set. The result carries
-    `num_classes`.
+    `num_classes`. WebDataset shards (DINO training) have a train split only; `index_cache` is where
+    their index is kept.
     """
     if split not in _IMAGEFOLDER_SUBDIRS:
         raise ValueError(f"split must be one of {sorted(_IMAGEFOLDER_SUBDIRS)}, got {split!r}")
@@ -514,6 +493,7 @@ def build_dataset(data_cfg: Any, split: str, transform: Callable | None = None) 
     path = getattr(data_cfg, "path", None)
     limit = getattr(data_cfg, "limit", None)
     corrupt_images = getattr(data_cfg, "corrupt_images", "error")
+    background = tuple(getattr(data_cfg, "alpha_background", ALPHA_BACKGROUND))
     is_count = isinstance(limit, (int, np.integer)) and not isinstance(limit, bool)
     if limit is not None and (not is_count or limit < 0):
         raise ConfigError(f"config key 'data.limit' must be a non-negative integer or null, got {limit!r}")
@@ -533,13 +513,34 @@ def build_dataset(data_cfg: Any, split: str, transform: Callable | None = None) 
         if path in (None, ""):
             raise ConfigError("config key 'data.path' must name the image folder for data.dataset=imagefolder")
         root = _imagefolder_split_root(Path(os.path.expanduser(str(path))), split)
-        dataset = ImageFolder(root, transform=transform, corrupt_images=corrupt_images, limit=limit)
+        dataset = ImageFolder(root, transform=transform, corrupt_images=corrupt_images, limit=limit,
+                              background=background)
+    elif name == "webdataset":
+        dataset = _shard_images(data_cfg, split, transform, index_cache)
     else:
         raise ValueError(
-            f"config key 'data.dataset' must be 'fashion_mnist', 'imagefolder' or 'scenes', got {data_cfg.dataset!r}"
+            "config key 'data.dataset' must be 'fashion_mnist', 'imagefolder', 'scenes' or 'webdataset', "
+            f"got {data_cfg.dataset!r}"
         )
-    logger.info("%s split '%s': %d samples, %d classes", dataset, split, len(dataset), dataset.num_classes)
+    logger.info("%s split '%s': %d samples, %d classes", dataset, split, len(dataset),
+                getattr(dataset, "num_classes", 0))
+    warn_limit_above_size(limit, len(dataset), f"split '{split}' of {dataset!r}")
     return dataset
+
+
+def _shard_images(data_cfg: Any, split: str, transform: Callable | None,
+                  index_cache: str | os.PathLike | None) -> Dataset:
+    from dino_sparo.data.shards import TarShardImages  # noqa: PLC0415
+
+    if split != "train":
+        raise ValueError(f"config key 'data.dataset': WebDataset shards have no labelled '{split}' split to "
+                         "evaluate on; evaluate on an image folder (dino-sparo-knn --data-path)")
+    if getattr(data_cfg, "path", None) in (None, ""):
+        raise ValueError("config key 'data.path' must name the shards for data.dataset=webdataset "
+                         "('x/{00000..00099}.tar' or a folder of .tar files)")
+    return TarShardImages(str(data_cfg.path), transform, image_keys=data_cfg.shard_image_keys,
+                          label_key=data_cfg.shard_label_key, index_cache=index_cache,
+                          corrupt_images=data_cfg.corrupt_images, background=tuple(data_cfg.alpha_background))
 
 
 # --------------------------------------------------------------------------- what evaluations ask of a dataset

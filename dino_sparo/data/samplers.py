@@ -1,16 +1,30 @@
 """The training loader's order and augmentation seeds, which make a resumed run see exactly what an
-uninterrupted one would: the sampler starts mid-epoch, each sample is seeded by (seed, epoch, index)."""
+uninterrupted one would: the sampler starts mid-epoch, each sample is seeded by (seed, epoch, index).
+Also which samples a run uses (``data.limit``) and how many unreadable ones it skipped."""
 
 from __future__ import annotations
 
+import logging
 import random
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from dino_sparo.config import ConfigError
+from dino_sparo.data.images import skipped_images
+
+logger = logging.getLogger(__name__)
+
+
+def warn_limit_above_size(limit: Optional[int], size: int, where: str) -> None:
+    """``data.limit`` is a cap: above the number of images it keeps them all, and says so in the log
+    rather than refusing (the same key caps the evaluation splits built from the same data section,
+    which are often smaller than the training set)."""
+    if limit is not None and limit > size:
+        logger.warning("config key 'data.limit' (%d) is above the %d images of %s: using all %d", limit, size,
+                       where, size)
 
 
 class ResumableSampler(Sampler):
@@ -71,3 +85,30 @@ class SeededSamples(Dataset):
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.set_rng_state(saved[2])
+
+
+class CountSkipped(Dataset):
+    """Items ``(item, replaced)``: ``replaced`` is 1 when the dataset served another sample because
+    this one's image could not be read (``data.corrupt_images: skip``), counted in the loader worker
+    that loaded it; :class:`CollateSkipped` sums them per batch for the epoch's report."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        before = skipped_images(self.dataset)
+        item = self.dataset[index]
+        return item, skipped_images(self.dataset) - before
+
+
+class CollateSkipped:
+    """``[(item, replaced), ...]`` -> ``(collate_fn(items), replaced samples in the batch)``."""
+
+    def __init__(self, collate_fn: Optional[Callable] = None) -> None:
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, batch: list[tuple[Any, int]]) -> tuple[Any, int]:
+        return self.collate_fn([item for item, _ in batch]), sum(replaced for _, replaced in batch)

@@ -19,6 +19,8 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from dino_sparo.errors import ConfigError
 
+from dino_sparo.data.images import to_mode
+
 if TYPE_CHECKING:
     from dino_sparo.config import TrainConfig
 
@@ -90,7 +92,7 @@ class _ToPIL:
             image = Image.fromarray(np.ascontiguousarray(image))
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
-        return image if image.mode == self.mode else image.convert(self.mode)
+        return image if image.mode == self.mode else to_mode(image, self.mode)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r})"
@@ -106,20 +108,30 @@ class _ToThreeChannels:
         return f"{type(self).__name__}()"
 
 
-def _three_values(name: str, values: Sequence[float]) -> tuple[float, float, float]:
+# PIL's RGB -> L weights (ITU-R 601), which also turn RGB statistics into grey ones.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def channel_values(name: str, values: Sequence[float], channels: int = 3) -> tuple[float, ...]:
+    """``values`` for ``channels`` channels: one value is repeated; three (RGB statistics) for one
+    channel become their luminance, as the images themselves do."""
     values = tuple(float(v) for v in values)
     if len(values) == 1:
-        values = values * 3
-    if len(values) != 3:
-        raise ValueError(f"'{name}' must have 1 or 3 values (one per channel), got {values}")
-    return values  # type: ignore[return-value]
+        values = values * channels
+    elif len(values) == 3 and channels == 1:
+        values = (sum(w * v for w, v in zip(_LUMA, values)),)
+    if len(values) != channels:
+        raise ValueError(f"'{name}' must have 1 or {channels} values (one per channel), got {values}")
+    return values
 
 
-def _to_tensor_and_normalise(mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
-    mean3, std3 = _three_values("mean", mean), _three_values("std", std)
-    if any(s <= 0 for s in std3):
-        raise ValueError(f"'std' values must be > 0, got {std3}")
-    return transforms.Compose([transforms.ToTensor(), _ToThreeChannels(), transforms.Normalize(mean3, std3)])
+def _to_tensor_and_normalise(mean: Sequence[float], std: Sequence[float], channels: int = 3) -> transforms.Compose:
+    """ToTensor, grey images repeated to three channels unless the network takes one, Normalize."""
+    mean_c, std_c = channel_values("mean", mean, channels), channel_values("std", std, channels)
+    if any(s <= 0 for s in std_c):
+        raise ValueError(f"'std' values must be > 0, got {std_c}")
+    steps: list[Any] = [transforms.ToTensor()] + ([_ToThreeChannels()] if channels == 3 else [])
+    return transforms.Compose(steps + [transforms.Normalize(mean_c, std_c)])
 
 
 class MultiCropTransform:
@@ -128,7 +140,10 @@ class MultiCropTransform:
     Globals: RandomResizedCrop (bicubic), flip, colour jitter (p 0.8), grayscale (p 0.2), blur
     (p 1.0 on the first, 0.1 on the second), solarisation (p 0.2, second only). Locals: the same with
     blur p 0.5. With `grayscale_input` the image is processed as one channel (saturation, hue and
-    grayscale are no-ops there; brightness and contrast still act) and repeated to three channels.
+    grayscale are no-ops there; brightness and contrast still act) and repeated to three channels,
+    or kept as one with ``channels=1`` (a one-channel ViT, ``model.in_chans: 1``; RGB images are then
+    made grey first). ``color_jitter_strength`` scales DINO's jitter (0: none) and ``grayscale_prob``
+    replaces its 0.2.
     """
 
     def __init__(
@@ -142,6 +157,9 @@ class MultiCropTransform:
         std: Sequence[float] = IMAGENET_STD,
         grayscale_input: bool = False,
         global_crops_number: int = 2,
+        channels: int = 3,
+        color_jitter_strength: float = 1.0,
+        grayscale_prob: float = 0.2,
     ) -> None:
         if global_crops_number not in (1, 2):
             raise ValueError(f"'global_crops_number' must be 1 or 2 (DINO's two recipes), got {global_crops_number}")
@@ -152,20 +170,22 @@ class MultiCropTransform:
                 raise ValueError(f"'{name}' must be (low, high) with 0 < low <= high <= 1, got {tuple(scale)}")
         self.global_crops_number = global_crops_number
         self.local_crops_number = local_crops_number
-        self.to_pil = _ToPIL("L" if grayscale_input else "RGB")
+        self.to_pil = _ToPIL("L" if grayscale_input or channels == 1 else "RGB")
         blur_scale = global_crops_size / _BLUR_REFERENCE_SIZE
         radius = (0.1 * blur_scale, 2.0 * blur_scale)
 
+        s = color_jitter_strength
         flip_and_color_jitter = transforms.Compose(
             [
                 transforms.RandomHorizontalFlip(p=0.5),
                 transforms.RandomApply(
-                    [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
+                    [transforms.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.2 * s, hue=0.1 * s)],
+                    p=0.8 if s > 0 else 0.0,
                 ),
-                transforms.RandomGrayscale(p=0.2),
+                transforms.RandomGrayscale(p=grayscale_prob),
             ]
         )
-        normalise = _to_tensor_and_normalise(mean, std)
+        normalise = _to_tensor_and_normalise(mean, std, channels)
 
         def crop(size: int, scale: tuple[float, float]) -> transforms.RandomResizedCrop:
             return transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC)
@@ -217,8 +237,10 @@ def eval_transform(
     std: Sequence[float] = IMAGENET_STD,
     resize_ratio: float = 256 / 224,
     grayscale_input: bool = False,
+    channels: int = 3,
 ) -> transforms.Compose:
-    """Resize the short side to `round(size · resize_ratio)` (bicubic), centre-crop `size`, normalise.
+    """Resize the short side to `round(size · resize_ratio)` (bicubic), centre-crop `size`, normalise
+    (`channels=1`: one grey channel, for a one-channel ViT).
 
     DINO's k-NN / linear evaluation view (256 -> 224); use `resize_ratio=1.0` for small images.
     """
@@ -226,10 +248,10 @@ def eval_transform(
         raise ValueError(f"'resize_ratio' must be >= 1 (resize, then crop), got {resize_ratio}")
     return transforms.Compose(
         [
-            _ToPIL("L" if grayscale_input else "RGB"),
+            _ToPIL("L" if grayscale_input or channels == 1 else "RGB"),
             transforms.Resize(int(round(size * resize_ratio)), interpolation=InterpolationMode.BICUBIC),
             transforms.CenterCrop(size),
-            _to_tensor_and_normalise(mean, std),
+            _to_tensor_and_normalise(mean, std, channels),
         ]
     )
 
@@ -273,7 +295,13 @@ def eval_transform_for(
     mean, std, grayscale = eval_normalization(cfg, dataset)
     if resize_ratio is None:
         resize_ratio = 1.0 if dataset == "fashion_mnist" or is_clip(cfg) else 256 / 224
-    return eval_transform(image_size, mean, std, resize_ratio=resize_ratio, grayscale_input=grayscale)
+    return eval_transform(image_size, mean, std, resize_ratio=resize_ratio, grayscale_input=grayscale,
+                          channels=input_channels(cfg))
+
+
+def input_channels(cfg: Optional[TrainConfig]) -> int:
+    """The channels a run's network takes (``model.in_chans``; 3 without a config)."""
+    return int(cfg.model.in_chans) if cfg is not None else 3
 
 
 def is_clip(cfg: Optional[TrainConfig]) -> bool:
@@ -288,16 +316,27 @@ def eval_image_size(cfg: TrainConfig) -> int:
 
 def eval_normalization(cfg: Optional[TrainConfig], dataset: str) -> tuple[Any, Any, bool]:
     """Mean, std and grayscale-ness of the evaluation images: a CLIP run's own ``clip.image_mean`` /
-    ``clip.image_std`` (whatever the dataset), else the dataset's (as DINO trains)."""
+    ``clip.image_std`` (whatever the dataset), else as DINO trains: ``data.mean`` / ``data.std``, or
+    the dataset's."""
     mean, std, grayscale = normalization_for(dataset)
     if is_clip(cfg):
         return tuple(cfg.clip.image_mean), tuple(cfg.clip.image_std), grayscale
+    if cfg is not None:
+        return dino_normalization(cfg, dataset)
     return mean, std, grayscale
 
 
+def dino_normalization(cfg: TrainConfig, dataset: Optional[str] = None) -> tuple[Any, Any, bool]:
+    """A DINO run's mean, std (``data.mean`` / ``data.std``, else the dataset's) and grayscale-ness."""
+    mean, std, grayscale = normalization_for(dataset or cfg.data.dataset)
+    data = cfg.data
+    return (tuple(data.mean) if data.mean else mean), (tuple(data.std) if data.std else std), grayscale
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB copy, loaded now (so the file behind a lazily opened image may be closed)."""
-    return image.convert("RGB")
+    """An RGB copy, loaded now (so the file behind a lazily opened image may be closed); 16-bit images
+    scaled, transparency composited as :func:`dino_sparo.data.images.to_mode` does."""
+    return to_mode(image, "RGB")
 
 
 def probe_train_transform(dataset: str, image_size: int, scale: tuple[float, float] = (0.08, 1.0),
@@ -306,12 +345,14 @@ def probe_train_transform(dataset: str, image_size: int, scale: tuple[float, flo
     evaluation transform does (a CLIP run's own mean and std; grayscale images become three equal
     channels)."""
     mean, std, grayscale = eval_normalization(cfg, dataset)
-    steps: list[Any] = [transforms.Grayscale(num_output_channels=3) if grayscale else transforms.Lambda(to_rgb)]
+    channels = input_channels(cfg)
+    steps: list[Any] = [transforms.Grayscale(num_output_channels=channels) if grayscale or channels == 1
+                        else transforms.Lambda(to_rgb)]
     steps += [
         transforms.RandomResizedCrop(image_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(mean, std),
+        transforms.Normalize(channel_values("mean", mean, channels), channel_values("std", std, channels)),
     ]
     return transforms.Compose(steps)
 

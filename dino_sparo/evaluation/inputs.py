@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from dino_sparo.checkpoint import load_run
 from dino_sparo.config import ARCHS, DataConfig, TrainConfig, load_config
 from dino_sparo.data.datasets import build_dataset
+from dino_sparo.data.images import ALPHA_BACKGROUND
 from dino_sparo.data.transforms import eval_image_size, eval_transform_for, normalization_for
 from dino_sparo.errors import UsageError
 from dino_sparo.models.build import (
@@ -262,7 +263,8 @@ def load_eval_data(
     paths = split_paths(dataset, data_path, train_path, test_path)
     splits = {}
     for split, limit in (("train", train_limit), ("val", test_limit)):
-        data_cfg = DataConfig(dataset=dataset, path=paths[split], limit=limit, corrupt_images=corrupt_images)
+        data_cfg = DataConfig(dataset=dataset, path=paths[split], limit=limit, corrupt_images=corrupt_images,
+                              alpha_background=cfg.data.alpha_background if cfg is not None else ALPHA_BACKGROUND)
         splits[split] = build_dataset(data_cfg, split, transform)
     train, test = splits["train"], splits["val"]
     if train.num_classes != test.num_classes:

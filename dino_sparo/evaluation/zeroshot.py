@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dino_sparo.config import DataConfig
 from dino_sparo.data.captions import CaptionTable
@@ -99,24 +99,37 @@ def zeroshot_accuracy(image_features: torch.Tensor, class_features: torch.Tensor
 
 
 def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
-                     chunk_size: int = 4096, groups: Optional[torch.Tensor] = None) -> dict[str, float]:
-    """Recall@k for image→text and text→image retrieval over N matching pairs (row i ↔ row i).
+                     chunk_size: int = 4096, groups: Optional[torch.Tensor] = None,
+                     image_of_text: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """Recall@k for image→text and text→image retrieval over N matching pairs (row i ↔ row i), or
+    over I images and T captions with ``image_of_text`` (``T`` indices into the images: several
+    captions per image, as COCO and Flickr have five).
 
     A query counts at k when a candidate of its own group ranks among the k most similar ones,
     i.e. fewer than k candidates of other groups score at least as high as its best (ties counted
-    against it). ``groups`` (``N`` ids, e.g. one per distinct caption text) makes every pair with the
-    same caption a hit, as a finite world repeats captions; by default each pair is its own group."""
-    if image_features.shape != text_features.shape:
-        raise ValueError(f"retrieval needs paired features of one shape, got {tuple(image_features.shape)} "
-                         f"and {tuple(text_features.shape)}")
-    groups = torch.arange(len(image_features)) if groups is None else torch.as_tensor(groups)
+    against it). With ``image_of_text`` an image's group is its captions (a hit: any of them) and a
+    caption's is its image. For pairs, ``groups`` (``N`` ids, e.g. one per distinct caption text)
+    makes every pair with the same caption a hit, as a finite world repeats captions; by default
+    each pair is its own group."""
+    if image_of_text is not None:
+        image_labels = torch.arange(len(image_features))
+        text_labels = torch.as_tensor(image_of_text)
+        if len(text_labels) != len(text_features) or len(text_labels) and int(text_labels.max()) >= len(image_features):
+            raise ValueError(f"image_of_text must give each of the {len(text_features)} captions one of the "
+                             f"{len(image_features)} images")
+    else:
+        if image_features.shape != text_features.shape:
+            raise ValueError(f"retrieval needs paired features of one shape, got {tuple(image_features.shape)} "
+                             f"and {tuple(text_features.shape)}")
+        image_labels = text_labels = torch.arange(len(image_features)) if groups is None else torch.as_tensor(groups)
     result: dict[str, float] = {}
-    for name, queries, candidates in (("image_to_text", image_features, text_features),
-                                      ("text_to_image", text_features, image_features)):
+    for name, queries, query_labels, candidates, candidate_labels in (
+            ("image_to_text", image_features, image_labels, text_features, text_labels),
+            ("text_to_image", text_features, text_labels, image_features, image_labels)):
         ranks = []
         for start in range(0, len(queries), chunk_size):
-            sims = queries[start:start + chunk_size].float() @ candidates.float().T  # q × N
-            same = groups[start:start + sims.shape[0], None] == groups[None, :]  # q × N
+            sims = queries[start:start + chunk_size].float() @ candidates.float().T  # q × candidates
+            same = query_labels[start:start + sims.shape[0], None] == candidate_labels[None, :]  # q × candidates
             best = sims.masked_fill(~same, float("-inf")).max(dim=-1, keepdim=True).values
             ranks.append(((sims >= best) & ~same).sum(dim=-1))  # other groups' candidates at least as high
         rank = torch.cat(ranks)
@@ -178,9 +191,12 @@ def greedy_zeroshot_slots(image_features: torch.Tensor, class_features: torch.Te
 # --------------------------------------------------------------------------- data for the CLI
 
 
-def load_templates(spec: str, config_templates: Sequence[str]) -> list[str]:
-    """``config`` (the training captions' templates), ``simple``, ``openai`` (CLIP's 80 ImageNet
-    prompts, from open_clip), or a text file with one template per line."""
+def load_templates(spec: str, config_templates: Sequence[str], dataset: Optional[str] = None) -> list[str]:
+    """``auto`` (``openai`` for an image folder, else ``config``), ``config`` (the templates of
+    Fashion-MNIST's synthetic training captions, ``clip.templates``), ``simple``, ``openai`` (CLIP's
+    80 ImageNet prompts, from open_clip), or a text file with one template per line."""
+    if spec == "auto":
+        spec = "openai" if dataset == "imagefolder" else "config"
     if spec == "config":
         return list(config_templates)
     if spec == "simple":
@@ -191,7 +207,7 @@ def load_templates(spec: str, config_templates: Sequence[str]) -> list[str]:
         return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"--templates: not config/simple/openai and no such file: {spec}")
+        raise FileNotFoundError(f"--templates: not auto/config/simple/openai and no such file: {spec}")
     templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
@@ -257,14 +273,35 @@ def evaluate(model: Any, tokenizer: Callable, *, test_set: Optional[Dataset] = N
                 selection["test_top1_all"] = result["zeroshot"]["top1"]
                 result["slot_selection"] = selection
     if retrieval_set is not None:
+        result.update(_retrieval(model, retrieval_set, layout, batch_size, num_workers, device, progress))
+    return result
+
+
+def _retrieval(model: Any, retrieval_set: Dataset, layout: Any, batch_size: int, num_workers: int,
+               device: torch.device | str, progress: bool) -> dict[str, Any]:
+    """Recall@k on image–caption pairs; on a caption table that lists an image on several rows
+    (COCO, Flickr), each image once against all its captions."""
+    ids = retrieval_set.image_ids() if hasattr(retrieval_set, "image_ids") else None
+    if ids is not None and int(ids.max()) + 1 < len(ids):
+        firsts = np.unique(ids, return_index=True)[1]  # the first row of each image, in image-id order
+        images, _ = encode_images(model, _loader(Subset(retrieval_set, firsts.tolist()), batch_size, num_workers),
+                                  device, progress)
+        tokens = retrieval_set.tokenizer(list(retrieval_set.captions))
+        texts = encode_tokens(model, tokens, device, batch_size)
+        image_of_text = torch.from_numpy(ids)
+        out: dict[str, Any] = {"retrieval": {**retrieval_recall(images, texts, image_of_text=image_of_text),
+                                             "num_pairs": len(texts), "num_images": len(images)}}
+        paired = images[image_of_text]
+    else:
         images, tokens = encode_images(model, _loader(retrieval_set, batch_size, num_workers), device, progress)
         texts = encode_tokens(model, tokens, device, batch_size)
         groups = torch.unique(tokens, dim=0, return_inverse=True)[1]  # pairs with the same caption: one group
-        result["retrieval"] = {**retrieval_recall(images, texts, groups=groups), "num_pairs": len(images),
-                               "num_distinct_captions": int(groups.max()) + 1}
-        if layout is not None:
-            result["slot_alignment_pairs"] = slot_alignment(images, texts, *layout)
-    return result
+        out = {"retrieval": {**retrieval_recall(images, texts, groups=groups), "num_pairs": len(images),
+                             "num_images": len(images), "num_distinct_captions": int(groups.max()) + 1}}
+        paired = images
+    if layout is not None:
+        out["slot_alignment_pairs"] = slot_alignment(paired, texts, *layout)
+    return out
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -279,7 +316,7 @@ def format_table(result: dict[str, Any]) -> str:
         for direction in ("image_to_text", "text_to_image"):
             rows.append((direction.replace("_", " ") + " R@1/5/10",
                          " / ".join(f"{100 * r[f'{direction}_R@{k}']:.2f}" for k in (1, 5, 10))))
-        rows.append(("  pairs", str(r["num_pairs"])))
+        rows.append(("  images / captions", f"{r.get('num_images', r['num_pairs'])} / {r['num_pairs']}"))
     for key, label in (("slot_alignment_classes", "slot alignment (image · class)"),
                        ("slot_alignment_pairs", "slot alignment (image · caption)")):
         if key in result:
@@ -298,7 +335,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def zeroshot_from_checkpoint(
     checkpoint: str | Path, *, dataset: Optional[str] = None, data_path: Optional[str] = None, split: str = "test",
-    limit: Optional[int] = None, classnames: Optional[str] = None, templates: str = "config",
+    limit: Optional[int] = None, classnames: Optional[str] = None, templates: str = "auto",
     slot_selection: bool = False, selection_size: int = 5000, retrieval: Optional[str] = None,
     max_slots: Optional[int] = None, extraction: Optional[Extraction] = None,
 ) -> dict[str, Any]:
@@ -320,7 +357,7 @@ def zeroshot_from_checkpoint(
         path = data_path or (cfg.clip.train_data or cfg.data.path if dataset == "fashion_mnist" else None)
         test_set = build_dataset(DataConfig(dataset=dataset, path=path, limit=limit), split, transform)
         inputs.update(test_set=test_set, classnames=load_classnames(classnames, test_set.classes),
-                      templates=load_templates(templates, cfg.clip.templates))
+                      templates=load_templates(templates, cfg.clip.templates, dataset))
         if slot_selection:
             if model.slot_layout() is None:
                 raise UsageError("--slot-selection needs a model with SPARO read-outs on both towers")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dino_sparo import distributed
 from dino_sparo.errors import ConfigError
 from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods.hooks import LoggedKnn
@@ -26,6 +28,14 @@ def param_groups(module: nn.Module, **extra: Any) -> list[dict]:
         if param.requires_grad:
             (plain if no_weight_decay(name, param) else decay).append(param)
     return [dict(params=decay, apply_wd=True, **extra), dict(params=plain, apply_wd=False, weight_decay=0.0, **extra)]
+
+
+def shard_index_cache(cfg: Any) -> Optional[Path]:
+    """Where WebDataset shards keep their index for resumed runs: ``output_dir/shard_index.npz``,
+    written by the main process (the others index alone the first time rather than wait on a
+    collective that could time out)."""
+    cache = Path(cfg.output_dir) / "shard_index.npz"
+    return cache if distributed.is_main_process() or cache.is_file() else None
 
 
 class Method:

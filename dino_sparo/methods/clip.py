@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -26,7 +25,7 @@ from dino_sparo.data.captions import build_caption_dataset
 from dino_sparo.data.transforms import clip_eval_transform, clip_train_transform
 from dino_sparo.errors import ConfigError
 from dino_sparo.losses import ClipLoss
-from dino_sparo.methods.base import Method, param_groups
+from dino_sparo.methods.base import Method, param_groups, shard_index_cache
 from dino_sparo.methods.hooks import EveryNEpochs
 from dino_sparo.models.clip import baseline_config, build_clip_model, describe_parameters
 from dino_sparo.models.text import Tokenizer
@@ -51,12 +50,7 @@ class ClipMethod(Method):
         clip = self.cfg.clip
         transform = clip_train_transform(self.cfg.model.img_size, clip.crop_scale, clip.image_mean, clip.image_std,
                                          clip.crop_ratio)
-        # WebDataset shards: the main process keeps their index for resumed runs (the others index
-        # alone the first time rather than wait on a collective that could time out)
-        cache = Path(self.cfg.output_dir) / "shard_index.npz"
-        if not distributed.is_main_process() and not cache.is_file():
-            cache = None
-        return build_caption_dataset(self.cfg, transform, self.tokenizer, index_cache=cache)
+        return build_caption_dataset(self.cfg, transform, self.tokenizer, index_cache=shard_index_cache(self.cfg))
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
@@ -177,7 +171,7 @@ class ClipMethod(Method):
                 data_cfg, split = DataConfig(dataset="imagefolder", path=name), "val"
             test_set = build_dataset(data_cfg, split, transform)
             classnames = load_classnames(clip.zeroshot_classnames, test_set.classes)
-            templates = load_templates(clip.zeroshot_templates, clip.templates)
+            templates = load_templates(clip.zeroshot_templates, clip.templates, data_cfg.dataset)
         return name, test_set, classnames, templates
 
     def describe(self) -> list[str]:

@@ -11,9 +11,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dino_sparo.data.datasets import build_dataset
-from dino_sparo.data.transforms import MultiCropTransform, eval_transform_for, multicrop_collate, normalization_for
+from dino_sparo.data.transforms import MultiCropTransform, dino_normalization, eval_transform_for, multicrop_collate
 from dino_sparo.losses import DINOLoss, collapse_warnings, koleo_loss
-from dino_sparo.methods.base import Method
+from dino_sparo.methods.base import Method, shard_index_cache
 from dino_sparo.layers.attention import resolve_attention_backend
 from dino_sparo.models.build import build_backbone
 from dino_sparo.models.heads import DINOHead
@@ -103,13 +103,15 @@ class DinoMethod(Method):
 
     def train_dataset(self) -> Dataset:
         crops = self.cfg.crops
-        mean, std, grayscale = normalization_for(self.cfg.data.dataset)
+        mean, std, grayscale = dino_normalization(self.cfg)
         transform = MultiCropTransform(
             global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size,
             global_crops_scale=crops.global_crops_scale, local_crops_scale=crops.local_crops_scale,
             local_crops_number=crops.local_crops_number, mean=mean, std=std, grayscale_input=grayscale,
+            channels=self.cfg.model.in_chans, color_jitter_strength=crops.color_jitter_strength,
+            grayscale_prob=crops.grayscale_prob,
         )
-        return build_dataset(self.cfg.data, "train", transform)
+        return build_dataset(self.cfg.data, "train", transform, index_cache=shard_index_cache(self.cfg))
 
     def modules(self) -> dict[str, nn.Module]:
         return {"student": self.student, "teacher": self.teacher, "loss": self.loss_fn}
@@ -118,7 +120,7 @@ class DinoMethod(Method):
         return self.teacher.backbone  # DINO evaluates the teacher
 
     def eval_data(self) -> tuple[Any, Callable]:
-        return self.cfg.data, eval_transform_for(self.cfg.data.dataset, self.cfg.crops.global_crops_size)
+        return self.cfg.data, eval_transform_for(self.cfg.data.dataset, self.cfg.crops.global_crops_size, cfg=self.cfg)
 
     def modules_to_optimise(self) -> nn.Module:
         return self.student
