@@ -108,6 +108,10 @@ class DataConfig:
     limit: Optional[int] = option(None, "use only this many training images (class-balanced)")
     batch_size_per_gpu: int = option(64, "per process; the global batch is this × world size")
     num_workers: int = option(8, "DataLoader worker processes per training process (0 = load in the main process)")
+    augment_on: Literal["loader", "device"] = option(
+        "loader", "where DINO's colour jitter, greyscale, blur, solarisation and normalisation run: loader (PIL, "
+                  "in the loader workers, as DINO) or device (batched on the training device at the start of the "
+                  "step, the workers only decode, crop, resize and flip; DINO mode only)")
     scenes: ScenesConfig = option(meaning="the procedural scene world", factory=ScenesConfig)
 
 
@@ -529,6 +533,7 @@ def _check_clip(c: _Checks, cfg: TrainConfig) -> None:
     need("clip.accum_steps", clip.accum_steps >= 1 and batch % clip.accum_steps == 0,
          f"an integer >= 1 that divides data.batch_size_per_gpu ({batch})")
     need("clip.init_temperature", clip.init_temperature > 0, "> 0")
+    need("data.augment_on", cfg.data.augment_on == "loader", "'loader' in CLIP mode (device is DINO's multi-crop)")
     c.scale("clip.crop_scale")
     need("clip.crop_ratio", 0 < clip.crop_ratio[0] <= clip.crop_ratio[1], "(low, high) with 0 < low <= high")
     at_least("clip.zeroshot_every_epochs", 0)

@@ -313,12 +313,28 @@ def _scan_images(folder: str, extensions: tuple[str, ...]) -> list[str]:
     return files
 
 
-def _load_image(path: str, mode: str) -> Image.Image:
-    """Open and fully decode one image; any failure becomes a CorruptImageError naming the path."""
+# Where a draft-decoded image keeps the size of its full decode (the transform crops by it).
+FULL_SIZE_KEY = "dino_sparo_full_size"
+
+
+def _load_image(path: str, mode: str, draft: Callable | None = None) -> Image.Image:
+    """Open and decode one image, once; any failure becomes a CorruptImageError naming the path.
+
+    ``draft(width, height)`` (a transform's ``draft_size``) may ask for a smaller JPEG decode
+    (libjpeg's DCT scaling, several times faster on large photos); the full size is then kept in
+    ``info[FULL_SIZE_KEY]`` so that crops land where they would on the full decode."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
-            return image.convert(mode)  # forces the full decode: truncation surfaces here
+            full_size = image.size
+            if draft is not None and image.format == "JPEG":
+                wanted = draft(*full_size)
+                if wanted is not None:
+                    image.draft(None, wanted)
+            loaded = image.convert(mode)  # forces the decode: truncation surfaces here
+            if loaded.size != full_size:
+                loaded.info[FULL_SIZE_KEY] = full_size
+            return loaded
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         raise CorruptImageError(f"corrupt or unreadable image {path}: {type(e).__name__}: {e}") from e
 
@@ -413,14 +429,15 @@ class ImageFolder(Dataset):
         return len(self.targets)
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
+        draft = getattr(self.transform, "draft_size", None)
         if self.corrupt_images == "error":
-            return _load_image(self.path(index), self.image_mode), index
+            return _load_image(self.path(index), self.image_mode, draft), index
         for step in range(len(self)):
             i = (index + step) % len(self)
             if i in self._bad:
                 continue
             try:
-                return _load_image(self.path(i), self.image_mode), i
+                return _load_image(self.path(i), self.image_mode, draft), i
             except CorruptImageError as e:
                 self._bad.add(i)
                 logger.warning("skipping %s (corrupt_images=skip)", e)

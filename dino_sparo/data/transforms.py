@@ -8,6 +8,7 @@ so the ImageNet recipe is unchanged and 28-px images are not blurred into blobs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -17,6 +18,9 @@ from PIL import Image, ImageFilter
 from torch.utils.data import default_collate
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+
+from dino_sparo.data.batched_augment import blur_kernel_size, draw_photometric
+from dino_sparo.data.datasets import FULL_SIZE_KEY
 
 if TYPE_CHECKING:
     from dino_sparo.config import TrainConfig
@@ -28,8 +32,12 @@ __all__ = [
     "FASHION_MNIST_STD",
     "RandomGaussianBlur",
     "MultiCropTransform",
+    "DeviceMultiCropTransform",
+    "random_resized_crop_box",
+    "jpeg_draft_scale",
     "eval_transform",
     "multicrop_collate",
+    "device_multicrop_collate",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,6 +49,66 @@ FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
 
 # The crop size DINO's blur radii were chosen for.
 _BLUR_REFERENCE_SIZE = 224
+# RandomResizedCrop's aspect-ratio range (DINO keeps torchvision's default).
+CROP_RATIO = (3 / 4, 4 / 3)
+# The reductions libjpeg decodes at directly (DCT scaling).
+_DRAFT_SCALES = (8, 4, 2)
+
+
+def random_resized_crop_box(width: int, height: int, scale: Sequence[float],
+                            ratio: Sequence[float] = CROP_RATIO) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of a random crop of a ``width`` × ``height`` image: torchvision's
+    ``RandomResizedCrop.get_params``, the same draws from torch's generator, computed from the size
+    alone, so that a draft-decoded image is cropped where its full decode would have been."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,)).item()
+            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            return i, j, h, w
+    in_ratio = float(width) / float(height)  # fallback: the central crop
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def jpeg_draft_scale(width: int, height: int, crops: Sequence[tuple[int, float]],
+                     ratio: Sequence[float] = CROP_RATIO) -> int:
+    """The largest JPEG draft reduction (8, 4, 2, else 1) after which every crop kind ``(side,
+    smallest scale)`` still shrinks (or keeps its size) from its smallest possible region: the
+    crops then need no more upsampling than from the full decode."""
+    for reduction in _DRAFT_SCALES:
+        if all(math.sqrt(low * width * height * min(ratio)) / reduction >= side for side, low in crops):
+            return reduction
+    return 1
+
+
+def draft_request(width: int, height: int, crops: Sequence[tuple[int, float]]) -> Optional[tuple[int, int]]:
+    """The size to ask ``Image.draft`` for (None: decode in full); see :func:`jpeg_draft_scale`."""
+    reduction = jpeg_draft_scale(width, height, crops)
+    return None if reduction == 1 else (math.ceil(width / reduction), math.ceil(height / reduction))
+
+
+def resized_crop(image: Image.Image, size: int, scale: Sequence[float], ratio: Sequence[float] = CROP_RATIO
+                 ) -> Image.Image:
+    """A random crop, resized (bicubic) to ``size`` × ``size``: torchvision's RandomResizedCrop on
+    PIL (crop, then resize) where ``image`` is the full decode; from a draft-decoded image, the same
+    region in its coordinates, cropped and resized in one call."""
+    full_w, full_h = image.info.get(FULL_SIZE_KEY, image.size)
+    i, j, h, w = random_resized_crop_box(full_w, full_h, scale, ratio)
+    if image.size == (full_w, full_h):
+        return image.crop((j, i, j + w, i + h)).resize((size, size), Image.BICUBIC)
+    sx, sy = image.size[0] / full_w, image.size[1] / full_h
+    return image.resize((size, size), Image.BICUBIC, box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
 
 
 class RandomGaussianBlur:
@@ -112,6 +180,17 @@ def _to_tensor_and_normalise(mean: Sequence[float], std: Sequence[float]) -> tra
     return transforms.Compose([transforms.ToTensor(), _ToThreeChannels(), transforms.Normalize(mean3, std3)])
 
 
+def _check_crop_arguments(global_crops_number: int, local_crops_number: int, global_crops_scale: Sequence[float],
+                          local_crops_scale: Sequence[float]) -> None:
+    if global_crops_number not in (1, 2):
+        raise ValueError(f"'global_crops_number' must be 1 or 2 (DINO's two recipes), got {global_crops_number}")
+    if local_crops_number < 0:
+        raise ValueError(f"'local_crops_number' must be >= 0, got {local_crops_number}")
+    for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"'{name}' must be (low, high) with 0 < low <= high <= 1, got {tuple(scale)}")
+
+
 class MultiCropTransform:
     """One image -> `[global_1, global_2, local_1, ..., local_n]` normalised 3 × H × W tensors.
 
@@ -133,13 +212,7 @@ class MultiCropTransform:
         grayscale_input: bool = False,
         global_crops_number: int = 2,
     ) -> None:
-        if global_crops_number not in (1, 2):
-            raise ValueError(f"'global_crops_number' must be 1 or 2 (DINO's two recipes), got {global_crops_number}")
-        if local_crops_number < 0:
-            raise ValueError(f"'local_crops_number' must be >= 0, got {local_crops_number}")
-        for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
-            if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-                raise ValueError(f"'{name}' must be (low, high) with 0 < low <= high <= 1, got {tuple(scale)}")
+        _check_crop_arguments(global_crops_number, local_crops_number, global_crops_scale, local_crops_scale)
         self.global_crops_number = global_crops_number
         self.local_crops_number = local_crops_number
         self.to_pil = _ToPIL("L" if grayscale_input else "RGB")
@@ -188,10 +261,29 @@ class MultiCropTransform:
             ]
         )
 
+    def draft_size(self, width: int, height: int) -> Optional[tuple[int, int]]:
+        """The JPEG draft size a dataset may decode a ``width`` × ``height`` image at (None: in full)."""
+        return draft_request(width, height, self.crop_kinds)
+
+    @property
+    def crop_kinds(self) -> list[tuple[int, float]]:
+        kinds = [t.transforms[0] for t in self.global_transforms]
+        kinds += [self.local_transform.transforms[0]] if self.local_crops_number else []
+        return [(crop.size[0], crop.scale[0]) for crop in kinds]
+
+    @staticmethod
+    def _view(compose: transforms.Compose, image: Image.Image) -> torch.Tensor:
+        """The pipeline's first step (its RandomResizedCrop) done by :func:`resized_crop`, the rest as is."""
+        crop = compose.transforms[0]
+        out = resized_crop(image, crop.size[0], crop.scale, crop.ratio)
+        for step in compose.transforms[1:]:
+            out = step(out)
+        return out
+
     def __call__(self, image: Any) -> list[torch.Tensor]:
         image = self.to_pil(image)
-        crops = [t(image) for t in self.global_transforms]
-        crops.extend(self.local_transform(image) for _ in range(self.local_crops_number))
+        crops = [self._view(t, image) for t in self.global_transforms]
+        crops.extend(self._view(self.local_transform, image) for _ in range(self.local_crops_number))
         return crops
 
     def __repr__(self) -> str:
@@ -199,6 +291,62 @@ class MultiCropTransform:
         lines += [f"  global_{i + 1}={t!r}," for i, t in enumerate(self.global_transforms)]
         lines.append(f"  local={self.local_transform!r})")
         return "\n".join(lines)
+
+
+class DeviceMultiCropTransform:
+    """The loader half of ``data.augment_on: device``: one image -> (its crops as uint8 C × H × W
+    tensors, their photometric parameters, one row each of
+    :data:`~dino_sparo.data.batched_augment.PARAMS`). Crops, resizing and flips as
+    :class:`MultiCropTransform` does; the colour jitter, greyscale, blur and solarisation parameters
+    are drawn here, under the sample's seed, with DINO's probabilities (blur 1.0 / 0.1 / 0.5,
+    solarise 0.2 on the second global crop), and applied batched on the training device
+    (:func:`~dino_sparo.data.batched_augment.augment_crops`), followed by normalisation with
+    ``mean`` and ``std``. Grayscale data stays one channel until then."""
+
+    def __init__(
+        self,
+        global_crops_size: int = 224,
+        local_crops_size: int = 96,
+        global_crops_scale: tuple[float, float] = (0.4, 1.0),
+        local_crops_scale: tuple[float, float] = (0.05, 0.4),
+        local_crops_number: int = 8,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        grayscale_input: bool = False,
+        global_crops_number: int = 2,
+    ) -> None:
+        _check_crop_arguments(global_crops_number, local_crops_number, global_crops_scale, local_crops_scale)
+        self.mean, self.std = _three_values("mean", mean), _three_values("std", std)
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"'std' values must be > 0, got {self.std}")
+        self.to_pil = _ToPIL("L" if grayscale_input else "RGB")
+        blur_scale = global_crops_size / _BLUR_REFERENCE_SIZE
+        self.radius = (0.1 * blur_scale, 2.0 * blur_scale)
+        self.kernel_size = blur_kernel_size(self.radius[1])
+        # (side, scale range, blur p, solarise p) of each crop, in output order
+        globals_ = [(global_crops_size, tuple(global_crops_scale), 1.0, 0.0),
+                    (global_crops_size, tuple(global_crops_scale), 0.1, 0.2)][:global_crops_number]
+        self.views = globals_ + [(local_crops_size, tuple(local_crops_scale), 0.5, 0.0)] * local_crops_number
+        self.local_crops_number = local_crops_number
+
+    def draft_size(self, width: int, height: int) -> Optional[tuple[int, int]]:
+        return draft_request(width, height, sorted({(side, scale[0]) for side, scale, _, _ in self.views}))
+
+    def __call__(self, image: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        image = self.to_pil(image)
+        crops, rows = [], []
+        for side, scale, blur_p, solarize_p in self.views:
+            view = resized_crop(image, side, scale)
+            if torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw
+                view = view.transpose(Image.FLIP_LEFT_RIGHT)
+            pixels = torch.from_numpy(np.array(view, dtype=np.uint8, copy=True))
+            crops.append(pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1))
+            rows.append(draw_photometric(blur_p, self.radius, solarize_p))
+        return crops, torch.stack(rows)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(input={self.to_pil!r}, views={self.views}, blur radius={self.radius}, "
+                f"kernel {self.kernel_size}, mean={self.mean}, std={self.std})")
 
 
 def eval_transform(
@@ -325,3 +473,11 @@ def clip_train_transform(size: int, scale: Sequence[float], mean: Sequence[float
 def clip_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
     """CLIP's evaluation view: resize the short side to ``size``, centre crop, normalise."""
     return eval_transform(size, mean, std, resize_ratio=1.0)
+
+
+def device_multicrop_collate(batch: Sequence[tuple[tuple[Sequence[torch.Tensor], torch.Tensor], Any]]
+                             ) -> tuple[list[torch.Tensor], Any, torch.Tensor]:
+    """``[((uint8 crops, parameter rows), label), ...]`` (:class:`DeviceMultiCropTransform`) ->
+    ``([crop_0 B × C × H × W uint8, ...], labels, parameters B × crops × len(PARAMS))``."""
+    crops, labels = multicrop_collate([(crops, label) for (crops, _), label in batch])
+    return crops, labels, torch.stack([rows for (_, rows), _ in batch])
