@@ -16,9 +16,10 @@ from PIL import Image
 from torchvision import transforms
 
 from dino_sparo.data import batched_augment as ba
-from dino_sparo.data.datasets import FULL_SIZE_KEY, _load_image
+from dino_sparo.data.datasets import FULL_SIZE_KEY, load_image
 from dino_sparo.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceMultiCropTransform, MultiCropTransform,
-                                        device_multicrop_collate, jpeg_draft_scale, random_resized_crop_box)
+                                        device_multicrop_collate, image_tensor, jpeg_draft_scale, random_resized_crop_box,
+                                        resized_crop, resized_crop_tensor)
 
 # float32 ops in a different association order than torchvision's: a few ulps of [0, 1]
 ATOL = 2e-6
@@ -235,8 +236,8 @@ def test_draft_decoded_crops_match_the_full_decode(tmp_path):
     path.write_bytes(_photo_jpeg(1600, 1200))
     t = MultiCropTransform(224, 96, global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25),
                            local_crops_number=4)
-    drafted = _load_image(str(path), "RGB", t.draft_size)
-    full = _load_image(str(path), "RGB")
+    drafted = load_image(str(path), "RGB", t.draft_size)
+    full = load_image(str(path), "RGB")
     assert drafted.size == (800, 600) and drafted.info[FULL_SIZE_KEY] == (1600, 1200) and full.size == (1600, 1200)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for seed in range(3):
@@ -247,3 +248,39 @@ def test_draft_decoded_crops_match_the_full_decode(tmp_path):
         for x, y in zip(a, b):  # same region, same augmentation: pixels within a few levels of 255
             diff = ((x - y) * std).abs()
             assert diff.mean() < 4 / 255 and diff.max() < 0.25
+
+
+@pytest.mark.parametrize("mode,side,scale", [("RGB", 64, (0.25, 1.0)), ("RGB", 24, (0.05, 0.25)), ("L", 28, (0.35, 1.0))])
+def test_tensor_crops_are_pils_within_one_level(mode, side, scale):
+    """The device path's loader half resamples with torch's antialiased bicubic: the same boxes as
+    the PIL path, the same filter, within one level of 255 (rounding)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:90, 0:120]
+    smooth = np.stack([np.sin(x / 9), np.cos(y / 7), np.sin((x + y) / 13)], -1) * 100 + 128
+    image = Image.fromarray((smooth + rng.normal(0, 10, smooth.shape)).clip(0, 255).astype(np.uint8)).convert(mode)
+    pixels = image_tensor(image)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        ours = resized_crop_tensor(pixels, image.size, side, scale)
+        torch.manual_seed(seed)
+        theirs = torch.from_numpy(np.array(resized_crop(image, side, scale)))
+        theirs = theirs.unsqueeze(0) if theirs.dim() == 2 else theirs.permute(2, 0, 1)
+        assert ours.dtype == torch.uint8 and ours.shape == theirs.shape
+        assert (ours.int() - theirs.int()).abs().max() <= 1
+
+
+def test_device_loader_half_on_a_draft_decode_matches_the_full_decode(tmp_path):
+    path = tmp_path / "big.jpg"
+    path.write_bytes(_photo_jpeg(1600, 1200))
+    t = DeviceMultiCropTransform(224, 96, global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25),
+                                 local_crops_number=4)
+    drafted, full = load_image(str(path), "RGB", t.draft_size), load_image(str(path), "RGB")
+    assert drafted.size == (800, 600)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        a, rows_a = t(drafted)
+        torch.manual_seed(seed)
+        b, rows_b = t(full)
+        assert torch.equal(rows_a, rows_b)  # the same draws
+        for x, y in zip(a, b):
+            assert (x.float() - y.float()).abs().mean() < 4

@@ -317,7 +317,7 @@ def _scan_images(folder: str, extensions: tuple[str, ...]) -> list[str]:
 FULL_SIZE_KEY = "dino_sparo_full_size"
 
 
-def _load_image(path: str, mode: str, draft: Callable | None = None) -> Image.Image:
+def load_image(path: str, mode: str, draft: Callable | None = None) -> Image.Image:
     """Open and decode one image, once; any failure becomes a CorruptImageError naming the path.
 
     ``draft(width, height)`` (a transform's ``draft_size``) may ask for a smaller JPEG decode
@@ -431,13 +431,13 @@ class ImageFolder(Dataset):
     def _load(self, index: int) -> tuple[Image.Image, int]:
         draft = getattr(self.transform, "draft_size", None)
         if self.corrupt_images == "error":
-            return _load_image(self.path(index), self.image_mode, draft), index
+            return load_image(self.path(index), self.image_mode, draft), index
         for step in range(len(self)):
             i = (index + step) % len(self)
             if i in self._bad:
                 continue
             try:
-                return _load_image(self.path(i), self.image_mode, draft), i
+                return load_image(self.path(i), self.image_mode, draft), i
             except CorruptImageError as e:
                 self._bad.add(i)
                 logger.warning("skipping %s (corrupt_images=skip)", e)
@@ -482,7 +482,7 @@ def verify_image_folder(
 
     def check(path: str) -> str | None:
         try:
-            _load_image(path, "RGB")
+            load_image(path, "RGB")
         except CorruptImageError as e:
             logger.warning("%s", e)
             return path
