@@ -173,7 +173,7 @@ def installed_photos() -> list[Path]:
 def make_benchmark_jpegs(photos: Sequence[Path], out_dir: Path, size: tuple[int, int], copies: int = 8,
                          quality: int = 90) -> list[Path]:
     """``copies`` JPEGs of ``size`` from the photos: centre-cropped to the aspect ratio, resized
-    (Lanczos), alternately mirrored and shifted so no two files are the same. Sources smaller than
+    (Lanczos), mirrored and framed tighter so that no two files are the same. Sources smaller than
     ``size`` are upsampled and get mild sensor-like noise (sigma 3 levels), so the files carry
     about the detail, and the JPEG bits, of a real photograph of that size."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,12 +182,13 @@ def make_benchmark_jpegs(photos: Sequence[Path], out_dir: Path, size: tuple[int,
     for index in range(copies):
         source = Image.open(photos[index % len(photos)]).convert("RGB")
         width, height = source.size
-        target = size[0] / size[1]
-        crop_w, crop_h = (width, round(width / target)) if width / height < target else (round(height * target), height)
-        shift = (index // len(photos)) * 7 % max(1, min(width - crop_w, height - crop_h) + 1)
-        left, top = (width - crop_w) // 2 + shift // 2, (height - crop_h) // 2 + shift // 2
+        variant = index // len(photos)  # of the same photo: mirrored every other, framed 4 % tighter every two
+        target, tighter = size[0] / size[1], 1 - 0.04 * (variant // 2)
+        crop_w, crop_h = (width, width / target) if width / height < target else (height * target, height)
+        crop_w, crop_h = round(crop_w * tighter), round(crop_h * tighter)
+        left, top = (width - crop_w) // 2, (height - crop_h) // 2
         image = source.crop((left, top, left + crop_w, top + crop_h)).resize(size, Image.LANCZOS)
-        if index % 2:
+        if variant % 2:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         if size[0] > width:
             noisy = np.asarray(image, np.float32) + rng.normal(0, 3, (size[1], size[0], 3))
@@ -337,7 +338,8 @@ def measure_recipe(recipe: Recipe, source: str, items: Sequence[Any], images: in
                "images_per_wall_s": wall, "vs_reference": per_core / reference}
         if workers and name in rows:
             collate = device_multicrop_collate if name.startswith("device") else multicrop_collate
-            row["workers_images_per_s"] = loader_rate(rows[name], items, workers, images * 2, 16, collate)
+            length = max(images * 2, 8 * (2 + 4 * workers))  # beyond the first batches the workers prefetch
+            row["workers_images_per_s"] = loader_rate(rows[name], items, workers, length, 8, collate)
         out.append(row)
     return out
 
@@ -395,4 +397,101 @@ def format_loader_report(figures: dict) -> str:
     ratio = headline_ratio(figures)
     if ratio is not None:
         lines.append(f"device-augment / reference images/s per core (ImageNet-size JPEG): {ratio:.2f}×")
+    return "\n".join(lines)
+
+
+
+# --------------------------------------------------------------------------------------------
+# The GPU check's step: is the GPU fed?
+# --------------------------------------------------------------------------------------------
+
+def _step_options(recipe: Recipe, batch: int, device: torch.device, arch: str, out_dim: int) -> Any:
+    """dino-sparo-bench's options for :class:`dino_sparo.bench.OursStep` with ``recipe``'s crops."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    return SimpleNamespace(arch=arch, patch_size=16 if recipe.global_size % 16 == 0 else 4, readout="sparo",
+                           global_size=recipe.global_size, local_size=recipe.local_size, global_crops=2,
+                           local_crops=recipe.local_number, batch=batch, out_dim=out_dim, precision="auto",
+                           attn_backend="auto", pack_crops=False, compile=False, grad_checkpointing=False,
+                           fused="auto", device=device.type, seed=0)
+
+
+def _timed_steps(step: Callable[[Any, int], None], batches: Callable[[], Any], steps: int, warmup: int,
+                 device: torch.device, batch: int) -> float:
+    """Images/s of ``steps`` training steps after ``warmup`` untimed ones, each on ``batches()``."""
+    from dino_sparo.bench import synchronize  # noqa: PLC0415
+
+    for it in range(warmup):
+        step(batches(), it)
+    synchronize(device)
+    start = time.perf_counter()
+    for it in range(steps):
+        step(batches(), warmup + it)
+    synchronize(device)
+    return steps * batch / max(time.perf_counter() - start, 1e-9)
+
+
+def gpu_feed_check(device: str = "auto", recipe: str = "release", batch: int = 64, steps: int = 10,
+                   warmup: int = 3, workers: Optional[int] = None, arch: str = "vit_small", out_dim: int = 65536,
+                   photos: Optional[Sequence[Path]] = None, workdir: Optional[Path] = None,
+                   log: Callable[[str], None] = print) -> dict:
+    """Images/s of DINO training on this machine, in both ``data.augment_on`` modes: model-bound
+    (the step on synthetic crops, nothing loaded), loader-bound (a DataLoader of ``workers``
+    processes, default all cores but one, on ImageNet-size JPEGs from real photographs, the
+    device mode's photometric half included on the device) and end-to-end (the loader feeding the
+    step). The loader feeds the GPU where loader-bound ≥ model-bound; end-to-end shows what a run gets."""
+    import tempfile  # noqa: PLC0415
+
+    from dino_sparo.bench import OursStep  # noqa: PLC0415
+    from dino_sparo.runtime import available_cores, resolve_device  # noqa: PLC0415
+    from dino_sparo.train import train_step  # noqa: PLC0415
+
+    dev, spec = resolve_device(device), RECIPES[recipe]
+    workers = max(1, available_cores() - 1) if workers is None else workers
+    photos = list(photos) if photos else installed_photos()
+    if not photos:
+        raise ValueError("no photographs in the installed packages: pass photos")
+    files = make_benchmark_jpegs(photos, Path(workdir or tempfile.mkdtemp(prefix="feed_check_")), SIZES["imagenet"])
+    figures: dict[str, Any] = {"device": str(dev), "recipe": spec.describe(), "batch": batch, "workers": workers,
+                               "arch": arch}
+    for mode in ("loader", "device"):
+        ours = OursStep(_step_options(spec, batch, dev, arch, out_dim), dev, **{"data.augment_on": mode})
+        method, collate = ours.method, (device_multicrop_collate if mode == "device" else multicrop_collate)
+        rows = pipelines(spec)
+        pipeline = rows["loader" if mode == "loader" else "device (loader half)"]
+        sample = collate([(pipeline(str(files[i % len(files)])), 0) for i in range(batch)])
+        synthetic = (sample if mode == "device" else
+                     ([c.to(dev) for c in sample[0]], sample[1]))  # float crops already on the device
+
+        def step(data: Any, it: int) -> None:
+            train_step(method, data, it % 1000, 0, ours.optimizer, ours.scaler, ours.params, ours.cfg.optim,
+                       ours.autocast_dtype)
+
+        log(f"{mode}: model-bound ({steps} steps of {batch} on one batch of crops)")
+        figures[f"{mode}_model_bound"] = _timed_steps(step, lambda: synthetic, steps, warmup, dev, batch)
+        loader = DataLoader(_Files(pipeline, files, batch * (steps + warmup) * 2), batch_size=batch,
+                            num_workers=workers, collate_fn=collate, pin_memory=dev.type == "cuda", drop_last=True)
+        log(f"{mode}: loader-bound ({workers} workers)")
+        iterator = iter(loader)
+
+        def loaded() -> Any:
+            data = next(iterator)
+            if mode == "device":  # the photometric half runs on the device: part of feeding
+                method.views(data)
+            return data
+
+        figures[f"{mode}_loader_bound"] = _timed_steps(lambda data, it: None, loaded, steps, warmup, dev, batch)
+        log(f"{mode}: end to end")
+        figures[f"{mode}_end_to_end"] = _timed_steps(step, lambda: next(iterator), steps, warmup, dev, batch)
+        del iterator, loader, ours
+    return figures
+
+
+def format_feed_check(figures: dict) -> str:
+    lines = [f"feeding check on {figures['device']}: {figures['arch']}, {figures['recipe']}, batch "
+             f"{figures['batch']}, {figures['workers']} loader workers (images/s)",
+             f"{'data.augment_on':16} {'model-bound':>12} {'loader-bound':>13} {'end to end':>11}"]
+    for mode in ("loader", "device"):
+        lines.append(f"{mode:16} {figures[f'{mode}_model_bound']:12.1f} {figures[f'{mode}_loader_bound']:13.1f} "
+                     f"{figures[f'{mode}_end_to_end']:11.1f}")
     return "\n".join(lines)
