@@ -85,7 +85,7 @@ def to_grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, torch.zeros_like(x), factor)
+    return (_per_sample(factor) * x).clamp(0.0, 1.0)  # a blend with black
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,8 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _blend(x, to_grayscale(x), factor)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision's RGB -> HSV (hue in turns), as three B × H × W tensors."""
     r, g, b = x.unbind(1)
     maxc, minc = x.max(dim=1).values, x.min(dim=1).values
     eqc = maxc == minc
@@ -112,32 +113,26 @@ def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
     hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
     h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return torch.stack((h, s, maxc), dim=1)
+    return h, s, maxc
 
 
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int32) % 6
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    mask = i.unsqueeze(1) == torch.arange(6, device=i.device).view(-1, 1, 1)
-    a1 = torch.stack((v, q, p, p, t, v), dim=1)
-    a2 = torch.stack((t, v, v, q, p, p), dim=1)
-    a3 = torch.stack((p, p, t, v, v, q), dim=1)
-    a4 = torch.stack((a1, a2, a3), dim=1)  # B × 3 × 6 × H × W
-    return torch.einsum("...ijk,...xijk->...xjk", mask.to(x.dtype), a4)
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """HSV -> RGB in closed form, channel n of (R, G, B) = v - v·s·clamp(min(k, 4 - k), 0, 1) with
+    k = (n' + 6h) mod 6, n' = 5, 3, 1: torchvision's six-sector table without materialising it."""
+    h6 = h * 6.0
+    channels = []
+    for offset in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + offset, 6.0)
+        channels.append(v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(channels, dim=1)
 
 
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Rotate the hue by ``factor`` turns (in [-0.5, 0.5]) in HSV space, as torchvision does."""
     if x.shape[1] == 1:
         return x
-    hsv = _rgb_to_hsv(x)
-    h = torch.remainder(hsv[:, 0] + factor.reshape(-1, 1, 1), 1.0)
-    return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+    h, s, v = _rgb_to_hsv(x)
+    return _hsv_to_rgb(torch.remainder(h + factor.reshape(-1, 1, 1), 1.0), s, v)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
