@@ -284,3 +284,13 @@ def test_device_loader_half_on_a_draft_decode_matches_the_full_decode(tmp_path):
         assert torch.equal(rows_a, rows_b)  # the same draws
         for x, y in zip(a, b):
             assert (x.float() - y.float()).abs().mean() < 4
+
+
+def test_device_augmentation_is_dino_mode_only():
+    from dino_sparo.config import ConfigError, load_config
+
+    load_config(None, ["data.augment_on=device"])
+    with pytest.raises(ConfigError, match="'data.augment_on' must be 'loader' in CLIP mode"):
+        load_config(None, ["mode=clip", "data.augment_on=device"])
+    with pytest.raises(ConfigError, match="data.augment_on"):
+        load_config(None, ["data.augment_on=gpu"])

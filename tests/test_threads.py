@@ -46,3 +46,14 @@ def test_torchrun_processes_share_the_cores(monkeypatch):
     alone = len(os.sched_getaffinity(0))
     if alone == (os.cpu_count() or alone):
         assert available_cores() == max(1, alone // 2)
+
+
+def test_a_run_logs_its_thread_plan(tmp_path):
+    from conftest import TINY_TRAINING
+
+    from dino_sparo.config import load_config
+    from dino_sparo.train import train
+
+    train(load_config(None, TINY_TRAINING + ["max_steps=1", f"output_dir={tmp_path}"]))
+    log = (tmp_path / "train.log").read_text()
+    assert "loader worker(s)" in log and "intra-op thread(s)" in log and "OMP_WAIT_POLICY=" in log
