@@ -158,7 +158,8 @@ def installed_photos() -> list[Path]:
     import importlib.util  # noqa: PLC0415
 
     found: list[Path] = []
-    candidates = {"skimage": ("data", ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png")),
+    skimage_photos = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png")
+    candidates = {"skimage": ("data", skimage_photos),
                   "matplotlib": ("mpl-data/sample_data", ("grace_hopper.jpg",)),
                   "PIL": ("../Tests/images", ("hopper.jpg",))}
     for package, (folder, names) in candidates.items():
@@ -223,7 +224,8 @@ def pipelines(recipe: Recipe, grayscale: bool = False) -> dict[str, Pipeline]:
         return item if isinstance(item, Image.Image) else load_image(item, "RGB", draft)
 
     return {
-        REFERENCE_ROW: lambda item: reference(item.convert("RGB") if isinstance(item, Image.Image) else pil_loader(item)),
+        REFERENCE_ROW: lambda item: reference(item.convert("RGB") if isinstance(item, Image.Image)
+                                              else pil_loader(item)),
         "loader": lambda item: ours(load(item, ours.draft_size)),
         "device (loader half)": lambda item: device(load(item, device.draft_size)),
     }

@@ -18,8 +18,8 @@ from torchvision import transforms
 from dino_sparo.data import batched_augment as ba
 from dino_sparo.data.datasets import FULL_SIZE_KEY, load_image
 from dino_sparo.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceMultiCropTransform, MultiCropTransform,
-                                        device_multicrop_collate, image_tensor, jpeg_draft_scale, random_resized_crop_box,
-                                        resized_crop, resized_crop_tensor)
+                                        device_multicrop_collate, image_tensor, jpeg_draft_scale,
+                                        random_resized_crop_box, resized_crop, resized_crop_tensor)
 
 # float32 ops in a different association order than torchvision's: a few ulps of [0, 1]
 ATOL = 2e-6
@@ -250,7 +250,8 @@ def test_draft_decoded_crops_match_the_full_decode(tmp_path):
             assert diff.mean() < 4 / 255 and diff.max() < 0.25
 
 
-@pytest.mark.parametrize("mode,side,scale", [("RGB", 64, (0.25, 1.0)), ("RGB", 24, (0.05, 0.25)), ("L", 28, (0.35, 1.0))])
+@pytest.mark.parametrize("mode,side,scale", [("RGB", 64, (0.25, 1.0)), ("RGB", 24, (0.05, 0.25)),
+                                             ("L", 28, (0.35, 1.0))])
 def test_tensor_crops_are_pils_within_one_level(mode, side, scale):
     """The device path's loader half resamples with torch's antialiased bicubic: the same boxes as
     the PIL path, the same filter, within one level of 255 (rounding)."""
@@ -294,3 +295,18 @@ def test_device_augmentation_is_dino_mode_only():
         load_config(None, ["mode=clip", "data.augment_on=device"])
     with pytest.raises(ConfigError, match="data.augment_on"):
         load_config(None, ["data.augment_on=gpu"])
+
+
+def test_ops_on_every_image_then_on_some():
+    """An op chosen for the whole batch, then one for part of it (the in-place path after the whole-batch one)."""
+    torch.manual_seed(5)
+    crops = (torch.rand(6, 3, 16, 16) * 255).to(torch.uint8)
+    rows = torch.stack([ba.draw_photometric(0.5, (0.1, 2.0), 0.0) for _ in range(6)])
+    col = {name: i for i, name in enumerate(ba.PARAMS)}
+    rows[:, col["jitter"]], rows[:, col["grayscale"]] = 0, 1
+    rows[:, col["sigma"]] = torch.tensor([0.0, 1.0, 0.0, 1.5, 0.0, 0.5])
+    rows[:, col["solarize"]] = torch.tensor([1.0, 0, 0, 1, 1, 0])
+    k = ba.blur_kernel_size(2.0)
+    out = ba.apply_photometric(crops, rows, IMAGENET_MEAN, IMAGENET_STD, k)
+    expected = torch.stack([_reference_photometric(c, r, k) for c, r in zip(crops, rows)])
+    torch.testing.assert_close(out, expected, atol=5e-5, rtol=0)

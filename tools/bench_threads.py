@@ -28,8 +28,9 @@ def run_demo(steps: int, policy: str, output_dir: Path) -> float:
     if policy != "default":
         env["OMP_WAIT_POLICY"] = policy
     env["PYTHONPATH"] = str(ROOT)
-    command = [sys.executable, "-m", "dino_sparo.cli.train", "--config", str(ROOT / "configs/dino/demo_fashion_mnist.yaml"),
-               f"max_steps={steps}", f"output_dir={output_dir}", "eval.knn_every=0"]
+    config = ROOT / "configs" / "dino" / "demo_fashion_mnist.yaml"
+    command = [sys.executable, "-m", "dino_sparo.cli.train", "--config", str(config), f"max_steps={steps}",
+               f"output_dir={output_dir}", "eval.knn_every=0"]
     start = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated JPEG sizes for the photo recipes, of {', '.join(SIZES)} (default: both)")
     parser.add_argument("--images", type=int, default=24,
                         help="images per row and round (the demo's recipe: 4× as many) (default: 24)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the median is reported (default: 3)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating rounds; the median is reported (default: 3)")
     parser.add_argument("--workers", type=int, default=0,
                         help="also time a DataLoader of this many worker processes, wall clock (default: 0, not)")
     parser.add_argument("--photos", nargs="+", type=Path,

@@ -159,35 +159,41 @@ _JITTER_OPS = ((adjust_brightness, "brightness"), (adjust_contrast, "contrast"),
 
 
 def _on_rows(x: torch.Tensor, rows: torch.Tensor, op, *args: torch.Tensor) -> torch.Tensor:
-    """``op`` applied to the images where ``rows`` is True (the others untouched)."""
+    """``op`` applied to the images where ``rows`` (a CPU mask) is True, the others untouched, in
+    place (``x`` is :func:`apply_photometric`'s own buffer). ``args`` are per-image CPU values. The
+    indices are found on the host, where the parameters come from, so a GPU is never waited on."""
     index = rows.nonzero().squeeze(1)
     if index.numel() == 0:
         return x
-    x = x.clone() if index.numel() < x.shape[0] else x
-    x[index] = op(x[index], *(a[index] for a in args))
+    values = [a[index].to(x.device, non_blocking=True) for a in args]
+    if index.numel() == x.shape[0]:
+        return op(x, *values)
+    index = index.to(x.device, non_blocking=True)
+    x[index] = op(x[index], *values)
     return x
 
 
 def apply_photometric(crops: torch.Tensor, params: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                       kernel_size: int) -> torch.Tensor:
-    """uint8 crops B × C × H × W and their parameter rows B × len(PARAMS) -> float32 normalised
-    B × 3 × H × W: colour jitter (each crop in its own order), greyscale, blur, solarise, normalise."""
+    """uint8 crops B × C × H × W (on the device) and their parameter rows B × len(PARAMS) (on the
+    host) -> float32 normalised B × 3 × H × W: colour jitter (each crop in its own order),
+    greyscale, blur, solarise, normalise."""
     x = crops.float().div_(255.0)
-    params = params.to(x.device, torch.float32)
+    params = params.detach().to("cpu", torch.float32)
     jitter = params[:, _COL["jitter"]] > 0
     for position in range(4):
         order = params[:, _COL["order0"] + position]
         for op_index, (op, name) in enumerate(_JITTER_OPS):
             x = _on_rows(x, jitter & (order == op_index), op, params[:, _COL[name]])
     gray = params[:, _COL["grayscale"]] > 0
-    x = _on_rows(x, gray, lambda images: to_grayscale(images).expand_as(images))
+    x = _on_rows(x, gray, lambda images: to_grayscale(images).repeat(1, images.shape[1], 1, 1))
     sigma = params[:, _COL["sigma"]]
     x = _on_rows(x, sigma > 0, lambda images, s: gaussian_blur(images, s, kernel_size), sigma)
     x = _on_rows(x, params[:, _COL["solarize"]] > 0, solarize)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1).to(x.device, non_blocking=True)
+    std_t = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1).to(x.device, non_blocking=True)
     return (x - mean_t) / std_t
 
 
