@@ -310,3 +310,13 @@ def test_ops_on_every_image_then_on_some():
     out = ba.apply_photometric(crops, rows, IMAGENET_MEAN, IMAGENET_STD, k)
     expected = torch.stack([_reference_photometric(c, r, k) for c, r in zip(crops, rows)])
     torch.testing.assert_close(out, expected, atol=5e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_default_normalisation_is_torchvisions_to_the_bit(mode):
+    from dino_sparo.data.transforms import _to_tensor_and_normalise
+
+    image = Image.fromarray((np.random.default_rng(0).random((37, 53, 3)) * 255).astype(np.uint8)).convert(mode)
+    theirs = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    expected = theirs(image.convert("RGB") if mode == "L" else image)  # L -> RGB repeats the channel
+    assert torch.equal(_to_tensor_and_normalise(IMAGENET_MEAN, IMAGENET_STD)(image), expected)

@@ -174,11 +174,31 @@ def _three_values(name: str, values: Sequence[float]) -> tuple[float, float, flo
     return values  # type: ignore[return-value]
 
 
-def _to_tensor_and_normalise(mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
+class _ToNormalisedTensor:
+    """PIL uint8 image -> normalised float 3 × H × W tensor: torchvision's ToTensor, three channels
+    from one, then Normalize, the same arithmetic in the same order (so the same values to the bit),
+    with the mean and std tensors made once instead of on every call."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.array(image, np.uint8, copy=True))
+        pixels = pixels.view(image.size[1], image.size[0], -1).permute(2, 0, 1).contiguous()
+        tensor = pixels.to(dtype=torch.get_default_dtype()).div(255)
+        if tensor.shape[0] == 1:
+            tensor = tensor.repeat(3, 1, 1)
+        return tensor.sub_(self.mean).div_(self.std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+def _to_tensor_and_normalise(mean: Sequence[float], std: Sequence[float]) -> _ToNormalisedTensor:
     mean3, std3 = _three_values("mean", mean), _three_values("std", std)
     if any(s <= 0 for s in std3):
         raise ValueError(f"'std' values must be > 0, got {std3}")
-    return transforms.Compose([transforms.ToTensor(), _ToThreeChannels(), transforms.Normalize(mean3, std3)])
+    return _ToNormalisedTensor(mean3, std3)
 
 
 def _check_crop_arguments(global_crops_number: int, local_crops_number: int, global_crops_scale: Sequence[float],
