@@ -155,16 +155,6 @@ class _ToPIL:
         return f"{type(self).__name__}(mode={self.mode!r})"
 
 
-class _ToThreeChannels:
-    """1 × H × W -> 3 × H × W, so grayscale images fit an RGB ViT."""
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.repeat(3, 1, 1) if tensor.shape[0] == 1 else tensor
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
 def _three_values(name: str, values: Sequence[float]) -> tuple[float, float, float]:
     values = tuple(float(v) for v in values)
     if len(values) == 1:
