@@ -128,18 +128,20 @@ def plan_threads(device: torch.device, num_workers: int, apply: bool = True) -> 
     """Loader workers and intra-op threads that do not oversubscribe the cores: no more workers than
     cores (each runs one thread, torch's DataLoader sets that); on a GPU the training process keeps
     the cores the workers leave (at least one), since the workers do the CPU work; on a CPU it keeps
-    all of them, since the step is the work and the workers only fill the pipeline between steps
-    (waiting passively, see ``OMP_WAIT_POLICY`` in the package). ``OMP_NUM_THREADS`` or
-    ``MKL_NUM_THREADS`` in the environment: torch's threads are left as the user set them."""
+    torch's count (all cores unless set otherwise), never more than the cores, since the step is the
+    work and the workers only fill the pipeline between steps (waiting passively, see
+    ``OMP_WAIT_POLICY`` in the package). ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` in the
+    environment: torch's threads are left as the user set them."""
     cores = available_cores()
     workers = min(num_workers, cores)
+    current = torch.get_num_threads()
     if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
-        threads, reason = torch.get_num_threads(), "OMP_NUM_THREADS / MKL_NUM_THREADS from the environment"
+        threads, reason = current, "OMP_NUM_THREADS / MKL_NUM_THREADS from the environment"
     elif device.type == "cuda":
         threads, reason = max(1, cores - workers), "GPU step: the cores the loader workers leave"
     else:
-        threads, reason = cores, "CPU step: all cores"
-    if apply and threads != torch.get_num_threads():
+        threads, reason = min(current, cores), "CPU step: torch's count, at most the cores"
+    if apply and threads != current:
         torch.set_num_threads(threads)
     return ThreadPlan(cores, workers, num_workers, threads, reason)
 
