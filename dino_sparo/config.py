@@ -124,6 +124,10 @@ class DataConfig:
                                                    "(null: none; DINO does not use it)")
     batch_size_per_gpu: int = option(64, "per process; the global batch is this × world size")
     num_workers: int = option(8, "DataLoader worker processes per training process (0 = load in the main process)")
+    augment_on: Literal["loader", "device"] = option(
+        "loader", "where DINO's colour jitter, greyscale, blur, solarisation and normalisation run: loader (PIL, "
+                  "in the loader workers, as DINO) or device (batched on the training device at the start of the "
+                  "step, the workers only decode, crop, resize and flip; DINO mode only)")
     scenes: ScenesConfig = option(meaning="the procedural scene world", factory=ScenesConfig)
 
 
@@ -550,6 +554,10 @@ def _check_dino(c: _Checks, cfg: TrainConfig) -> None:
     need("crops.color_jitter_strength", 0 <= crops.color_jitter_strength <= 5,
          "in [0, 5] (the hue jitter, 0.1 × this, must stay <= 0.5)")
     need("crops.grayscale_prob", 0 <= crops.grayscale_prob <= 1, "a probability in [0, 1]")
+    if cfg.data.augment_on == "device":  # the batched ops follow DINO's colour recipe on three channels
+        need("crops.color_jitter_strength", crops.color_jitter_strength == 1.0, "1.0 with data.augment_on: device")
+        need("crops.grayscale_prob", crops.grayscale_prob == 0.2, "0.2 with data.augment_on: device")
+        need("model.in_chans", cfg.model.in_chans == 3, "3 with data.augment_on: device")
     for key in ("out_dim", "head_hidden_dim", "head_bottleneck_dim"):
         at_least(f"dino.{key}", 1)
     for key in ("momentum_teacher", "center_momentum"):
@@ -571,6 +579,7 @@ def _check_clip(c: _Checks, cfg: TrainConfig) -> None:
     need("clip.accum_steps", clip.accum_steps >= 1 and batch % clip.accum_steps == 0,
          f"an integer >= 1 that divides data.batch_size_per_gpu ({batch})")
     need("clip.init_temperature", clip.init_temperature > 0, "> 0")
+    need("data.augment_on", cfg.data.augment_on == "loader", "'loader' in CLIP mode (device is DINO's multi-crop)")
     c.scale("clip.crop_scale")
     need("clip.crop_ratio", 0 < clip.crop_ratio[0] <= clip.crop_ratio[1], "(low, high) with 0 < low <= high")
     at_least("clip.zeroshot_every_epochs", 0)

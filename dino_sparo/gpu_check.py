@@ -266,7 +266,9 @@ def plan_sizes(smoke: bool) -> dict[str, Any]:
                              "--warmup", "1", "--matmul-size", "256", "--device", "auto"],
                     precision="auto", dino_config="configs/gpu_check/dino_smoke.yaml",
                     clip_config="configs/gpu_check/clip_smoke.yaml", kill_at=15, term_at=25, total_steps=40,
-                    eval_batch="16", workers="1")
+                    eval_batch="16", workers="1",
+                    feed=["--arch", "vit_pico", "--batch", "4", "--steps", "2", "--out-dim", "256", "--feed-workers",
+                          "1"])
     return dict(data=dict(train_per_class=256, val_per_class=50, size=128),
                 bench_s=["--arch", "vit_small", "--patch-size", "16", "--batch", "64", "--local-crops", "10",
                          "--global-size", "224", "--local-size", "96", "--steps", "10", "--warmup", "3",
@@ -276,7 +278,7 @@ def plan_sizes(smoke: bool) -> dict[str, Any]:
                          "--device", "cuda"],
                 precision="bf16", dino_config="configs/gpu_check/dino.yaml",
                 clip_config="configs/gpu_check/clip.yaml", kill_at=100, term_at=220, total_steps=320,
-                eval_batch="256", workers="12")
+                eval_batch="256", workers="12", feed=["--batch", "64", "--steps", "10"])
 
 
 # The benchmark rows: (step name, title, our options, the reference's precision, required). Required: the
@@ -381,6 +383,12 @@ def _bench_steps(sizes: dict[str, Any], work: Path) -> list[Step]:
                                ref if sizes["precision"] != "auto" else "same", "--output-json", str(out)],
                          optional=not required, needs="xformers" if "xformers" in ours else None,
                          outputs={"json": out}))
+    out = work / "bench" / "loader-feed.json"  # does the data pipeline keep the step fed? both augment_on modes
+    plan.append(Step("loader-feed", "bench", "ViT-S/16 DINO steps, 2×224 + 10×96, batch 64: model-bound, loader-"
+                     "bound and end-to-end images/s, data.augment_on loader and device", 90, 45,
+                     argv=[*_program("bench_loader"), "--feed-check", "--device",
+                           "cuda" if sizes["precision"] != "auto" else "auto", *sizes["feed"], "--output-json",
+                           str(out)], optional=True, outputs={"json": out}))
     out = work / "bench" / "bench-b16-packed.json"
     plan.append(Step("bench-b16-packed", "bench", "ViT-B/16: ours xformers, packed crops / reference bf16", 60,
                      40, argv=[*_program("bench"), *sizes["bench_b"], "--precision", sizes["precision"],
@@ -622,6 +630,10 @@ def judge(step: Step, run: dict[str, Any], ctx: Context, output: str, previous: 
             problems.append("no GPU test ran")
         elif figures["skipped"] and ctx.environment.get("cuda_available"):
             problems.append(f"{figures['skipped']} skipped on a GPU")
+    elif name == "loader-feed":
+        figures = _read_json(step.outputs["json"]) or {}
+        if not figures:
+            problems.append("no feeding-check JSON")
     elif name.startswith("bench-"):
         bench = _read_json(step.outputs["json"])
         if bench:
@@ -730,6 +742,12 @@ def format_summary(report: dict[str, Any]) -> str:
             lines.append(f"the implementation alone (class token, 12 blocks each): {same['ours_tflops_per_s']:.1f} "
                          f"against {same['reference_tflops_per_s']:.1f} TFLOP/s, speed {same['speed_ratio']:.2f}×, "
                          f"memory {same['mem_ratio']:.2f}×")
+    feed = steps.get("loader-feed", {}).get("figures", {})
+    if feed:
+        lines += ["", f"feeding ({feed.get('workers')} loader workers, images/s): " + "; ".join(
+            f"augment_on {mode}: model-bound {feed[f'{mode}_model_bound']:.0f}, loader-bound "
+            f"{feed[f'{mode}_loader_bound']:.0f}, end to end {feed[f'{mode}_end_to_end']:.0f}"
+            for mode in ("loader", "device") if f"{mode}_end_to_end" in feed)]
     dino = {name: steps.get(name, {}).get("figures", {}) for name in
             ("dino-train-killed", "dino-train-stopped", "dino-train-finish", "dino-knn", "dino-knn-init")}
     if dino["dino-train-finish"] or dino["dino-train-killed"]:

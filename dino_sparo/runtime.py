@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -93,6 +95,71 @@ def precision_reason(precision: str, device: torch.device) -> str:
     if cpu_has_native_bf16():
         return " (auto: this CPU has native bf16)"
     return f" (auto: this CPU has none of {', '.join(NATIVE_BF16_CPU_FLAGS)})"
+
+
+# ------------------------------------------------------------------------------------------ threads
+
+def available_cores() -> int:
+    """This process' share of the cores: its affinity mask (a SLURM or taskset share, not the whole
+    machine), divided among torchrun's processes on the node (``LOCAL_WORLD_SIZE``) when they share one mask."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_processes = 1
+    if local_processes > 1 and cores == (os.cpu_count() or cores):
+        cores //= local_processes
+    return max(1, cores)
+
+
+@dataclass
+class ThreadPlan:
+    """What :func:`plan_threads` chose: loader worker processes, intra-op threads, and why."""
+    cores: int
+    workers: int
+    requested_workers: int
+    threads: int
+    reason: str
+
+    def describe(self) -> str:
+        capped = (f" (data.num_workers {self.requested_workers}, capped at the cores)"
+                  if self.workers < self.requested_workers else "")
+        from dino_sparo import OMP_WAIT_POLICY_SOURCE  # noqa: PLC0415
+        return (f"threads: {self.cores} cores; {self.workers} loader worker(s){capped}; {self.threads} intra-op "
+                f"thread(s) ({self.reason}); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+                f"({OMP_WAIT_POLICY_SOURCE})")
+
+
+def set_threads(threads: int) -> None:
+    """A program's ``--threads``: torch's intra-op threads now, and ``OMP_NUM_THREADS`` so that
+    :func:`plan_threads` (and worker processes) keep the choice."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def plan_threads(device: torch.device, num_workers: int, apply: bool = True) -> ThreadPlan:
+    """Loader workers and intra-op threads that do not oversubscribe the cores: no more workers than
+    cores (each runs one thread, torch's DataLoader sets that); on a GPU the training process keeps
+    the cores the workers leave (at least one), since the workers do the CPU work; on a CPU it keeps
+    torch's count (all cores unless set otherwise), never more than the cores, since the step is the
+    work and the workers only fill the pipeline between steps (waiting passively, see
+    ``OMP_WAIT_POLICY`` in the package). ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` in the
+    environment: torch's threads are left as the user set them."""
+    cores = available_cores()
+    workers = min(num_workers, cores)
+    current = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        threads, reason = current, "OMP_NUM_THREADS / MKL_NUM_THREADS from the environment"
+    elif device.type == "cuda":
+        threads, reason = max(1, cores - workers), "GPU step: the cores the loader workers leave"
+    else:
+        threads, reason = min(current, cores), "CPU step: torch's count, at most the cores"
+    if apply and threads != current:
+        torch.set_num_threads(threads)
+    return ThreadPlan(cores, workers, num_workers, threads, reason)
 
 
 # ---------------------------------------------------------------------------------------- randomness

@@ -39,8 +39,8 @@ from dino_sparo.methods import build_method
 from dino_sparo.methods.base import Method
 from dino_sparo.models.build import load_pretrained_file
 from dino_sparo.models.vit import VisionTransformer
-from dino_sparo.runtime import (precision_reason, resolve_device, resolve_precision, rng_state, seed_everything,
-                                set_rng_state, set_tf32, setup_logging)
+from dino_sparo.runtime import (plan_threads, precision_reason, resolve_device, resolve_precision, rng_state,
+                                seed_everything, set_rng_state, set_tf32, setup_logging)
 from dino_sparo.schedules import build_schedules
 
 logger = logging.getLogger("dino_sparo")
@@ -351,6 +351,7 @@ class TrainingRun:
         validate_config(cfg)  # also when built in code (from_dict): refused here, with the key, into train.log
         self.autocast_dtype = resolve_precision(cfg.precision, device)
         set_tf32(cfg.tf32)
+        self.threads = plan_threads(device, cfg.data.num_workers)
         seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts the student only)
         self.method = method = build_method(cfg, device)
         self.resume_path = self.start.resume_path(self.checkpoint_path)
@@ -393,7 +394,7 @@ class TrainingRun:
         self.sampler = ResumableSampler(len(dataset), batch, info.rank, info.world_size, seed=cfg.seed)
         self.loader = DataLoader(
             SeededSamples(CountSkipped(dataset), cfg.seed), batch_size=batch, sampler=self.sampler,
-            num_workers=cfg.data.num_workers, collate_fn=CollateSkipped(self.method.collate_fn),
+            num_workers=self.threads.workers, collate_fn=CollateSkipped(self.method.collate_fn),
             pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
             generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=leave_stop_signals_to_main_process,
         )
@@ -448,6 +449,7 @@ class TrainingRun:
         logger.info("batch %d per process, global batch %d, %d steps per epoch, %d epochs, peak lr %.3g (optim.lr "
                     "%.3g, scaling %s)", batch, self.global_batch, self.iters_per_epoch, cfg.optim.epochs, peak_lr,
                     cfg.optim.lr, cfg.optim.lr_scaling)
+        logger.info(self.threads.describe())
         for line in self.method.describe():
             logger.info(line)
         logger.info(describe_attention_backend(cfg.model.attn_backend, self.device, self.autocast_dtype))

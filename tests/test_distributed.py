@@ -206,6 +206,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_process_
 
 
 @needs_data
+def test_two_processes_match_one_process_with_augmentation_on_the_device(tmp_path):
+    """``data.augment_on: device`` draws each crop's parameters from the sample's seed, as the loader
+    path does: two processes still train as one with the same global batch."""
+    from dino_sparo.train import train
+
+    torchrun(tmp_path / "two", "data.augment_on=device", "max_steps=4")
+    train(load_config(None, TINY + ["data.batch_size_per_gpu=16", "data.augment_on=device", "max_steps=4",
+                                    f"output_dir={tmp_path / 'one'}"]))
+    two, one = read_log(tmp_path / "two"), read_log(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+    assert_states(load_checkpoint(tmp_path / "two" / "checkpoint.pth"),
+                  load_checkpoint(tmp_path / "one" / "checkpoint.pth"), atol=1e-5)
+
+
+@needs_data
 def test_only_rank_zero_writes(two_process_run):
     names = sorted(p.name for p in two_process_run.iterdir())
     assert names == ["checkpoint.pth", "config.yaml", "log.jsonl", "train.log"]

@@ -76,7 +76,8 @@ def check_command(step: gpu_check.Step, scripts: dict, help_cache: dict) -> None
     module_name = argv[2] if argv[0] == sys.executable and argv[1] == "-m" else None
     if module_name and module_name.startswith("dino_sparo.cli.") and module_name != "dino_sparo.cli.gpu_check":
         # a program of this project, by module: its own parser takes the options, its console script exists
-        assert f"{module_name}:main" in {v for v in scripts.values()}, module_name
+        subcommands = {"dino_sparo.cli.bench_loader"}  # dino-sparo-bench loader
+        assert f"{module_name}:main" in set(scripts.values()) or module_name in subcommands, module_name
         module = importlib.import_module(module_name)
         try:
             parsed = module.build_parser().parse_args(argv[3:])
@@ -134,7 +135,7 @@ def test_every_command_of_the_plan_is_accepted_by_the_real_command_line(tmp_path
 
 def test_the_plan_measures_what_the_issue_asks_for(tmp_path):
     _, plan = plan_for("--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"))
-    bench = {s.name: s.argv for s in plan if s.group == "bench"}
+    bench = {s.name: s.argv for s in plan if s.name.startswith("bench-")}
     for argv in bench.values():
         values = dict(zip(argv[1::2], argv[2::2]))
         assert values["--batch"] == "64" and values["--local-crops"] == "10" and values["--precision"] == "bf16"
@@ -147,6 +148,8 @@ def test_the_plan_measures_what_the_issue_asks_for(tmp_path):
                      ("xformers", False, "bf16", "vit_small", "sparo"), ("sdpa", False, "bf16", "vit_small", "sparo"),
                      ("math", False, "bf16", "vit_small", "sparo"), ("xformers", True, "same", "vit_base", "sparo"),
                      ("xformers", True, "bf16", "vit_small", "cls")}  # cls: the same 12 blocks as the reference
+    feed = next(s for s in plan if s.name == "loader-feed")  # whether the data pipeline keeps the GPU fed
+    assert "--feed-check" in feed.argv and feed.argv[feed.argv.index("--device") + 1] == "cuda"
     trainings = [s for s in plan if s.name.startswith("dino-train")]
     assert len(trainings) == 3 and all(s.command(RUNS)[:len(s.argv)] == s.argv for s in trainings)
     assert all("model.pack_crops=true" in s.command(RUNS) and "model.pack_crops=true" not in s.command({})

@@ -55,12 +55,13 @@ def test_outputs_and_checkpoint_contents(tmp_path):
         assert key in row
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_stop_and_resume_is_bit_identical(tmp_path, workers):
+@pytest.mark.parametrize("workers,augment_on", [(0, "loader"), (2, "loader"), (2, "device")])
+def test_stop_and_resume_is_bit_identical(tmp_path, workers, augment_on):
     full, split = tmp_path / "full", tmp_path / "split"
-    train(tiny(full, "max_steps=13", f"data.num_workers={workers}"))
-    train(tiny(split, "max_steps=5", f"data.num_workers={workers}"))  # stops mid-epoch (8 steps/epoch)
-    train(tiny(split, "max_steps=13", f"data.num_workers={workers}"))  # the same command resumes
+    options = [f"data.num_workers={workers}", f"data.augment_on={augment_on}"]
+    train(tiny(full, "max_steps=13", *options))
+    train(tiny(split, "max_steps=5", *options))  # stops mid-epoch (8 steps/epoch)
+    train(tiny(split, "max_steps=13", *options))  # the same command resumes
     a, b = load_checkpoint(full / "checkpoint.pth"), load_checkpoint(split / "checkpoint.pth")
     assert a["step"] == b["step"] == 13
     for name in ("student", "teacher", "loss"):

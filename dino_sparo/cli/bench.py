@@ -1,4 +1,5 @@
-"""``dino-sparo-bench``: the command line of :mod:`dino_sparo.bench` (ours against the reference DINO step)."""
+"""``dino-sparo-bench``: the command line of :mod:`dino_sparo.bench` (ours against the reference DINO step);
+``dino-sparo-bench loader ...`` is :mod:`dino_sparo.cli.bench_loader` (the data pipeline)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "reference step written as DINO v1's code, on identical data and threads, at the same "
                     "precision unless --reference-precision says otherwise.",
         epilog="Example (the CPU figure of BENCHMARKS.md):\n  dino-sparo-bench --arch vit_small --patch-size 16 "
-               "--batch 16 --global-crops 2 --local-crops 6 --steps 5 --warmup 2 --output-json bench.json",
+               "--batch 16 --global-crops 2 --local-crops 6 --steps 5 --warmup 2 --output-json bench.json\n\n"
+               "The data pipeline (DINO's multi-crop augmentation, per CPU core): dino-sparo-bench loader --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--arch", default="vit_small", choices=ARCH_CHOICES, help="ViT size")
@@ -66,6 +68,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loader"]:
+        from dino_sparo.cli.bench_loader import main as loader_main  # noqa: PLC0415
+
+        return loader_main(argv[1:])
     args = build_parser().parse_args(argv)
     run_program("dino-sparo-bench", lambda: run(args))
 

@@ -50,10 +50,10 @@ def run(args: Any) -> dict[str, Any]:
     if args.summary_only:
         payload = write_summary(Path(args.results_dir), args.config)
     else:
-        import torch  # noqa: PLC0415
+        from dino_sparo.runtime import set_threads  # noqa: PLC0415
 
         if args.threads:
-            torch.set_num_threads(args.threads)
+            set_threads(args.threads)
         payload = run_study(args.config, args.seeds, args.results_dir, args.output_dir, args.arms, args.overrides,
                             args.count, args.device)
         if "stopped_by" in payload:  # no JSON for the stopped run; the exit status says which signal

@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-import torch
-
 from dino_sparo.cli.common import run_program
 from dino_sparo.demo import DEMO_CONFIG, format_demo, run_demo
+from dino_sparo.runtime import set_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training config: a DINO one on Fashion-MNIST, or a CLIP one on the scene world")
     parser.add_argument("--output-dir", help="where the run goes (default: the config's output_dir)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice, all cores)")
+                        help="torch CPU threads, as OMP_NUM_THREADS (default: all cores, see the start-up log)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser
 
@@ -33,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """What ``main`` does with parsed options: train, evaluate, print the table (not when stopped)."""
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     summary = run_demo(args.config, overrides)
     if "stopped_by" not in summary:

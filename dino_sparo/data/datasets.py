@@ -400,7 +400,8 @@ class ImageFolder(Dataset):
         return len(self.targets)
 
     def _load_one(self, index: int) -> tuple[Image.Image, int]:
-        return open_image(self.path(index), self.image_mode, self.background), index
+        draft = getattr(self.transform, "draft_size", None)  # a smaller JPEG decode where the crops allow it
+        return open_image(self.path(index), self.image_mode, self.background, draft=draft), index
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
         return self.unreadable.load(self._load_one, index, len(self))

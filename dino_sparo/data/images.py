@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -29,6 +29,9 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 T = TypeVar("T")
+
+# Where a draft-decoded image keeps the size of its full decode (the multi-crop transforms crop by it).
+FULL_SIZE_KEY = "dino_sparo_full_size"
 
 
 class CorruptImageError(OSError):
@@ -74,16 +77,29 @@ def to_mode(image: Image.Image, mode: str = "RGB", background: Sequence[int] = A
 
 
 def open_image(source: str | os.PathLike | bytes, mode: str = "RGB", background: Sequence[int] = ALPHA_BACKGROUND,
-               where: str = "", name: str | None = None) -> Image.Image:
+               where: str = "", name: str | None = None,
+               draft: Optional[Callable[[int, int], Optional[tuple[int, int]]]] = None) -> Image.Image:
     """Open and fully decode one image (a file path, or the bytes of one file) into ``mode``, as
     :func:`to_mode` converts it. Any failure, a missing file too, is a :class:`CorruptImageError`
     whose message starts with ``where`` (e.g. ``"caption table T, line 7: "``) and names the file
-    (``name``, default the path)."""
+    (``name``, default the path).
+
+    ``draft(width, height)`` (a multi-crop transform's ``draft_size``) may ask for a smaller JPEG
+    decode (libjpeg's DCT scaling, several times faster on large photos); the full size is then kept
+    in ``info[FULL_SIZE_KEY]``, so that crops land where they would on the full decode."""
     name = name or (str(source) if not isinstance(source, bytes) else "in memory")
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
         with handle, Image.open(handle) as image:
-            return to_mode(image, mode, background)  # decodes every pixel: truncation surfaces here
+            full_size = image.size
+            if draft is not None and image.format == "JPEG":
+                wanted = draft(*full_size)
+                if wanted is not None:
+                    image.draft(None, wanted)
+            loaded = to_mode(image, mode, background)  # decodes every pixel: truncation surfaces here
+            if loaded.size != full_size:
+                loaded.info[FULL_SIZE_KEY] = full_size
+            return loaded
     except FileNotFoundError:
         raise CorruptImageError(f"{where}image not found: {name}") from None
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...

@@ -11,7 +11,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dino_sparo.data.datasets import build_dataset
-from dino_sparo.data.transforms import MultiCropTransform, dino_normalization, eval_transform_for, multicrop_collate
+from dino_sparo.data.batched_augment import augment_crops
+from dino_sparo.data.transforms import (DeviceMultiCropTransform, MultiCropTransform, device_multicrop_collate,
+                                        dino_normalization, eval_transform_for, multicrop_collate)
 from dino_sparo.losses import DINOLoss, collapse_warnings, koleo_loss
 from dino_sparo.methods.base import Method, shard_index_cache
 from dino_sparo.layers.attention import resolve_attention_backend
@@ -98,20 +100,34 @@ class DinoMethod(Method):
             student_temp=cfg.dino.student_temp, center_momentum=cfg.dino.center_momentum,
             centering=cfg.dino.centering,
         ).to(device)
-        self.collate_fn = multicrop_collate
+        self.augment_on_device = cfg.data.augment_on == "device"
+        self.collate_fn = device_multicrop_collate if self.augment_on_device else multicrop_collate
         self.momentum_schedule = None
+        self.transform = self._transform()
+
+    def _transform(self) -> MultiCropTransform | DeviceMultiCropTransform:
+        """DINO's multi-crop views: all in the loader, or (``data.augment_on: device``) crops and
+        flips there and the photometric half batched at the start of the step (:meth:`views`)."""
+        crops = self.cfg.crops
+        mean, std, grayscale = dino_normalization(self.cfg)
+        common = dict(global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size,
+                      global_crops_scale=crops.global_crops_scale, local_crops_scale=crops.local_crops_scale,
+                      local_crops_number=crops.local_crops_number, mean=mean, std=std, grayscale_input=grayscale)
+        if self.augment_on_device:  # DINO's colour recipe and three channels (validate_config holds it)
+            return DeviceMultiCropTransform(**common)
+        return MultiCropTransform(**common, channels=self.cfg.model.in_chans,
+                                  color_jitter_strength=crops.color_jitter_strength, grayscale_prob=crops.grayscale_prob)
+
+    def views(self, batch: Any) -> list[torch.Tensor]:
+        """The batch's normalised crops on the training device."""
+        if not self.augment_on_device:
+            return [c.to(self.device, non_blocking=True) for c in batch[0]]
+        t = self.transform
+        return augment_crops(batch[0], batch[2], t.mean, t.std, t.kernel_size, self.device)
 
     def train_dataset(self) -> Dataset:
         crops = self.cfg.crops
-        mean, std, grayscale = dino_normalization(self.cfg)
-        transform = MultiCropTransform(
-            global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size,
-            global_crops_scale=crops.global_crops_scale, local_crops_scale=crops.local_crops_scale,
-            local_crops_number=crops.local_crops_number, mean=mean, std=std, grayscale_input=grayscale,
-            channels=self.cfg.model.in_chans, color_jitter_strength=crops.color_jitter_strength,
-            grayscale_prob=crops.grayscale_prob,
-        )
-        return build_dataset(self.cfg.data, "train", transform, index_cache=shard_index_cache(self.cfg))
+        return build_dataset(self.cfg.data, "train", self.transform, index_cache=shard_index_cache(self.cfg))
 
     def modules(self) -> dict[str, nn.Module]:
         return {"student": self.student, "teacher": self.teacher, "loss": self.loss_fn}
@@ -133,7 +149,7 @@ class DinoMethod(Method):
         return batch[0][0].shape[0]
 
     def loss(self, batch: Any, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        crops = [c.to(self.device, non_blocking=True) for c in batch[0]]
+        crops = self.views(batch)
         n_global = self.cfg.crops.global_crops_number
         with torch.no_grad():
             teacher_out = self.teacher(crops[:n_global])  # only the global crops reach the teacher
