@@ -56,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--matmul-size", type=int, default=0,
                         help="side of the square matmul timed for the peak (0: 8192 on GPU, 2048 on CPU)")
     add_output_json(parser, help="also write the figures here as JSON (atomically)")
-    parser.add_argument("--json", dest="output_json", help=argparse.SUPPRESS)  # the former name
     return parser
 
 

@@ -38,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tmp", help="folder for the feature files (default: the system's temporary folder)")
     add_output_json(parser, help="also write the rows as JSON to this file, atomically ('-': standard output, "
                                  "instead of the table)")
-    parser.add_argument("--json", dest="output_json", help=argparse.SUPPRESS)  # the former name
     return parser
 
 

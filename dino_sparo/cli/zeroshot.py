@@ -52,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where the model runs (auto: the GPU when there is one)")
     add_output_json(parser, help="write the result here as JSON (default: zeroshot.json beside the checkpoint)")
-    parser.add_argument("--output", dest="output_json", help=argparse.SUPPRESS)  # the former name
     return parser
 
 
