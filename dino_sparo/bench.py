@@ -33,6 +33,7 @@ import torch
 
 from dino_sparo.config import ARCHS
 from dino_sparo.runtime import resolve_device
+from dino_sparo.schedules import method_schedules
 
 ARCH_CHOICES = tuple(ARCHS)
 # The benchmark's options: an object with the attributes dino-sparo-bench's flags give
@@ -90,7 +91,7 @@ class OursStep:
         self.cfg = cfg = train_config(args, **({"data.batch_size_per_gpu": batch} if batch else {}), **changes)
         self.device, self.autocast_dtype = device, autocast_dtype_for(cfg.precision, device)
         self.method = DinoMethod(cfg, device)
-        self.method.setup_schedules(1, 1000)
+        self.schedules = method_schedules(cfg, iters_per_epoch=1000, epochs=1)  # the teacher's, as a run's first epoch
         apply_speed_options(self.method, cfg)
         groups = self.method.param_groups()
         self.optimizer = build_optimizer(groups, cfg, device)
@@ -106,8 +107,8 @@ class OursStep:
             group["lr"] = self.lr
             if group["apply_wd"]:
                 group["weight_decay"] = self.cfg.optim.weight_decay
-        train_step(self.method, (images, None), it % 1000, 0, self.optimizer, self.scaler, self.params,
-                   self.cfg.optim, self.autocast_dtype)
+        train_step(self.method, (images, None), it % 1000, 0, self.schedules.at(it % 1000, 0), self.optimizer,
+                   self.scaler, self.params, self.cfg.optim, self.autocast_dtype)
 
 
 def reference_step(args: Options, device: torch.device, batch: Optional[int] = None):

@@ -14,13 +14,11 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dino_sparo.schedules import linear_warmup_then_constant
 
 __all__ = ["ClipLoss", "DINOLoss", "koleo_loss", "sinkhorn_knopp", "collapse_warnings", "UNIFORM_COLLAPSE_FRACTION", "ONE_PROTOTYPE_COLLAPSE_FRACTION"]
 
@@ -88,10 +86,8 @@ class DINOLoss(nn.Module):
 
     Inputs are crop-major concatenations: `student_output` is `(n_crops·B) × K` (all images of crop
     0, then crop 1, ...; the first `n_global_crops` crops are the global ones) and `teacher_output`
-    is `(n_global_crops·B) × K`. The teacher temperature follows DINO's per-epoch schedule (linear
-    warm-up, then constant): a training run gives the one `schedules.build_schedules` built for it
-    (`teacher_temp_schedule`); stand-alone use may describe it by `warmup_teacher_temp`,
-    `teacher_temp`, `warmup_teacher_temp_epochs` and `epochs` instead.
+    is `(n_global_crops·B) × K`. The teacher temperature is handed in per call: the training loop
+    owns its schedule (`schedules.Schedules.at`), as DINOv2's does.
     `centering="center"` (DINO v1): the teacher is centred by an EMA `1 × K` buffer (saved in
     `state_dict()`); `"sinkhorn_knopp"` (DINOv2): the teacher's targets are `sinkhorn_knopp`
     assignments over all its global crops, and the centre is not used.
@@ -105,11 +101,6 @@ class DINOLoss(nn.Module):
         *,
         n_global_crops: int = 2,
         n_local_crops: int,
-        teacher_temp_schedule: Optional[np.ndarray] = None,
-        warmup_teacher_temp: Optional[float] = None,
-        teacher_temp: Optional[float] = None,
-        warmup_teacher_temp_epochs: int = 0,
-        epochs: Optional[int] = None,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         centering: str = "center",
@@ -129,18 +120,8 @@ class DINOLoss(nn.Module):
             )
         if not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"DINOLoss 'center_momentum' must be in [0, 1], got {center_momentum}")
-        if teacher_temp_schedule is None:
-            if warmup_teacher_temp is None or teacher_temp is None or epochs is None:
-                raise ValueError("DINOLoss needs 'teacher_temp_schedule', or 'warmup_teacher_temp', 'teacher_temp' "
-                                 "and 'epochs'")
-            teacher_temp_schedule = linear_warmup_then_constant(
-                warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs)
-        teacher_temp_schedule = np.asarray(teacher_temp_schedule, dtype=np.float64)
-        if student_temp <= 0 or (teacher_temp_schedule <= 0).any():
-            raise ValueError(
-                "DINOLoss temperatures must be > 0, got "
-                f"student_temp={student_temp}, teacher temperatures down to {teacher_temp_schedule.min()}"
-            )
+        if student_temp <= 0:
+            raise ValueError(f"DINOLoss 'student_temp' must be > 0, got {student_temp}")
         self.out_dim = out_dim
         self.n_global_crops = n_global_crops
         self.n_local_crops = n_local_crops
@@ -150,17 +131,7 @@ class DINOLoss(nn.Module):
         self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         # kept (and saved) with Sinkhorn-Knopp too, so both kinds of checkpoint have the same keys
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule: np.ndarray = teacher_temp_schedule  # per epoch
         self.last_stats: dict[str, torch.Tensor] = {}
-
-    def teacher_temperature(self, epoch: int) -> float:
-        """The teacher temperature used at `epoch` (0-based)."""
-        if not 0 <= epoch < len(self.teacher_temp_schedule):
-            raise ValueError(
-                f"DINOLoss epoch {epoch} is outside the teacher-temperature schedule "
-                f"of {len(self.teacher_temp_schedule)} epochs"
-            )
-        return float(self.teacher_temp_schedule[epoch])
 
     def _check_shapes(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> int:
         if student_output.dim() != 2 or student_output.shape[1] != self.out_dim:
@@ -184,7 +155,7 @@ class DINOLoss(nn.Module):
         self,
         student_output: torch.Tensor,
         teacher_output: torch.Tensor,
-        epoch: int,
+        teacher_temp: float,
         return_stats: bool = False,
         update_center: bool = True,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -198,7 +169,9 @@ class DINOLoss(nn.Module):
         `kl_teacher_student` (KL(teacher || student) averaged over the same pairs as the loss).
         """
         batch = self._check_shapes(student_output, teacher_output)
-        temp = self.teacher_temperature(epoch)
+        if not teacher_temp > 0:
+            raise ValueError(f"DINOLoss teacher_temp must be > 0, got {teacher_temp}")
+        temp = float(teacher_temp)
         n_global, n_crops = self.n_global_crops, self.n_crops
         with torch.autocast(device_type=student_output.device.type, enabled=False):
             student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)

@@ -10,7 +10,6 @@ from torch.utils.data import Dataset
 
 from dino_sparo.evaluation.periodic_knn import PeriodicKnn
 from dino_sparo.methods.hooks import LoggedKnn
-from dino_sparo.schedules import Schedules, method_schedules
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -54,22 +53,17 @@ class Method:
     def modules_to_optimise(self) -> nn.Module:
         raise NotImplementedError
 
-    def use_schedules(self, schedules: Schedules) -> None:
-        """The run's schedules (:func:`dino_sparo.schedules.build_schedules`), given once the data
-        size is known, before the first step; a method keeps the ones it follows (DINO: the teacher's)."""
-
-    def setup_schedules(self, epochs: int, iters_per_epoch: int) -> None:
-        """Stand-alone use (benchmarks, tests): the schedules of ``epochs`` epochs of ``iters_per_epoch`` steps."""
-        self.use_schedules(method_schedules(self.cfg, iters_per_epoch, epochs))
-
-    def loss(self, batch: Any, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Any, step: int, epoch: int, teacher_temp: Optional[float] = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's loss and metrics. Scheduled values come from the loop
+        (:meth:`dino_sparo.schedules.Schedules.at`); a method never indexes a schedule itself."""
         raise NotImplementedError
 
     def before_optimizer_step(self, step: int, epoch: int) -> None:
         """After backward (gradients unscaled and clipped), before the optimiser step."""
 
-    def after_optimizer_step(self, step: int) -> None:
-        """E.g. the teacher's EMA update."""
+    def after_optimizer_step(self, step: int, momentum: Optional[float] = None) -> None:
+        """E.g. the teacher's EMA update, at the scheduled ``momentum``."""
 
     def batch_size(self, batch: Any) -> int:
         raise NotImplementedError

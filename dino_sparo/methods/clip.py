@@ -85,7 +85,8 @@ class ClipMethod(Method):
     def batch_size(self, batch: Any) -> int:
         return batch[0].shape[0]
 
-    def loss(self, batch: Any, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Any, step: int, epoch: int, teacher_temp: Optional[float] = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch[0].to(self.device, non_blocking=True)  # B × 3 × H × W
         tokens = batch[1].to(self.device, non_blocking=True)  # B × context_length
         if self.cfg.clip.accum_steps == 1:
@@ -125,7 +126,7 @@ class ClipMethod(Method):
         return loss, all_images, all_texts, scale
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int, momentum: Optional[float] = None) -> None:
         self.model.clamp_logit_scale()
 
     def epoch_end_hooks(self) -> list:

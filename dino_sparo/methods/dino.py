@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +18,6 @@ from dino_sparo.layers.attention import resolve_attention_backend
 from dino_sparo.models.build import build_backbone
 from dino_sparo.models.heads import DINOHead
 from dino_sparo.models.vit import count_parameters
-from dino_sparo.schedules import Schedules, teacher_temperature_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +92,12 @@ class DinoMethod(Method):
         crops = cfg.crops
         self.loss_fn = DINOLoss(
             cfg.dino.out_dim, n_global_crops=crops.global_crops_number, n_local_crops=crops.local_crops_number,
-            # the run's schedules replace it in use_schedules (the same values); a loss works before that
-            teacher_temp_schedule=teacher_temperature_schedule(cfg.dino, cfg.optim.epochs),
             student_temp=cfg.dino.student_temp, center_momentum=cfg.dino.center_momentum,
             centering=cfg.dino.centering,
         ).to(device)
         if cfg.dino.koleo_weight < 0:
             raise ValueError(f"config key 'dino.koleo_weight' must be >= 0, got {cfg.dino.koleo_weight}")
         self.collate_fn = multicrop_collate
-        self.momentum_schedule = None
 
     def train_dataset(self) -> Dataset:
         crops = self.cfg.crops
@@ -127,22 +123,21 @@ class DinoMethod(Method):
     def modules_to_optimise(self) -> nn.Module:
         return self.student
 
-    def use_schedules(self, schedules: Schedules) -> None:
-        self.momentum_schedule = schedules.teacher_momentum
-        self.loss_fn.teacher_temp_schedule = schedules.teacher_temperature
-
     def batch_size(self, batch: Any) -> int:
         return batch[0][0].shape[0]
 
-    def loss(self, batch: Any, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Any, step: int, epoch: int, teacher_temp: Optional[float] = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if teacher_temp is None:
+            raise ValueError("DinoMethod.loss needs the step's teacher_temp (Schedules.at gives it)")
         crops = [c.to(self.device, non_blocking=True) for c in batch[0]]
         n_global = self.cfg.crops.global_crops_number
         with torch.no_grad():
             teacher_out = self.teacher(crops[:n_global])  # only the global crops reach the teacher
         koleo_weight = self.cfg.dino.koleo_weight
         student_out, embeddings = self.train_module(crops, return_embeddings=True)
-        loss, stats = self.loss_fn(student_out, teacher_out, epoch, return_stats=True)
-        stats = dict(stats, teacher_temp=torch.tensor(self.loss_fn.teacher_temperature(epoch)))
+        loss, stats = self.loss_fn(student_out, teacher_out, teacher_temp, return_stats=True)
+        stats = dict(stats, teacher_temp=torch.tensor(teacher_temp))
         if koleo_weight:  # as DINOv2: on each global crop's embeddings apart, summed
             global_embeddings = embeddings[: n_global * crops[0].shape[0]].chunk(n_global)
             koleo = sum(koleo_loss(e) for e in global_embeddings)
@@ -156,8 +151,10 @@ class DinoMethod(Method):
                 p.grad = None
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int) -> None:
-        m = float(self.momentum_schedule[step])
+    def after_optimizer_step(self, step: int, momentum: Optional[float] = None) -> None:
+        if momentum is None:
+            raise ValueError("DinoMethod.after_optimizer_step needs the step's teacher momentum (Schedules.at gives it)")
+        m = float(momentum)
         student = [p.detach() for p in self.student.parameters()]
         teacher = [p for p in self.teacher.parameters()]
         # teacher <- m·teacher + (1 - m)·student, as one pass over each tensor
