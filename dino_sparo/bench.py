@@ -201,7 +201,7 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[i
 def time_readout_vs_block(args: Options, device: torch.device, repeats: int = 5) -> dict:
     """Forward + backward of the SPARO read-out against one transformer block (the one SPARO's
     ``reduce_depth`` removes) on the step's token tensors: every global and local crop's tokens."""
-    from dino_sparo.models.vit import Block
+    from dino_sparo.layers.block import Block
     from dino_sparo.sparo import SPARO
 
     cfg = train_config(args)

@@ -186,3 +186,14 @@ class SPARO(nn.Module):
         return (f"dim={self.dim}, num_slots={self.num_slots}, slot_dim={self.slot_dim}, "
                 f"attn_dim={self.attn_dim}, value_dim={self.value_dim}, num_heads={self.num_heads}, "
                 f"share_kv={self.share_kv}, norm={self.norm!r}")
+
+
+def create_readout(kind: str, dim: int, num_heads: int, options: Optional[dict] = None) -> Optional[SPARO]:
+    """The read-out of a tower of width ``dim``: SPARO for ``kind == "sparo"`` (``options`` are its
+    arguments; the key width defaults to the tower's head width ``dim // num_heads``, as the SPARO
+    paper sets it), else None: the tower reads one of its own tokens (class or end-of-text)."""
+    if kind != "sparo":
+        return None
+    options = dict(options or {})
+    options.setdefault("attn_dim", dim // num_heads)
+    return SPARO(dim, **options)

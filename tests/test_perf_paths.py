@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from dino_sparo.config import load_config
 from dino_sparo.methods.dino import DinoMethod
 from dino_sparo.schedules import cosine_schedule, method_schedules
-from dino_sparo.models.vit import drop_path_per_image, vit
+from dino_sparo.layers.block import drop_path_per_image
+from dino_sparo.models.vit import vit
 from dino_sparo.train import apply_speed_options, build_optimizer, clip_gradients, train_step
 
 from conftest import TINY_MODEL
