@@ -13,8 +13,9 @@ from dino_sparo.methods.hooks import LoggedKnn
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm gains and learned queries/tokens are not decayed (DINO, open_clip, SPARO)."""
-    return param.ndim <= 1 or name.endswith((".bias", "cls_token", "pos_embed", "queries", "logit_scale"))
+    """Biases, norm gains and learned queries/tokens are not decayed (DINO, DINOv2, open_clip, SPARO)."""
+    return param.ndim <= 1 or name.endswith((".bias", "cls_token", "reg_token", "mask_token", "pos_embed", "queries",
+                                             "logit_scale"))
 
 
 def param_groups(module: nn.Module, **extra: Any) -> list[dict]:

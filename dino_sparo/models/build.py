@@ -22,6 +22,7 @@ def build_backbone(model_cfg: Any) -> VisionTransformer:
     sparo = model_cfg.sparo
     sparo_options = dataclasses.asdict(sparo) if dataclasses.is_dataclass(sparo) else dict(sparo)
     sparo_options = {k: v for k, v in sparo_options.items() if v is not None}
+    attend_registers = bool(sparo_options.pop("attend_registers", False))
     return vit(
         model_cfg.arch,
         embed_dim=model_cfg.embed_dim,
@@ -35,6 +36,8 @@ def build_backbone(model_cfg: Any) -> VisionTransformer:
         reduce_depth=model_cfg.reduce_depth,
         sparo=sparo_options,
         attn_backend=model_cfg.attn_backend,
+        num_registers=getattr(model_cfg, "num_registers", 0),
+        sparo_attend_registers=attend_registers,
     )
 
 

@@ -46,8 +46,12 @@ class VisionTransformer(nn.Module):
         reduce_depth: Optional[int] = None,
         sparo: Optional[dict] = None,
         attn_backend: str = "auto",
+        num_registers: int = 0,
+        sparo_attend_registers: bool = False,
     ) -> None:
         super().__init__()
+        if num_registers < 0:
+            raise ValueError(f"model.num_registers must be >= 0, got {num_registers}")
         if readout not in READOUTS:
             raise ValueError(f"model.readout must be one of {READOUTS}, got {readout!r}")
         if reduce_depth is None:
@@ -63,6 +67,11 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim, strict_img_size=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # registers (Darcet et al. 2024; DINOv2-reg): tokens after the class token, without position
+        # embedding, that the blocks may use as scratch space and every output drops
+        self.num_registers, self.sparo_attend_registers = num_registers, sparo_attend_registers
+        self.num_prefix_tokens = 1 + num_registers
+        self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         kept = depth - reduce_depth
         rates = torch.linspace(0, drop_path_rate, depth).tolist()  # the schedule of the full depth
@@ -79,6 +88,8 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)  # as DINOv2's register tokens
         for name, module in self.named_modules():
             if name.startswith("sparo"):
                 continue  # SPARO initialises itself as its reference does
@@ -95,18 +106,27 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             block.attn.backend = backend
 
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch tokens plus class token, with position embeddings resampled to this grid."""
+    def prepare_tokens(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                       mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class token, registers, patch tokens (``B × (1 + R + P) × D``), position embeddings
+        resampled to this grid (none on the registers). With ``masks`` (``B × P`` bool), the
+        embeddings of the masked patches are replaced by ``mask_token`` (``D``) before their
+        position embedding is added (iBOT, as DINOv2)."""
         b, _, h, w = x.shape
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image size {h}×{w} is not a multiple of the patch size {self.patch_size}")
         tokens = self.patch_embed(x)  # B × P × D
+        if masks is not None:
+            tokens = torch.where(masks.unsqueeze(-1), mask_token.to(tokens.dtype).view(1, 1, -1), tokens)
         grid = (h // self.patch_size, w // self.patch_size)
         pos = self.pos_embed
         if pos.shape[1] - 1 != grid[0] * grid[1]:
             pos = resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=1)
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
-        return tokens + pos.to(tokens.dtype)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1) + pos.to(tokens.dtype)
+        if self.reg_token is None:
+            return tokens
+        registers = self.reg_token.expand(b, -1, -1).to(tokens.dtype)
+        return torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
 
     def run_blocks(self, x: torch.Tensor, attn_bias: Any = None) -> torch.Tensor:
         for block in self.blocks:
@@ -116,37 +136,68 @@ class VisionTransformer(nn.Module):
                 x = block(x, attn_bias=attn_bias)
         return x
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-normed tokens ``B × (1 + P) × D`` (class token first)."""
-        return self.norm(self.run_blocks(self.prepare_tokens(x)))
+    def forward_tokens(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                       mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-normed tokens ``B × (1 + R + P) × D``: class token, R registers, patches."""
+        return self.norm(self.run_blocks(self.prepare_tokens(x, masks, mask_token)))
+
+    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The patches' part (``B × P × D``) of :meth:`forward_tokens`: no class token, no registers.
+        With SPARO these are the tokens of the last block before the read-out (what iBOT trains)."""
+        return tokens[:, self.num_prefix_tokens:]
+
+    def readout_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens SPARO's slots attend over: all, or without the registers
+        (``model.sparo.attend_registers: false``)."""
+        if self.num_registers and not self.sparo_attend_registers:
+            return torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens:]], dim=1)
+        return tokens
+
+    def split_attention(self, attn: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """SPARO's ``B × L × N`` weights as (class token ``B × L``, registers ``B × L × R`` or None
+        when the slots do not see them, patches ``B × L × P``)."""
+        if self.num_registers and self.sparo_attend_registers:
+            return attn[..., 0], attn[..., 1:self.num_prefix_tokens], attn[..., self.num_prefix_tokens:]
+        return attn[..., 0], None, attn[..., 1:]
 
     def readout(self, tokens: torch.Tensor, return_attn: bool = False):
-        """Embedding from normed tokens; with ``return_attn`` also SPARO's ``B × L × N`` weights."""
+        """Embedding from normed tokens; with ``return_attn`` also SPARO's ``B × L × N`` weights
+        over :meth:`readout_tokens` (split them with :meth:`split_attention`)."""
         if self.sparo is None:
             return tokens[:, 0], None
-        out = self.sparo(tokens, return_attn=return_attn)
+        out = self.sparo(self.readout_tokens(tokens), return_attn=return_attn)
         return out.embedding, out.attn
+
+    def forward_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                         mask_token: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding (``B × E``) and the normed patch tokens (``B × P × D``) of one forward."""
+        tokens = self.forward_tokens(x, masks, mask_token)
+        return self.readout(tokens)[0], self.patch_tokens(tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         embedding, _ = self.readout(self.forward_tokens(x))
         return embedding
 
-    def forward_packed(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward_packed(self, batches: Sequence[torch.Tensor], masks: Optional[torch.Tensor] = None,
+                       mask_token: Optional[torch.Tensor] = None, return_patches: bool = False):
         """Embeddings of image batches of different sizes from one pass through the blocks.
 
         The tokens of all images are packed into one sequence with an xformers block-diagonal bias,
         so each image attends only to its own tokens (DINOv2's multi-crop packing); the final-normed
         sequence is split back per batch and each batch is read out on its own tokens. Needs the
-        xformers attention backend. Returns one ``B_i × E`` embedding per input batch.
+        xformers attention backend. Returns one ``B_i × E`` embedding per input batch; with
+        ``return_patches`` also the first batch's patch tokens. ``masks`` apply to the first batch.
         """
         from xformers.ops.fmha import BlockDiagonalMask
 
-        tokens = [self.prepare_tokens(x) for x in batches]  # each B_i × N_i × D
+        tokens = [self.prepare_tokens(x, masks if i == 0 else None, mask_token) for i, x in enumerate(batches)]
         device = tokens[0].device
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():  # the bias' offsets go there
             bias, packed = BlockDiagonalMask.from_tensor_list(tokens)  # packed: 1 × Σ B_i·N_i × D
         packed = self.norm(self.run_blocks(packed, attn_bias=bias))
-        return [self.readout(part)[0] for part in bias.split(packed)]  # part: B_i × N_i × D
+        parts = bias.split(packed)  # part: B_i × N_i × D
+        embeddings = [self.readout(part)[0] for part in parts]
+        return (embeddings, self.patch_tokens(parts[0])) if return_patches else embeddings
 
 
 def vit(arch: str = "vit_small", *, embed_dim: Optional[int] = None, depth: Optional[int] = None,
