@@ -44,7 +44,8 @@ def build_backbone(model_cfg: Any) -> VisionTransformer:
 # timm / DINO names that have no place in a backbone that ends in a read-out
 _IGNORED_PREFIXES = ("head.", "fc_norm.", "head_drop.", "mask_token")
 # DINO v1 names its drop path "drop_path"; timm's block has no parameters there, so only renames
-_KEY_MAP = {"module.": "", "backbone.": "", "encoder.": ""}
+# (DINOv2 calls its registers "register_tokens", timm "reg_token", as we do)
+_KEY_MAP = {"module.": "", "backbone.": "", "encoder.": "", "register_tokens": "reg_token"}
 
 
 def _our_names(state_dict: dict) -> dict:
@@ -56,6 +57,22 @@ def _our_names(state_dict: dict) -> dict:
                 key = new + key[len(old):]
         mapped[key] = value
     return mapped
+
+
+def _registers_and_class_position(model: VisionTransformer, mapped: dict) -> None:
+    """timm's register layouts (``vit_*_reg4_*``: ``reg_token``, and position embeddings without a
+    class-token entry, ``no_embed_class``) in ours: the class token's position embedding is zero,
+    which adds to the class token what timm adds (nothing). Registers must match ``model.num_registers``."""
+    registers = mapped.get("reg_token")
+    if registers is not None and (model.reg_token is None or registers.shape != model.reg_token.shape):
+        raise KeyError(f"pretrained weights hold {registers.shape[1]} register tokens, the backbone "
+                       f"{model.num_registers} (set model.num_registers: {registers.shape[1]})")
+    if registers is None and model.reg_token is not None:
+        raise KeyError(f"pretrained weights hold no register tokens ('reg_token'), the backbone "
+                       f"{model.num_registers} (set model.num_registers: 0)")
+    pos = mapped.get("pos_embed")
+    if pos is not None and round(pos.shape[1] ** 0.5) ** 2 == pos.shape[1]:  # P entries, none for the class token
+        mapped["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
 
 
 def load_pretrained_backbone(model: VisionTransformer, state_dict: dict, source: str = "auto") -> list[str]:
@@ -73,6 +90,7 @@ def load_pretrained_backbone(model: VisionTransformer, state_dict: dict, source:
                or (k.startswith("blocks.") and int(k.split(".")[1]) >= kept_blocks)]
     for key in dropped:
         mapped.pop(key)
+    _registers_and_class_position(model, mapped)
     pos = mapped.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape:
         grid = int((model.pos_embed.shape[1] - 1) ** 0.5)

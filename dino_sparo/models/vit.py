@@ -160,6 +160,13 @@ class VisionTransformer(nn.Module):
             return attn[..., 0], attn[..., 1:self.num_prefix_tokens], attn[..., self.num_prefix_tokens:]
         return attn[..., 0], None, attn[..., 1:]
 
+    def class_and_patch_attention(self, attn: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """SPARO's weights on the class token and the patches (``B × L × (1 + P)``, what pictures and
+        slot measures read), and each slot's total weight on the registers (``B × L``; None when the
+        slots do not see them)."""
+        cls, registers, patches = self.split_attention(attn)
+        return torch.cat([cls.unsqueeze(-1), patches], dim=-1), None if registers is None else registers.sum(-1)
+
     def readout(self, tokens: torch.Tensor, return_attn: bool = False):
         """Embedding from normed tokens; with ``return_attn`` also SPARO's ``B × L × N`` weights
         over :meth:`readout_tokens` (split them with :meth:`split_attention`)."""
