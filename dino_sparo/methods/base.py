@@ -8,8 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from dino_sparo.evaluation.periodic_knn import PeriodicKnn
-from dino_sparo.methods.hooks import LoggedKnn
+from dino_sparo.evaluation.periodic import PeriodicKnn
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -80,19 +79,19 @@ class Method:
 
     def epoch_end_hooks(self) -> list:
         """The evaluations the loop runs when an epoch ends, in order (each an
-        :class:`~dino_sparo.methods.hooks.EpochEndHook`); built once, before training starts.
+        :class:`~dino_sparo.evaluation.periodic.EpochEndHook`); built once, before training starts.
         Here: k-NN of :meth:`eval_backbone` when ``eval.knn_every`` > 0."""
         return [self.knn_hook()] if self.cfg.eval.knn_every else []
 
-    def knn_hook(self) -> LoggedKnn:
+    def knn_hook(self) -> PeriodicKnn:
         """k-NN during training of :meth:`eval_backbone` on :meth:`eval_data`."""
         backbone = self.eval_backbone()
         if backbone is None:
             raise ValueError(f"config key 'eval.knn_every': the {type(self).__name__} method has no image "
                              "backbone to evaluate")
         data_cfg, transform = self.eval_data()
-        return LoggedKnn(PeriodicKnn(self.cfg.eval, backbone, data_cfg, transform, self.cfg.data.batch_size_per_gpu,
-                                     self.cfg.data.num_workers, self.device))
+        return PeriodicKnn(self.cfg.eval, backbone, data_cfg, transform, self.cfg.data.batch_size_per_gpu,
+                           self.cfg.data.num_workers, self.device)
 
     def warnings(self, metrics: dict[str, float]) -> list[str]:
         """Human-readable warnings from logged metrics (e.g. DINO collapse)."""

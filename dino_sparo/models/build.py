@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import pickle
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from dino_sparo.models.vit import VisionTransformer, vit
+from dino_sparo.sparo import readout_options
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +20,8 @@ logger = logging.getLogger(__name__)
 def build_backbone(model_cfg: Any) -> VisionTransformer:
     """Backbone from a ``ModelConfig`` (or anything with the same attributes)."""
     sparo = model_cfg.sparo
-    sparo_options = dataclasses.asdict(sparo) if dataclasses.is_dataclass(sparo) else dict(sparo)
-    sparo_options = {k: v for k, v in sparo_options.items() if v is not None}
-    attend_registers = bool(sparo_options.pop("attend_registers", False))
+    attend_registers = bool(sparo.get("attend_registers") if isinstance(sparo, dict)
+                            else getattr(sparo, "attend_registers", False))
     return vit(
         model_cfg.arch,
         embed_dim=model_cfg.embed_dim,
@@ -34,7 +33,7 @@ def build_backbone(model_cfg: Any) -> VisionTransformer:
         drop_path_rate=model_cfg.drop_path_rate,
         readout=model_cfg.readout,
         reduce_depth=model_cfg.reduce_depth,
-        sparo=sparo_options,
+        sparo=readout_options(sparo),
         attn_backend=model_cfg.attn_backend,
         num_registers=getattr(model_cfg, "num_registers", 0),
         sparo_attend_registers=attend_registers,
