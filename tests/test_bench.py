@@ -95,7 +95,19 @@ def test_flops_are_counted_per_image_and_include_attention():
     assert ref == teacher + 3 * student - 2 * patch(tokens_g) - 2 * patch(tokens_l)
 
 
+def test_ours_against_ours_times_ibot_and_flops_count_its_heads(tmp_path, capsys):
+    out = tmp_path / "ibot.json"
+    main(TINY + ["--steps", "1", "--warmup", "1", "--set", "ibot.loss_weight=1.0", "--set", "dino.koleo_weight=0.1",
+                 "--reference-set", "ibot.loss_weight=0.0", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["config"]["reference_set"] == ["ibot.loss_weight=0.0"]
+    # the second step is ours without iBOT: fewer FLOPs (no patch head), never DINO v1's step
+    assert 0 < figures["reference"]["flops_per_step"] < figures["ours"]["flops_per_step"]
+
+
 def test_bench_refuses_bad_options():
+    with pytest.raises(SystemExit, match="ibot.loss_weight"):
+        main(TINY + ["--set", "ibot.loss_weight=-1"])
     with pytest.raises(SystemExit, match="--local-size 10 is not a multiple of --patch-size 4"):
         main(TINY + ["--local-size", "10"])
     with pytest.raises(SystemExit, match="--warmup must be at least 1"):

@@ -121,3 +121,9 @@ def test_the_checks_see_the_package():
     assert "dino_sparo.evaluation.knn" in MODULES and "dino_sparo.cli.knn" in MODULES
     assert "dino_sparo.evaluation.knn_search" in GRAPH["dino_sparo.evaluation.knn"]
     assert "dino_sparo.sparo" in GRAPH["dino_sparo.models.vit"]
+
+
+def test_the_text_tower_builds_on_layers_not_on_the_vit():
+    """Both towers share their block and read-out builder from the floors below (layers/, sparo)."""
+    source = (Path(__file__).resolve().parents[1] / "dino_sparo" / "models" / "text.py").read_text()
+    assert "models.vit" not in source and "layers.block import Block" in source and "create_readout" in source
