@@ -2,6 +2,7 @@
 depth, the fast clipping, the fused optimiser, torch.compile; GPU: packing with xformers, no host
 synchronisation inside a step."""
 
+import importlib
 import logging
 import math
 import os
@@ -172,7 +173,7 @@ def emulated_xformers(monkeypatch):
     import xformers.ops
 
     import dino_sparo.methods.dino as dino_module
-    import dino_sparo.layers.attention as attention_module
+    attention_module = importlib.import_module("dino_sparo.layers.attention")  # the package re-exports a function of that name
 
     assert hasattr(fmha, "BlockDiagonalMask")
 
