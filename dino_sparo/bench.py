@@ -34,6 +34,7 @@ from dino_sparo.config import ARCHS
 from dino_sparo.errors import UsageError
 from dino_sparo.files import write_json
 from dino_sparo.runtime import resolve_device
+from dino_sparo.schedules import method_schedules
 
 ARCH_CHOICES = tuple(ARCHS)
 # The benchmark's options: an object with the attributes dino-sparo-bench's flags give
@@ -74,9 +75,35 @@ def train_config(args: Options, **changes: Any):
         "optim.epochs=1", "optim.freeze_last_layer=0",  # steady state: every parameter is updated
         f"device={'cuda' if args.device.startswith('cuda') else 'cpu'}",
     ]
+    overrides += list(getattr(args, "set", None) or [])  # --set: ours' own config keys (e.g. the demo's)
     for key, value in changes.items():
         overrides.append(f"{key}={value}")
     return load_config(None, overrides)
+
+
+def ours_as_reference(args: Options) -> bool:
+    """``--reference-set``: the second step is ours again, with those keys changed (e.g. iBOT off),
+    instead of DINO v1's, so the two differ only there."""
+    return bool(getattr(args, "reference_set", None))
+
+
+def bench_masking(cfg: Any, batch: int, seed: int) -> tuple:
+    """iBOT's masks of one step (drawn as the training data draws them, once, seeded): what the
+    collate function hands the method with the crops."""
+    import random
+
+    from dino_sparo.data.masking import MaskedCrops, masked_multicrop_collate
+
+    crops = cfg.crops
+    draw = MaskedCrops(lambda image: [], crops.global_crops_number, crops.global_crops_size // cfg.model.patch_size,
+                       cfg.ibot.mask_probability, cfg.ibot.mask_ratio)
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        items = [(([torch.zeros(1)], draw(None)[1]), 0) for _ in range(batch)]
+    finally:
+        random.setstate(state)
+    return masked_multicrop_collate(items)[2]
 
 
 class OursStep:
@@ -91,13 +118,14 @@ class OursStep:
         self.cfg = cfg = train_config(args, **({"data.batch_size_per_gpu": batch} if batch else {}), **changes)
         self.device, self.autocast_dtype = device, autocast_dtype_for(cfg.precision, device)
         self.method = DinoMethod(cfg, device)
-        self.method.setup_schedules(1, 1000)
+        self.schedules = method_schedules(cfg, iters_per_epoch=1000, epochs=1)  # the teacher's, as a run's first epoch
         apply_speed_options(self.method, cfg)
         groups = self.method.param_groups()
         self.optimizer = build_optimizer(groups, cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
         self.params = [p for g in groups for p in g["params"]]
         self.lr = cfg.optim.lr * cfg.data.batch_size_per_gpu / 256.0
+        self.masking = bench_masking(cfg, cfg.data.batch_size_per_gpu, args.seed) if cfg.ibot.loss_weight else None
         self.method.train_module.train()
 
     def step(self, images: list[torch.Tensor], it: int) -> None:
@@ -107,8 +135,9 @@ class OursStep:
             group["lr"] = self.lr
             if group["apply_wd"]:
                 group["weight_decay"] = self.cfg.optim.weight_decay
-        train_step(self.method, (images, None), it % 1000, 0, self.optimizer, self.scaler, self.params,
-                   self.cfg.optim, self.autocast_dtype)
+        batch = (images, None) if self.masking is None else (images, None, self.masking)
+        train_step(self.method, batch, it % 1000, 0, self.schedules.at(it % 1000, 0), self.optimizer,
+                   self.scaler, self.params, self.cfg.optim, self.autocast_dtype)
 
 
 def reference_step(args: Options, device: torch.device, batch: Optional[int] = None):
@@ -123,7 +152,12 @@ def reference_step(args: Options, device: torch.device, batch: Optional[int] = N
 
 def build_step(kind: str, args: Options, device: torch.device, batch: Optional[int] = None,
                **changes: Any):
-    return OursStep(args, device, batch, **changes) if kind == "ours" else reference_step(args, device, batch)
+    if kind == "ours":
+        return OursStep(args, device, batch, **changes)
+    if ours_as_reference(args):
+        return OursStep(SimpleNamespace(**{**vars(args), "set": list(args.set or []) + list(args.reference_set)}),
+                        device, batch, **changes)
+    return reference_step(args, device, batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,18 +200,20 @@ def _cpu_flash_attention_flops() -> dict:
 def count_step_flops(kind: str, args: Options, device: torch.device) -> int:
     """Matmul/convolution/attention FLOPs of one full step at the benchmark's batch.
 
-    Counted on a one-image step and scaled by the batch (every counted operation is per image); ours
+    Counted on a two-image step (KoLeo needs a neighbour) and scaled by the batch (every counted
+    operation is per image, up to KoLeo's B × B similarities, which are negligible); ours
     is counted with explicit attention and without packing, so fused kernels the counter cannot see
     (xformers) are not missed and both steps are counted alike.
     """
-    changes = {"model.attn_backend": "math", "model.pack_crops": "false", "compile": "false"} if kind == "ours" else {}
-    runner = build_step(kind, args, device, batch=1, **changes)
-    images = make_crops(args, device, batch=1)
+    ours = kind == "ours" or ours_as_reference(args)
+    changes = {"model.attn_backend": "math", "model.pack_crops": "false", "compile": "false"} if ours else {}
+    runner = build_step(kind, args, device, batch=2, **changes)
+    images = make_crops(args, device, batch=2)
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False, custom_mapping=_cpu_flash_attention_flops()) as counter:
         runner.step(images, 0)
-    return int(counter.get_total_flops()) * args.batch
+    return int(counter.get_total_flops()) * args.batch // 2
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[int] = None,
@@ -201,15 +237,13 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[i
 def time_readout_vs_block(args: Options, device: torch.device, repeats: int = 5) -> dict:
     """Forward + backward of the SPARO read-out against one transformer block (the one SPARO's
     ``reduce_depth`` removes) on the step's token tensors: every global and local crop's tokens."""
-    from dino_sparo.models.vit import Block
-    from dino_sparo.sparo import SPARO
+    from dino_sparo.layers.block import Block
+    from dino_sparo.sparo import create_readout, readout_options
 
     cfg = train_config(args)
     width, _, heads = ARCHS[args.arch]
-    options = {k: v for k, v in vars(cfg.model.sparo).items() if v is not None}
-    options.setdefault("attn_dim", width // heads)  # as the backbone builds it
     torch.manual_seed(args.seed)
-    sparo = SPARO(width, **options).to(device)
+    sparo = create_readout("sparo", width, heads, readout_options(cfg.model.sparo)).to(device)  # as the backbone
     block = Block(width, heads, attn_backend=args.attn_backend).to(device)
     tokens = []  # one B·crops × N × D tensor per crop size
     for n_crops, size in ((args.global_crops, args.global_size), (args.local_crops, args.local_size)):
@@ -460,3 +494,6 @@ def validate(args: Options) -> None:
         if getattr(args, name) % args.patch_size:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is not a multiple of "
                              f"--patch-size {args.patch_size}")
+    train_config(args)  # a bad --set / --reference-set key: one line naming it, before any worker starts
+    if ours_as_reference(args):
+        train_config(SimpleNamespace(**{**vars(args), "set": list(args.set or []) + list(args.reference_set)}))

@@ -466,8 +466,8 @@ def gpu_feed_check(device: str = "auto", recipe: str = "release", batch: int = 6
                      ([c.to(dev) for c in sample[0]], sample[1]))  # float crops already on the device
 
         def step(data: Any, it: int) -> None:
-            train_step(method, data, it % 1000, 0, ours.optimizer, ours.scaler, ours.params, ours.cfg.optim,
-                       ours.autocast_dtype)
+            train_step(method, data, it % 1000, 0, ours.schedules.at(it % 1000, 0), ours.optimizer, ours.scaler,
+                       ours.params, ours.cfg.optim, ours.autocast_dtype)
 
         log(f"{mode}: model-bound ({steps} steps of {batch} on one batch of crops)")
         figures[f"{mode}_model_bound"] = _timed_steps(step, lambda: synthetic, steps, warmup, dev, batch)

@@ -56,6 +56,8 @@ class SparoConfig:
     norm: str = option(
         "cont:const",
         "slot normalisation, representation:weighting (cont|sem|sqrtsem : const|norm|softmax|sqrtsoftmax)")
+    attend_registers: bool = option(
+        False, "the slots may attend to the register tokens (model.num_registers); false: class token and patches")
 
 
 @dataclass
@@ -75,6 +77,8 @@ class ModelConfig:
     pack_crops: bool = option(False, "all crop sizes in one forward (xformers block-diagonal attention, GPU)")
     pretrained: Optional[str] = option(
         None, "backbone weights to start from: a timm or DINO ViT file or a dino_sparo checkpoint; null = random")
+    num_registers: int = option(
+        0, "register tokens after the class token (DINOv2-reg: 4); dropped from every output's patch tokens")
     sparo: SparoConfig = option(meaning="the SPARO read-out", factory=SparoConfig)
 
 
@@ -163,6 +167,18 @@ class DinoConfig:
     centering: Literal["center", "sinkhorn_knopp"] = option(
         "center", "DINO v1's EMA centre | DINOv2's Sinkhorn-Knopp (3 iterations)")
     koleo_weight: float = option(0.0, "DINOv2's KoLeo regulariser on the student's global-crop embeddings (0 = off)")
+
+
+@dataclass
+class IbotConfig:
+    loss_weight: float = option(0.0, "weight of iBOT's masked-patch loss beside DINO's (0 = off; DINOv2: 1)")
+    mask_probability: float = option(0.5, "share of the student's global crops that are masked")
+    mask_ratio: tuple[float, float] = option(
+        (0.1, 0.5), "[low, high]: a masked crop's share of masked patches is drawn uniformly in it")
+    separate_head: bool = option(
+        True, "a head of its own for the patches (DINOv2's recipes); false: the DINO head (needs the read-out's "
+        "width to equal the backbone's, i.e. model.readout cls)")
+    out_dim: Optional[int] = option(None, "prototypes of the separate iBOT head; null = dino.out_dim")
 
 
 @dataclass
@@ -286,6 +302,7 @@ class TrainConfig:
     data: DataConfig = option(meaning="the training images", factory=DataConfig)
     crops: CropsConfig = option(meaning="DINO's multi-crop augmentation", factory=CropsConfig)
     dino: DinoConfig = option(meaning="DINO's head, teacher and loss", factory=DinoConfig)
+    ibot: IbotConfig = option(meaning="iBOT's masked-patch loss (DINOv2), beside DINO's", factory=IbotConfig)
     optim: OptimConfig = option(meaning="AdamW and its schedules", factory=OptimConfig)
     clip: ClipConfig = option(meaning="CLIP mode", factory=ClipConfig)
     eval: EvalConfig = option(meaning="evaluation during training", factory=EvalConfig)
@@ -489,6 +506,7 @@ def _check_model(c: _Checks, model: ModelConfig) -> None:
         need("model.depth", depth > int(model.readout == "sparo"),
              f"> {int(model.readout == 'sparo')} for model.readout {model.readout}")
     need("model.drop_path_rate", 0 <= model.drop_path_rate < 1, "in [0, 1)")
+    at_least("model.num_registers", 0)
     for key in ("num_slots", "slot_dim"):
         at_least(f"model.sparo.{key}", 1)
     for key in ("attn_dim", "value_dim", "num_heads"):
@@ -558,6 +576,8 @@ def _check_dino(c: _Checks, cfg: TrainConfig) -> None:
         need("crops.color_jitter_strength", crops.color_jitter_strength == 1.0, "1.0 with data.augment_on: device")
         need("crops.grayscale_prob", crops.grayscale_prob == 0.2, "0.2 with data.augment_on: device")
         need("model.in_chans", cfg.model.in_chans == 3, "3 with data.augment_on: device")
+        need("data.augment_on", not cfg.ibot.loss_weight, "'loader' with iBOT (ibot.loss_weight > 0): the device "
+             "path does not carry the masks yet")
     for key in ("out_dim", "head_hidden_dim", "head_bottleneck_dim"):
         at_least(f"dino.{key}", 1)
     for key in ("momentum_teacher", "center_momentum"):
@@ -567,6 +587,23 @@ def _check_dino(c: _Checks, cfg: TrainConfig) -> None:
     need("dino.warmup_teacher_temp_epochs", 0 <= dino.warmup_teacher_temp_epochs <= cfg.optim.epochs,
          f"in [0, optim.epochs ({cfg.optim.epochs})]")
     need("dino.koleo_weight", dino.koleo_weight >= 0, ">= 0")
+    _check_ibot(c, cfg)
+
+
+def _check_ibot(c: _Checks, cfg: TrainConfig) -> None:
+    need, ibot = c.need, cfg.ibot
+    need("ibot.loss_weight", ibot.loss_weight >= 0, ">= 0")
+    need("ibot.mask_probability", 0 <= ibot.mask_probability <= 1, "in [0, 1]")
+    need("ibot.mask_ratio", len(ibot.mask_ratio) == 2 and 0 <= ibot.mask_ratio[0] <= ibot.mask_ratio[1] <= 1,
+         "[low, high] with 0 <= low <= high <= 1")
+    c.at_least("ibot.out_dim", 1, optional=True)
+    if ibot.loss_weight and not ibot.separate_head:
+        model = cfg.model
+        width = model.embed_dim or ARCHS[model.arch][0]
+        readout_width = width if model.readout == "cls" else model.sparo.num_slots * model.sparo.slot_dim
+        need("ibot.separate_head", readout_width == width,
+             f"true with model.readout {model.readout}: the DINO head takes the read-out's {readout_width} "
+             f"dims, the patch tokens have {width}")
 
 
 def _check_clip(c: _Checks, cfg: TrainConfig) -> None:

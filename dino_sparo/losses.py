@@ -14,15 +14,13 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dino_sparo.schedules import linear_warmup_then_constant
 
-__all__ = ["ClipLoss", "DINOLoss", "koleo_loss", "sinkhorn_knopp", "collapse_warnings", "UNIFORM_COLLAPSE_FRACTION", "ONE_PROTOTYPE_COLLAPSE_FRACTION"]
+__all__ = ["ClipLoss", "DINOLoss", "IBOTPatchLoss", "koleo_loss", "sinkhorn_knopp", "collapse_warnings", "UNIFORM_COLLAPSE_FRACTION", "ONE_PROTOTYPE_COLLAPSE_FRACTION"]
 
 # Collapse thresholds, as fractions of ln(out_dim) (the entropy of the uniform distribution).
 # Uniform collapse: the per-sample teacher distribution is almost flat (loss stuck near ln K).
@@ -43,7 +41,8 @@ def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceO
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_output: torch.Tensor, temperature: float, n_iterations: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(teacher_output: torch.Tensor, temperature: float, n_iterations: int = 3,
+                   counts_differ: bool = False) -> torch.Tensor:
     """DINOv2's teacher targets: the ``N × K`` logits turned into soft assignments whose prototypes
     are used equally over the global batch (rows sum to 1, columns to N_global / K).
 
@@ -51,13 +50,18 @@ def sinkhorn_knopp(teacher_output: torch.Tensor, temperature: float, n_iteration
     prototype's total by K and each sample's by N, with the prototype totals and the grand total
     all-reduced across ranks, in fp32. One difference: the all-reduced maximum is subtracted before
     ``exp`` (a constant factor, which the first normalisation removes), so large logits (e.g.
-    ``norm_last_layer: false``) cannot overflow.
+    ``norm_last_layer: false``) cannot overflow. ``counts_differ``: ranks may hold different numbers
+    of rows (iBOT's masked patches; a rank may hold none), so N is all-reduced rather than assumed.
     """
     with torch.autocast(device_type=teacher_output.device.type, enabled=False):
         logits = teacher_output.detach().float() / temperature
-        q = torch.exp(logits - _all_reduce(logits.max().clone(), dist.ReduceOp.MAX)).t()  # K × N
+        local_max = logits.max() if logits.numel() else logits.new_full((), float("-inf"))
+        q = torch.exp(logits - _all_reduce(local_max.clone(), dist.ReduceOp.MAX)).t()  # K × N
         n_prototypes = q.shape[0]
-        n_samples = q.shape[1] * (dist.get_world_size() if _process_group_ready() else 1)
+        if counts_differ:
+            n_samples = _all_reduce(logits.new_full((), float(q.shape[1])))
+        else:
+            n_samples = q.shape[1] * (dist.get_world_size() if _process_group_ready() else 1)
         tiny = torch.finfo(torch.float32).tiny  # a prototype whose weights all underflow keeps 0, not NaN
         q /= _all_reduce(q.sum())
         for _ in range(n_iterations):
@@ -88,10 +92,8 @@ class DINOLoss(nn.Module):
 
     Inputs are crop-major concatenations: `student_output` is `(n_crops·B) × K` (all images of crop
     0, then crop 1, ...; the first `n_global_crops` crops are the global ones) and `teacher_output`
-    is `(n_global_crops·B) × K`. The teacher temperature follows DINO's per-epoch schedule (linear
-    warm-up, then constant): a training run gives the one `schedules.build_schedules` built for it
-    (`teacher_temp_schedule`); stand-alone use may describe it by `warmup_teacher_temp`,
-    `teacher_temp`, `warmup_teacher_temp_epochs` and `epochs` instead.
+    is `(n_global_crops·B) × K`. The teacher temperature is handed in per call: the training loop
+    owns its schedule (`schedules.Schedules.at`), as DINOv2's does.
     `centering="center"` (DINO v1): the teacher is centred by an EMA `1 × K` buffer (saved in
     `state_dict()`); `"sinkhorn_knopp"` (DINOv2): the teacher's targets are `sinkhorn_knopp`
     assignments over all its global crops, and the centre is not used.
@@ -105,11 +107,6 @@ class DINOLoss(nn.Module):
         *,
         n_global_crops: int = 2,
         n_local_crops: int,
-        teacher_temp_schedule: Optional[np.ndarray] = None,
-        warmup_teacher_temp: Optional[float] = None,
-        teacher_temp: Optional[float] = None,
-        warmup_teacher_temp_epochs: int = 0,
-        epochs: Optional[int] = None,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         centering: str = "center",
@@ -129,18 +126,8 @@ class DINOLoss(nn.Module):
             )
         if not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"DINOLoss 'center_momentum' must be in [0, 1], got {center_momentum}")
-        if teacher_temp_schedule is None:
-            if warmup_teacher_temp is None or teacher_temp is None or epochs is None:
-                raise ValueError("DINOLoss needs 'teacher_temp_schedule', or 'warmup_teacher_temp', 'teacher_temp' "
-                                 "and 'epochs'")
-            teacher_temp_schedule = linear_warmup_then_constant(
-                warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs)
-        teacher_temp_schedule = np.asarray(teacher_temp_schedule, dtype=np.float64)
-        if student_temp <= 0 or (teacher_temp_schedule <= 0).any():
-            raise ValueError(
-                "DINOLoss temperatures must be > 0, got "
-                f"student_temp={student_temp}, teacher temperatures down to {teacher_temp_schedule.min()}"
-            )
+        if student_temp <= 0:
+            raise ValueError(f"DINOLoss 'student_temp' must be > 0, got {student_temp}")
         self.out_dim = out_dim
         self.n_global_crops = n_global_crops
         self.n_local_crops = n_local_crops
@@ -150,17 +137,7 @@ class DINOLoss(nn.Module):
         self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         # kept (and saved) with Sinkhorn-Knopp too, so both kinds of checkpoint have the same keys
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule: np.ndarray = teacher_temp_schedule  # per epoch
         self.last_stats: dict[str, torch.Tensor] = {}
-
-    def teacher_temperature(self, epoch: int) -> float:
-        """The teacher temperature used at `epoch` (0-based)."""
-        if not 0 <= epoch < len(self.teacher_temp_schedule):
-            raise ValueError(
-                f"DINOLoss epoch {epoch} is outside the teacher-temperature schedule "
-                f"of {len(self.teacher_temp_schedule)} epochs"
-            )
-        return float(self.teacher_temp_schedule[epoch])
 
     def _check_shapes(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> int:
         if student_output.dim() != 2 or student_output.shape[1] != self.out_dim:
@@ -184,7 +161,7 @@ class DINOLoss(nn.Module):
         self,
         student_output: torch.Tensor,
         teacher_output: torch.Tensor,
-        epoch: int,
+        teacher_temp: float,
         return_stats: bool = False,
         update_center: bool = True,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -198,7 +175,9 @@ class DINOLoss(nn.Module):
         `kl_teacher_student` (KL(teacher || student) averaged over the same pairs as the loss).
         """
         batch = self._check_shapes(student_output, teacher_output)
-        temp = self.teacher_temperature(epoch)
+        if not teacher_temp > 0:
+            raise ValueError(f"DINOLoss teacher_temp must be > 0, got {teacher_temp}")
+        temp = float(teacher_temp)
         n_global, n_crops = self.n_global_crops, self.n_crops
         with torch.autocast(device_type=student_output.device.type, enabled=False):
             student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
@@ -258,8 +237,81 @@ class DINOLoss(nn.Module):
             self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
 
-def collapse_warnings(stats: dict[str, torch.Tensor | float], out_dim: int) -> list[str]:
+class IBOTPatchLoss(nn.Module):
+    """iBOT's masked-patch loss, as DINOv2 computes it: over the masked patches of the student's
+    global crops, the cross-entropy between the teacher's (centred, sharpened) distribution of the
+    same patch in the unmasked crop and the student's, each patch weighted by ``1 / (masked patches
+    of its crop)`` and the sum divided by the number of crops: the mean over crops of each crop's
+    mean over its masked patches (crops without a mask count as 0).
+
+    Inputs are the head outputs of the masked patches only (``M × K``, the same order for student
+    and teacher). Centring follows ``dino.centering``: an EMA ``1 × K`` centre of the teacher's masked
+    patch outputs (saved in ``state_dict()``), or Sinkhorn–Knopp over all ranks' masked patches.
+    fp32 under autocast; no host synchronisation (a rank or a batch with no masked patch is fine).
+    """
+
+    center: torch.Tensor
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "center", sinkhorn_iterations: int = 3) -> None:
+        super().__init__()
+        if centering not in ("center", "sinkhorn_knopp"):
+            raise ValueError(f"IBOTPatchLoss 'centering' must be 'center' or 'sinkhorn_knopp', got {centering!r}")
+        if student_temp <= 0:
+            raise ValueError(f"IBOTPatchLoss 'student_temp' must be > 0, got {student_temp}")
+        self.out_dim, self.student_temp, self.center_momentum = out_dim, student_temp, center_momentum
+        self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_probs(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """The teacher's targets (``M × K``, rows summing to 1)."""
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(teacher_output, teacher_temp, self.sinkhorn_iterations, counts_differ=True)
+        return F.softmax((teacher_output.detach().float() - self.center) / teacher_temp, dim=-1)
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, weight: torch.Tensor,
+                n_crops: int, teacher_temp: float, return_stats: bool = False, update_center: bool = True):
+        """Loss over ``M`` masked patches; ``weight`` (``M``) is each patch's ``1 / (masked patches of
+        its crop)``, ``n_crops`` the number of global crops of this rank's batch (masked or not)."""
+        if student_output.shape != teacher_output.shape or student_output.shape[-1] != self.out_dim:
+            raise ValueError(f"IBOTPatchLoss needs student and teacher outputs of M × {self.out_dim}, got "
+                             f"{tuple(student_output.shape)} and {tuple(teacher_output.shape)}")
+        if not teacher_temp > 0:
+            raise ValueError(f"IBOTPatchLoss teacher_temp must be > 0, got {teacher_temp}")
+        with torch.autocast(device_type=student_output.device.type, enabled=False):
+            log_p = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+            with torch.no_grad():
+                q = self.teacher_probs(teacher_output, float(teacher_temp))
+            per_patch = -(q * log_p).sum(dim=-1)  # M
+            loss = (per_patch * weight.float()).sum() / n_crops
+            with torch.no_grad():
+                stats = self._stats(q)
+        if update_center and self.centering == "center":
+            self.update_center(teacher_output)
+        return (loss, stats) if return_stats else loss
+
+    @staticmethod
+    def _stats(q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The collapse watch's two entropies over this rank's masked patches (0 when there are none)."""
+        count = q.new_full((), float(q.shape[0])).clamp_min(1.0)
+        mean_q = q.sum(dim=0) / count
+        return {"ibot_teacher_entropy": -torch.xlogy(q, q).sum() / count,
+                "ibot_teacher_mean_entropy": -torch.xlogy(mean_q, mean_q).sum()}
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA of the mean teacher output over all ranks' masked patches; kept when there are none."""
+        with torch.autocast(device_type=teacher_output.device.type, enabled=False):
+            total = _all_reduce(teacher_output.detach().float().sum(dim=0, keepdim=True))
+            count = _all_reduce(teacher_output.new_full((), float(teacher_output.shape[0]), dtype=torch.float32))
+            batch_center = total / count.clamp_min(1.0)
+            new = self.center * self.center_momentum + batch_center * (1.0 - self.center_momentum)
+            self.center.copy_(torch.where(count > 0, new, self.center))
+
+
+def collapse_warnings(stats: dict[str, torch.Tensor | float], out_dim: int, prefix: str = "") -> list[str]:
     """Readable warnings when the teacher statistics look collapsed; empty when healthy.
+    ``prefix`` picks another loss' statistics (``"ibot_"``: iBOT's patch targets), named in the warnings.
 
     Thresholds (fractions of ln K, K = out_dim): uniform collapse when the mean per-sample teacher
     entropy exceeds `UNIFORM_COLLAPSE_FRACTION` (0.95) · ln K; one-prototype collapse when the
@@ -268,7 +320,8 @@ def collapse_warnings(stats: dict[str, torch.Tensor | float], out_dim: int) -> l
     the warm-up, when it persists. Reads the values to the host, so call it at logging intervals.
     """
     max_entropy = math.log(out_dim)
-    values = {key: float(stats[key]) for key in ("teacher_entropy", "teacher_mean_entropy") if key in stats}
+    values = {key: float(stats[prefix + key]) for key in ("teacher_entropy", "teacher_mean_entropy")
+              if prefix + key in stats}
     if "kl_teacher_student" in stats:
         values["kl_teacher_student"] = float(stats["kl_teacher_student"])
     warnings: list[str] = []
@@ -278,7 +331,7 @@ def collapse_warnings(stats: dict[str, torch.Tensor | float], out_dim: int) -> l
             f"non-finite DINO statistics ({', '.join(bad)}): the teacher or student outputs contain NaN/Inf; "
             "usually a too high learning rate, fp16 overflow (prefer bf16), or missing gradient clipping."
         )
-        return warnings
+        return [f"iBOT patch targets: {w}" for w in warnings] if prefix else warnings
     entropy = values.get("teacher_entropy")
     if entropy is not None and entropy > UNIFORM_COLLAPSE_FRACTION * max_entropy:
         warnings.append(
@@ -299,7 +352,7 @@ def collapse_warnings(stats: dict[str, torch.Tensor | float], out_dim: int) -> l
             "Sharpening dominates centring: lower the centre momentum so the centre follows the batch faster "
             "(e.g. 0.9), raise the teacher temperature slightly, or lower the learning rate."
         )
-    return warnings
+    return [f"iBOT patch targets: {w}" for w in warnings] if prefix else warnings
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import numpy as np
 from dino_sparo.errors import ConfigError
 
-__all__ = ["Schedules", "build_schedules", "cosine_schedule", "linear_warmup_then_constant",
+__all__ = ["Schedules", "StepValues", "build_schedules", "cosine_schedule", "linear_warmup_then_constant",
            "lr_schedule", "method_schedules", "teacher_temperature_schedule"]
 
 
@@ -98,6 +98,22 @@ class Schedules:
     weight_decay: Optional[np.ndarray] = None
     teacher_momentum: Optional[np.ndarray] = None  # DINO: the teacher's EMA momentum
     teacher_temperature: Optional[np.ndarray] = None  # DINO: the loss' teacher temperature
+
+    def at(self, step: int, epoch: int) -> "StepValues":
+        """The values a method is handed at ``step`` (of ``epoch``): the loop indexes, the method uses."""
+        return StepValues(
+            teacher_temp=None if self.teacher_temperature is None else float(self.teacher_temperature[epoch]),
+            teacher_momentum=None if self.teacher_momentum is None else float(self.teacher_momentum[step]),
+        )
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """One step's scheduled values for the method (None where its mode has no such schedule):
+    ``method.loss(..., teacher_temp=)`` and ``method.after_optimizer_step(step, momentum)``."""
+
+    teacher_temp: Optional[float] = None
+    teacher_momentum: Optional[float] = None
 
 
 def lr_schedule(optim: Any, global_batch: int, iters_per_epoch: int) -> np.ndarray:

@@ -9,6 +9,7 @@ one ``L·V`` embedding. The definition follows the authors' reference implementa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -198,3 +199,25 @@ class SPARO(nn.Module):
         return (f"dim={self.dim}, num_slots={self.num_slots}, slot_dim={self.slot_dim}, "
                 f"attn_dim={self.attn_dim}, value_dim={self.value_dim}, num_heads={self.num_heads}, "
                 f"share_kv={self.share_kv}, norm={self.norm!r}")
+
+
+# keys of the ``model.sparo`` config section that are the backbone's, not SPARO's own arguments
+BACKBONE_KEYS = ("attend_registers",)
+
+
+def readout_options(section: Any) -> dict:
+    """SPARO's arguments from a ``model.sparo`` config section (a dataclass or a dict): the keys set,
+    without the backbone's (:data:`BACKBONE_KEYS`)."""
+    options = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(section)
+    return {k: v for k, v in options.items() if v is not None and k not in BACKBONE_KEYS}
+
+
+def create_readout(kind: str, dim: int, num_heads: int, options: Optional[dict] = None) -> Optional[SPARO]:
+    """The read-out of a tower of width ``dim``: SPARO for ``kind == "sparo"`` (``options`` are its
+    arguments; the key width defaults to the tower's head width ``dim // num_heads``, as the SPARO
+    paper sets it), else None: the tower reads one of its own tokens (class or end-of-text)."""
+    if kind != "sparo":
+        return None
+    options = dict(options or {})
+    options.setdefault("attn_dim", dim // num_heads)
+    return SPARO(dim, **options)

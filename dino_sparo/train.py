@@ -41,7 +41,7 @@ from dino_sparo.models.build import load_pretrained_file
 from dino_sparo.models.vit import VisionTransformer
 from dino_sparo.runtime import (plan_threads, precision_reason, resolve_device, resolve_precision, rng_state,
                                 seed_everything, set_rng_state, set_tf32, setup_logging)
-from dino_sparo.schedules import build_schedules
+from dino_sparo.schedules import StepValues, build_schedules
 
 logger = logging.getLogger("dino_sparo")
 
@@ -116,16 +116,18 @@ def sync_batchnorms(method: Method, device: torch.device, world_size: int) -> No
     logger.info("batch norm: %d layer(s) synchronised over %d processes (SyncBatchNorm)", len(norms), world_size)
 
 
-def train_step(method: Method, batch: Any, step: int, epoch: int, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, params: list[nn.Parameter], optim_cfg: Any,
-               autocast_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def train_step(method: Method, batch: Any, step: int, epoch: int, values: StepValues,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter],
+               optim_cfg: Any, autocast_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step: forward under autocast, backward, unscale, clip, optimiser, the
-    method's after-step update (DINO: teacher EMA). Returns the loss and metrics as device tensors;
+    method's after-step update (DINO: teacher EMA). ``values`` are the step's scheduled values for the
+    method (``Schedules.at``: teacher temperature and momentum); the optimiser's lr and weight decay
+    are set by the caller. Returns the loss and metrics as device tensors;
     nothing here reads a value back to the host (under fp16, GradScaler does so to skip a bad step
     unless the optimiser is fused, which takes the skip decision on the device)."""
     autocast = torch.autocast(method.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with autocast:
-        loss, metrics = method.loss(batch, step, epoch)
+        loss, metrics = method.loss(batch, step, epoch, teacher_temp=values.teacher_temp)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -133,7 +135,7 @@ def train_step(method: Method, batch: Any, step: int, epoch: int, optimizer: tor
     method.before_optimizer_step(step, epoch)
     scaler.step(optimizer)
     scaler.update()
-    method.after_optimizer_step(step)
+    method.after_optimizer_step(step, values.teacher_momentum)
     return loss, metrics
 
 
@@ -366,7 +368,6 @@ class TrainingRun:
         seed_everything(cfg.seed + info.rank)  # rank-specific randomness from here on (drop path)
         self._build_loader()
         self.schedules = build_schedules(cfg, self.global_batch, self.iters_per_epoch)
-        method.use_schedules(self.schedules)
         self.epoch_end_hooks = method.epoch_end_hooks()
         apply_speed_options(method, cfg)
         sync_batchnorms(method, device, info.world_size)
@@ -507,8 +508,9 @@ class TrainingRun:
                 for batch_data, skipped in workers.iterate(self.loader):
                     self.skipped_images += skipped
                     self._set_schedules(step)
-                    loss, step_metrics = train_step(self.method, batch_data, step, epoch, self.optimizer,
-                                                    self.scaler, self.params, self.cfg.optim, self.autocast_dtype)
+                    loss, step_metrics = train_step(self.method, batch_data, step, epoch,
+                                                    self.schedules.at(step, epoch), self.optimizer, self.scaler,
+                                                    self.params, self.cfg.optim, self.autocast_dtype)
                     self.first_bad_step = torch.where(
                         (self.first_bad_step < 0) & ~torch.isfinite(loss.detach()),
                         torch.full_like(self.first_bad_step, step + 1), self.first_bad_step)  # as log.jsonl counts

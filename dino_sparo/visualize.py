@@ -15,13 +15,16 @@ from dino_sparo.models.vit import VisionTransformer
 
 
 @torch.no_grad()
-def slot_attention(backbone: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """SPARO attention ``B × L × N`` (N = 1 class token + patches) for normalised ``images``."""
+def slot_attention(backbone: VisionTransformer, images: torch.Tensor, with_registers: bool = False):
+    """SPARO attention ``B × L × N`` (N = 1 class token + patches; registers left out) for normalised
+    ``images``; ``with_registers`` also returns each slot's weight on the registers (``B × L``, or
+    None when the slots do not attend to them)."""
     if backbone.sparo is None:
         raise UsageError("slot attention needs a SPARO model (model.readout: sparo)")
     tokens = backbone.forward_tokens(images)
     _, attn = backbone.readout(tokens, return_attn=True)
-    return attn.float()
+    attn, registers = backbone.class_and_patch_attention(attn.float())
+    return (attn, registers) if with_registers else attn
 
 
 def most_attended_slots(attn: torch.Tensor, count: int) -> list[int]:
@@ -47,15 +50,15 @@ def plot_slot_attention(
 ) -> list[int]:
     """A grid PNG: one row per image (the image, then each chosen slot's attention over the
     patches: over a grey image, beside a colour one, where an overlay would mix the map's colours
-    with the photo's), one colour scale for every map; the weight a slot puts on the class token is
-    printed above its map.
+    with the photo's), one colour scale for every map; the weight a slot puts on the class token (and,
+    when the slots attend to registers, on the registers together) is printed above its map.
 
     ``images`` are the network's inputs (normalised, ``B × C × H × W``); ``display`` the same
     images for showing (``B × H × W`` or ``B × H × W × 3``, values in [0, 1]). Slots are chosen by
     :func:`most_attended_slots` unless given. Returns the slots shown.
     """
     plt = _pyplot()
-    attn = slot_attention(backbone, images)
+    attn, registers = slot_attention(backbone, images, with_registers=True)
     if slots is None:
         slots = most_attended_slots(attn, min(num_slots, attn.shape[1]))
     slots = list(slots)
@@ -76,7 +79,10 @@ def plot_slot_attention(
             if grey:
                 axes[row, col].imshow(display[row], cmap=cmap)
             shown = axes[row, col].imshow(up.numpy(), cmap="inferno", vmin=0.0, vmax=top, alpha=0.6 if grey else 1.0)
-            axes[row, col].set_title(f"slot {slot} · cls {weights[0]:.2f}", fontsize=6)
+            label = f"slot {slot} · cls {weights[0]:.2f}"
+            if registers is not None:
+                label += f" · reg {registers[row, slot]:.2f}"
+            axes[row, col].set_title(label, fontsize=6)
     for ax in axes.flat:
         ax.axis("off")
     if title:

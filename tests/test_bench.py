@@ -95,9 +95,21 @@ def test_flops_are_counted_per_image_and_include_attention():
     assert ref == teacher + 3 * student - 2 * patch(tokens_g) - 2 * patch(tokens_l)
 
 
+def test_ours_against_ours_times_ibot_and_flops_count_its_heads(tmp_path, capsys):
+    out = tmp_path / "ibot.json"
+    main(TINY + ["--steps", "1", "--warmup", "1", "--set", "ibot.loss_weight=1.0", "--set", "dino.koleo_weight=0.1",
+                 "--reference-set", "ibot.loss_weight=0.0", "--output-json", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["config"]["reference_set"] == ["ibot.loss_weight=0.0"]
+    # the second step is ours without iBOT: fewer FLOPs (no patch head), never DINO v1's step
+    assert 0 < figures["reference"]["flops_per_step"] < figures["ours"]["flops_per_step"]
+
+
 def test_bench_refuses_bad_options(capsys):
     from conftest import program_exit
 
+    code, line = program_exit(capsys, main, TINY + ["--set", "ibot.loss_weight=-1"])
+    assert code == 2 and "ibot.loss_weight" in line
     assert program_exit(capsys, main, TINY + ["--local-size", "10"]) == (
         2, "dino-sparo-bench: error: --local-size 10 is not a multiple of --patch-size 4")
     code, line = program_exit(capsys, main, TINY + ["--warmup", "0"])

@@ -9,7 +9,7 @@ from PIL import Image
 
 from dino_sparo.checkpoint import load_checkpoint
 from dino_sparo.data.datasets import DEFAULT_FASHION_MNIST_ROOT
-from dino_sparo.evaluation.periodic_knn import PeriodicKnn
+from dino_sparo.evaluation.periodic import PeriodicKnn
 from dino_sparo.methods.dino import DinoMethod
 from dino_sparo.train import train
 

@@ -152,3 +152,7 @@ def test_no_evaluation_function_takes_more_than_14_parameters():
                           - (1 if node.args.args and node.args.args[0].arg in ("self", "cls") else 0)]
             if count > 14]
     assert long == []
+def test_the_text_tower_builds_on_layers_not_on_the_vit():
+    """Both towers share their block and read-out builder from the floors below (layers/, sparo)."""
+    source = (Path(__file__).resolve().parents[1] / "dino_sparo" / "models" / "text.py").read_text()
+    assert "models.vit" not in source and "layers.block import Block" in source and "create_readout" in source

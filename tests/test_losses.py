@@ -10,19 +10,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dino_sparo.losses import DINOLoss, collapse_warnings
+from dino_sparo.schedules import linear_warmup_then_constant
+
+TEACHER_TEMP = 0.07  # the temperature handed to the loss where a test does not vary it
 
 
-def _make_loss(out_dim, n_local, warmup_temp=0.04, temp=0.07, warmup_epochs=3, epochs=10, n_global=2, **kw):
-    return DINOLoss(
-        out_dim,
-        n_global_crops=n_global,
-        n_local_crops=n_local,
-        warmup_teacher_temp=warmup_temp,
-        teacher_temp=temp,
-        warmup_teacher_temp_epochs=warmup_epochs,
-        epochs=epochs,
-        **kw,
-    )
+def _make_loss(out_dim, n_local, n_global=2, **kw):
+    return DINOLoss(out_dim, n_global_crops=n_global, n_local_crops=n_local, **kw)
 
 
 def _reference_loss(student, teacher, center, n_global, n_crops, student_temp, teacher_temp):
@@ -57,15 +51,16 @@ def _reference_temperature(warmup_temp, temp, warmup_epochs, epoch):
 def test_loss_matches_per_pair_reference(batch, out_dim, n_global, n_local, epoch, student_temp, temps):
     torch.manual_seed(batch * 1000 + out_dim + epoch)
     n_crops = n_global + n_local
-    loss_fn = _make_loss(out_dim, n_local, *temps, warmup_epochs=3, n_global=n_global, student_temp=student_temp)
+    loss_fn = _make_loss(out_dim, n_local, n_global=n_global, student_temp=student_temp)
     loss_fn.center.copy_(torch.randn(1, out_dim) * 0.3)  # a non-trivial centre
     center_before = loss_fn.center.clone()
     student = torch.randn(n_crops * batch, out_dim) * 2
     teacher = torch.randn(n_global * batch, out_dim) * 2
-    loss, stats = loss_fn(student, teacher, epoch, return_stats=True)
+    schedule = linear_warmup_then_constant(*temps, 3, 10)  # what the loop indexes and hands in
+    loss, stats = loss_fn(student, teacher, float(schedule[epoch]), return_stats=True)
 
     t_temp = _reference_temperature(*temps, 3, epoch)
-    assert loss_fn.teacher_temperature(epoch) == pytest.approx(t_temp)
+    assert float(schedule[epoch]) == pytest.approx(t_temp)
     ref_loss, ref_kl = _reference_loss(student, teacher, center_before, n_global, n_crops, student_temp, t_temp)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
@@ -83,11 +78,14 @@ def test_loss_matches_per_pair_reference(batch, out_dim, n_global, n_local, epoc
 
 
 def test_teacher_temperature_schedule_is_dino_linear_warmup_then_constant():
-    loss_fn = _make_loss(8, 2, warmup_temp=0.04, temp=0.07, warmup_epochs=30, epochs=100)
+    from types import SimpleNamespace
+
+    from dino_sparo.schedules import teacher_temperature_schedule
+    dino = SimpleNamespace(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30)
     expected = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07))
-    np.testing.assert_allclose(loss_fn.teacher_temp_schedule, expected)
-    with pytest.raises(ValueError, match="epoch 100"):
-        loss_fn.teacher_temperature(100)
+    np.testing.assert_allclose(teacher_temperature_schedule(dino, 100), expected)
+    with pytest.raises(ValueError, match="teacher_temp must be > 0"):
+        _make_loss(8, 2)(torch.randn(4 * 3, 8), torch.randn(2 * 3, 8), 0.0)
 
 
 def test_center_update_is_the_ema_formula_and_uses_the_old_centre():
@@ -97,7 +95,7 @@ def test_center_update_is_the_ema_formula_and_uses_the_old_centre():
     loss_fn.center.copy_(c0)
     teacher = torch.randn(2 * 5, 12)
     student = torch.randn(5 * 5, 12)
-    loss = loss_fn(student, teacher, epoch=4)
+    loss = loss_fn(student, teacher, TEACHER_TEMP)
     expected = 0.8 * c0 + 0.2 * teacher.mean(0, keepdim=True)
     torch.testing.assert_close(loss_fn.center, expected, rtol=1e-6, atol=1e-6)
     ref, _ = _reference_loss(student, teacher, c0, 2, 5, 0.1, 0.07)
@@ -111,7 +109,7 @@ def test_center_update_is_the_ema_formula_and_uses_the_old_centre():
 
 def test_update_center_false_leaves_centre_and_centre_is_in_state_dict():
     loss_fn = _make_loss(6, 2)
-    loss_fn(torch.randn(4 * 3, 6), torch.randn(2 * 3, 6), 0, update_center=False)
+    loss_fn(torch.randn(4 * 3, 6), torch.randn(2 * 3, 6), TEACHER_TEMP, update_center=False)
     assert torch.count_nonzero(loss_fn.center) == 0
     loss_fn.update_center(torch.ones(6, 6))
     sd = loss_fn.state_dict()
@@ -145,11 +143,11 @@ def test_loss_is_fp32_under_autocast(dtype):
     teacher = (torch.randn(2 * batch, out_dim) * 3).to(dtype)
     plain = _make_loss(out_dim, n_local)
     auto = _make_loss(out_dim, n_local)
-    expected = plain(student.float(), teacher.float(), 1)
+    expected = plain(student.float(), teacher.float(), TEACHER_TEMP)
     with torch.autocast("cpu", dtype=dtype):
-        got, stats = auto(student, teacher, 1, return_stats=True)
+        got, stats = auto(student, teacher, TEACHER_TEMP, return_stats=True)
         # fp32 inputs under autocast give the plain fp32 result too
-        got_fp32_inputs = _make_loss(out_dim, n_local)(student.float(), teacher.float(), 1)
+        got_fp32_inputs = _make_loss(out_dim, n_local)(student.float(), teacher.float(), TEACHER_TEMP)
     assert got.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in stats.values())
     assert auto.center.dtype == torch.float32
@@ -164,7 +162,7 @@ def test_every_student_crop_gets_gradient_and_teacher_none():
     n_crops = n_global + n_local
     student = torch.randn(n_crops * batch, out_dim, requires_grad=True)
     teacher = torch.randn(n_global * batch, out_dim, requires_grad=True)
-    loss = _make_loss(out_dim, n_local)(student, teacher, 0)
+    loss = _make_loss(out_dim, n_local)(student, teacher, TEACHER_TEMP)
     loss.backward()
     assert teacher.grad is None
     for crop, grad in enumerate(student.grad.chunk(n_crops)):
@@ -176,18 +174,18 @@ def test_every_student_crop_gets_gradient_and_teacher_none():
 def test_shape_errors_name_the_problem():
     loss_fn = _make_loss(8, 2)
     with pytest.raises(ValueError, match="crop-major"):
-        loss_fn(torch.randn(4 * 3 + 1, 8), torch.randn(2 * 3, 8), 0)
+        loss_fn(torch.randn(4 * 3 + 1, 8), torch.randn(2 * 3, 8), TEACHER_TEMP)
     with pytest.raises(ValueError, match="student_output"):
-        loss_fn(torch.randn(4 * 3, 9), torch.randn(2 * 3, 8), 0)
-    with pytest.raises(ValueError, match="warmup_steps"):
-        _make_loss(8, 2, warmup_epochs=20, epochs=10)
+        loss_fn(torch.randn(4 * 3, 9), torch.randn(2 * 3, 8), TEACHER_TEMP)
+    with pytest.raises(ValueError, match="student_temp"):
+        _make_loss(8, 2, student_temp=0.0)
 
 
-def _stats_for_teacher(teacher_logits, out_dim, n_local=2, epoch=5):
+def _stats_for_teacher(teacher_logits, out_dim, n_local=2):
     batch = teacher_logits.shape[0] // 2
     loss_fn = _make_loss(out_dim, n_local)
     student = torch.randn((2 + n_local) * batch, out_dim)
-    _, stats = loss_fn(student, teacher_logits, epoch, return_stats=True)
+    _, stats = loss_fn(student, teacher_logits, TEACHER_TEMP, return_stats=True)
     return stats
 
 
@@ -234,7 +232,7 @@ def test_forward_backward_and_centre_update_do_not_sync_with_the_host():
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.autocast("cuda", dtype=torch.float16):
-            loss, stats = loss_fn(student.half(), teacher.half(), 2, return_stats=True)
+            loss, stats = loss_fn(student.half(), teacher.half(), TEACHER_TEMP, return_stats=True)
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

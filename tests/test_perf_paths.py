@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from dino_sparo.methods.dino import DinoMethod
-from dino_sparo.models.vit import drop_path_per_image, vit
+from dino_sparo.schedules import cosine_schedule, method_schedules
+from dino_sparo.layers.block import drop_path_per_image
+from dino_sparo.models.vit import vit
 from dino_sparo.train import apply_speed_options, build_optimizer, clip_gradients, train_step
 
 from conftest import TINY_MODEL, tiny_config
@@ -35,10 +37,14 @@ def make_crops(cfg, batch=4, device="cpu", seed=0):
     return [torch.randn(batch, 3, s, s, generator=g).to(device) for s in sizes]
 
 
+def step_values(cfg, step):
+    """The scheduled values the loop would hand the method at ``step`` of a run of 10 steps per epoch."""
+    return method_schedules(cfg, 10, cfg.optim.epochs).at(step, step // 10)
+
+
 def build(cfg, device="cpu", seed=0, autocast_dtype=None):
     torch.manual_seed(seed)
     method = DinoMethod(cfg, torch.device(device))
-    method.setup_schedules(cfg.optim.epochs, 10)
     apply_speed_options(method, cfg)
     groups = method.param_groups()
     for group in groups:
@@ -59,7 +65,7 @@ def run_steps(cfg, n_steps=2, device="cpu", autocast_dtype=None, seed=0):
     torch.manual_seed(seed + 1)
     for step in range(n_steps):
         batch = (make_crops(cfg, device=device, seed=step), None)
-        loss, _ = train_step(method, batch, step, 0, optimizer, scaler, params, cfg.optim, autocast_dtype)
+        loss, _ = train_step(method, batch, step, 0, step_values(cfg, step), optimizer, scaler, params, cfg.optim, autocast_dtype)
         losses.append(loss.detach().float())
     return torch.stack(losses), method
 
@@ -128,8 +134,9 @@ def test_teacher_ema_matches_the_python_loop():
             p.add_(torch.randn_like(p))
     student = [p.detach().clone() for p in method.student.parameters()]
     teacher = [p.detach().clone() for p in method.teacher.parameters()]
-    m = float(method.momentum_schedule[3])
-    method.after_optimizer_step(3)
+    m = step_values(cfg, 3).teacher_momentum
+    assert m == pytest.approx(float(cosine_schedule(cfg.dino.momentum_teacher, 1.0, cfg.optim.epochs, 10)[3]))
+    method.after_optimizer_step(3, m)
     for s, t, new in zip(student, teacher, method.teacher.parameters()):
         torch.testing.assert_close(new, t * m + (1 - m) * s, rtol=1e-6, atol=1e-7)
 
@@ -316,12 +323,12 @@ def test_gpu_step_has_no_host_synchronisation(pack, dtype):
     method, optimizer, scaler, params = build(cfg, "cuda", autocast_dtype=dtype)  # fp16: a GradScaler too
     batches = [(make_crops(cfg, device="cuda", seed=s), None) for s in range(5)]
     for step in range(2):  # warm-up: lazy initialisation (kernels, optimiser state) may synchronise
-        train_step(method, batches[step], step, 0, optimizer, scaler, params, cfg.optim, dtype)
+        train_step(method, batches[step], step, 0, step_values(cfg, step), optimizer, scaler, params, cfg.optim, dtype)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(2, 5):
-            loss, metrics = train_step(method, batches[step], step, 0, optimizer, scaler, params, cfg.optim, dtype)
+            loss, metrics = train_step(method, batches[step], step, 0, step_values(cfg, step), optimizer, scaler, params, cfg.optim, dtype)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert math.isfinite(float(loss))

@@ -99,3 +99,17 @@ def test_linear_warmup_then_constant_without_warmup_is_constant():
 def test_linear_warmup_then_constant_rejects_warmup_longer_than_total():
     with pytest.raises(ValueError, match="warmup_steps"):
         linear_warmup_then_constant(0.04, 0.07, 30, 10)
+
+
+def test_schedules_at_hands_the_method_its_step_and_epoch_values():
+    from dino_sparo.config import load_config
+    from dino_sparo.schedules import build_schedules, teacher_temperature_schedule
+
+    cfg = load_config(None, ["optim.epochs=3", "optim.warmup_epochs=1", "dino.warmup_teacher_temp_epochs=2", "dino.warmup_teacher_temp=0.01"])
+    schedules = build_schedules(cfg, global_batch=64, iters_per_epoch=4)
+    temps = teacher_temperature_schedule(cfg.dino, 3)
+    momentum = cosine_schedule(cfg.dino.momentum_teacher, 1.0, 3, 4)
+    for step in range(12):
+        values = schedules.at(step, step // 4)
+        assert values.teacher_temp == temps[step // 4] and values.teacher_momentum == momentum[step]
+    assert build_schedules(load_config(None, ["mode=clip", "optim.epochs=3", "optim.warmup_epochs=1"]), 64, 4).at(0, 0).teacher_temp is None

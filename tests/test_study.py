@@ -112,10 +112,10 @@ def test_a_signal_during_training_ends_the_study_without_a_result(tmp_path, monk
     from dino_sparo.methods.dino import DinoMethod
     original = DinoMethod.loss
 
-    def interrupted(self, batch, step, epoch):
+    def interrupted(self, batch, step, epoch, **values):
         if step == 0:  # the first of the smoke budget's 2 steps
             os.kill(os.getpid(), signal.SIGTERM)  # what a shell's kill or a scheduler sends
-        return original(self, batch, step, epoch)
+        return original(self, batch, step, epoch, **values)
 
     monkeypatch.setattr(DinoMethod, "loss", interrupted)
     save_config(load_config(None, [*TINY_MODEL, "data.dataset=fashion_mnist"]), tmp_path / "base.yaml")

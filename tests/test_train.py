@@ -85,7 +85,7 @@ def test_every_crop_reaches_the_loss_and_last_layer_is_frozen_first_epoch(tmp_pa
     assert all(torch.equal(x, y) for x, y in zip(before, after))
     # a local crop's pixels change the student output: it is not dropped on the way
     crops = [torch.randn(2, 3, s, s, requires_grad=True) for s in (28, 28, 12, 12)]
-    method.loss_fn(method.student(crops), method.teacher(crops[:2]).detach(), 0).backward()
+    method.loss_fn(method.student(crops), method.teacher(crops[:2]).detach(), cfg.dino.teacher_temp).backward()
     assert all(c.grad.abs().sum() > 0 for c in crops)
 
 
@@ -93,8 +93,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path, monk
     from dino_sparo.methods.dino import DinoMethod
     original = DinoMethod.loss
 
-    def poisoned(self, batch, step, epoch):
-        loss, stats = original(self, batch, step, epoch)
+    def poisoned(self, batch, step, epoch, **values):
+        loss, stats = original(self, batch, step, epoch, **values)
         return (loss * float("nan") if step == 10 else loss), stats
 
     monkeypatch.setattr(DinoMethod, "loss", poisoned)
@@ -245,8 +245,8 @@ def test_non_finite_loss_message_says_which_checkpoint_exists(tmp_path, monkeypa
     from dino_sparo.methods.dino import DinoMethod
     original = DinoMethod.loss
 
-    def poisoned(self, batch, step, epoch):
-        loss, stats = original(self, batch, step, epoch)
+    def poisoned(self, batch, step, epoch, **values):
+        loss, stats = original(self, batch, step, epoch, **values)
         return (loss * float("nan") if step == bad_step else loss), stats
 
     monkeypatch.setattr(DinoMethod, "loss", poisoned)

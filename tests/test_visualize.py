@@ -25,6 +25,25 @@ def test_slot_attention_rows_are_distributions_over_class_token_and_patches():
     torch.testing.assert_close(attn.sum(-1), torch.ones(3, 6))
 
 
+@pytest.mark.parametrize("attend", [False, True])
+def test_slot_attention_leaves_registers_out_and_gives_their_share_apart(tmp_path, attend):
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, readout="sparo",
+                            sparo={"num_slots": 6, "slot_dim": 4}, num_registers=3,
+                            sparo_attend_registers=attend).eval()
+    images = torch.randn(2, 3, 16, 16)
+    attn, registers = slot_attention(vit, images, with_registers=True)
+    assert attn.shape == (2, 6, 1 + 16)  # class token and patches: the pictures' and slot measures' columns
+    if attend:
+        assert registers.shape == (2, 6) and (registers > 0).all()
+        torch.testing.assert_close(attn.sum(-1) + registers, torch.ones(2, 6))
+    else:
+        assert registers is None
+        torch.testing.assert_close(attn.sum(-1), torch.ones(2, 6))
+    plot_slot_attention(vit, images, np.random.rand(2, 16, 16).astype(np.float32), tmp_path / "r.png", slots=[0, 1])
+    assert (tmp_path / "r.png").is_file()
+
+
 def test_attention_grid_png_has_one_panel_per_image_and_slot(tmp_path):
     vit = _tiny_sparo_vit()
     images, display = torch.randn(2, 3, 16, 16), np.random.rand(2, 16, 16).astype(np.float32)

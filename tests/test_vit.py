@@ -91,3 +91,66 @@ def test_mismatched_weights_name_the_keys():
     state["blocks.0.attn.extra"] = torch.zeros(1)
     with pytest.raises(ValueError, match="norm.weight.*blocks.0.attn.extra"):
         load_pretrained_backbone(vit("vit_pico", readout="cls", depth=2), state)
+
+
+# --------------------------------------------------------------------------------------------
+# Register tokens
+# --------------------------------------------------------------------------------------------
+
+def test_registers_sit_after_the_class_token_and_leave_every_patch_output():
+    torch.manual_seed(0)
+    model = vit("vit_pico", depth=3, patch_size=4, img_size=28, readout="sparo", num_registers=3,
+                sparo={"num_slots": 4, "slot_dim": 8}).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = model.forward_tokens(x)
+        assert tokens.shape == (2, 1 + 3 + 49, 96) and model.num_prefix_tokens == 4
+        # the patch tokens (iBOT, pictures, slot measures) are the last 49; the registers carry no position
+        assert torch.equal(model.patch_tokens(tokens), tokens[:, 4:])
+        prepared = model.prepare_tokens(x)
+        torch.testing.assert_close(prepared[:, 1:4], model.reg_token.expand(2, -1, -1))
+        # slots that do not attend to registers read the class token and the patches only
+        embedding, attn = model.readout(tokens, return_attn=True)
+        expected = model.sparo(torch.cat([tokens[:, :1], tokens[:, 4:]], dim=1)).embedding
+        torch.testing.assert_close(embedding, expected)
+        cls, registers, patches = model.split_attention(attn)
+        assert registers is None and patches.shape == (2, 4, 49)
+        # with attend_registers, the slots' weights split into class token, registers and patches, summing to 1
+        model.sparo_attend_registers = True
+        _, attn = model.readout(tokens, return_attn=True)
+        cls, registers, patches = model.split_attention(attn)
+        assert registers.shape == (2, 4, 3)
+        torch.testing.assert_close(cls + registers.sum(-1) + patches.sum(-1), torch.ones(2, 4))
+
+
+def test_registers_change_the_patches_through_the_blocks():
+    torch.manual_seed(0)
+    model = vit("vit_pico", depth=2, patch_size=4, img_size=28, readout="cls", num_registers=2).eval()
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        before = model.patch_tokens(model.forward_tokens(x))
+        model.reg_token.add_(1.0)
+        assert not torch.allclose(model.patch_tokens(model.forward_tokens(x)), before)
+
+
+def test_timm_register_layout_loads_and_computes_timms_features():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    # timm's vit_*_reg4_* layout: reg_token, position embeddings without a class-token entry
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=28, patch_size=4, embed_dim=96, depth=2, num_heads=3, num_classes=0, reg_tokens=4,
+        no_embed_class=True, class_token=True).eval()
+    assert "reg_token" in ref.state_dict() and ref.pos_embed.shape[1] == 49
+    ours = vit("vit_pico", depth=2, patch_size=4, img_size=28, readout="cls", num_registers=4).eval()
+    load_pretrained_backbone(ours, ref.state_dict())
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_tokens(x), ref.forward_features(x), rtol=1e-5, atol=1e-5)
+    # a backbone with another number of registers is refused, naming the key to set
+    with pytest.raises(KeyError, match="model.num_registers: 4"):
+        load_pretrained_backbone(vit("vit_pico", depth=2, patch_size=4, img_size=28, readout="cls"), ref.state_dict())
+    # DINOv2's own name for them loads too
+    state = {("register_tokens" if k == "reg_token" else k): v for k, v in ref.state_dict().items()}
+    again = vit("vit_pico", depth=2, patch_size=4, img_size=28, readout="cls", num_registers=4).eval()
+    load_pretrained_backbone(again, state)
+    assert torch.equal(again.reg_token, ref.reg_token)

@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the crops")
     parser.add_argument("--matmul-size", type=int, default=0,
                         help="side of the square matmul timed for the peak (0: 8192 on GPU, 2048 on CPU)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training-config key of our step (repeatable), e.g. --set model.depth=5; default: none")
+    parser.add_argument("--reference-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="make the second step ours too, with these keys changed on top of --set (repeatable), "
+                             "e.g. --set ibot.loss_weight=1 --reference-set ibot.loss_weight=0 times iBOT's cost; "
+                             "default: none (the second step is DINO v1's)")
     add_output_json(parser, help="also write the figures here as JSON (atomically)")
     return parser
 

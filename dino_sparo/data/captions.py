@@ -11,6 +11,7 @@ read from the tar headers) and then read by offset, which is what makes them ind
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 import random
@@ -235,6 +236,22 @@ class FashionMNISTCaptions(_Captioned):
         return self._item(image, self.caption(index))
 
 
+def clip_labelled_data(cfg: Any) -> Any:
+    """Where a CLIP run's labelled images live, as a ``data`` config section (dataset, path): what
+    k-NN and zero-shot during training and zero-shot from a checkpoint read. Fashion-MNIST captions:
+    the labelled images behind them (``clip.train_data`` or ``data.path``); the scene world: its
+    scenes, labelled by ``data.scenes.label``; caption tables and shards have no labels, so
+    ``data.path`` names a labelled image folder."""
+    from dino_sparo.config import DataConfig  # noqa: PLC0415 (a config section, built only here)
+
+    clip = cfg.clip
+    if clip.dataset == "fashion_mnist":
+        return DataConfig(dataset="fashion_mnist", path=clip.train_data or cfg.data.path)
+    if clip.dataset == "scenes":
+        return dataclasses.replace(cfg.data, dataset="scenes")
+    return cfg.data
+
+
 def build_caption_dataset(cfg: Any, transform: Optional[Callable], tokenizer: Optional[Tokenize],
                           index_cache: Optional[str | os.PathLike] = None) -> Dataset:
     """The training set that ``cfg.clip`` names (``dataset``, ``train_data``), with ``data.limit``,
@@ -246,7 +263,7 @@ def build_caption_dataset(cfg: Any, transform: Optional[Callable], tokenizer: Op
 
         return SceneCaptions(world_of(data.scenes), "train", transform, tokenizer)
     if clip.dataset == "fashion_mnist":
-        root = clip.train_data or data.path
+        root = clip_labelled_data(cfg).path
         return FashionMNISTCaptions(root, "train", transform, tokenizer, clip.templates, limit=data.limit)
     if not clip.train_data:
         raise ConfigError(f"config key 'clip.train_data' must name the caption table or the shards for "

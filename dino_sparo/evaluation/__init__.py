@@ -6,5 +6,5 @@
   (CLIP), ``slots`` (SPARO slot subsets, per-slot accuracy, greedy selection);
 - ``feature_kinds`` (what is read from a network) and ``feature_store`` (extraction to memory-mapped
   stores, the content-keyed cache);
-- ``periodic_knn``: k-NN during training.
+- ``periodic``: evaluation during training (k-NN, CLIP's zero-shot) behind one due / evaluate protocol.
 """

@@ -88,7 +88,7 @@ def last_blocks_features(backbone: nn.Module, images: torch.Tensor, n_last_block
                          avgpool: bool = False) -> torch.Tensor:
     """DINO's ``get_intermediate_layers``: the final norm applied after each of the last n blocks;
     their class tokens concatenated (``B × n·D``), then optionally the patch mean (``+ D``)."""
-    x = backbone.prepare_tokens(images)  # B × (1 + P) × D
+    x = backbone.prepare_tokens(images)  # B × (1 + R + P) × D
     first = len(backbone.blocks) - n_last_blocks
     outputs = []
     for i, block in enumerate(backbone.blocks):
@@ -97,7 +97,8 @@ def last_blocks_features(backbone: nn.Module, images: torch.Tensor, n_last_block
             outputs.append(backbone.norm(x))
     feats = torch.cat([out[:, 0] for out in outputs], dim=-1)  # B × n·D
     if avgpool:
-        feats = torch.cat([feats, outputs[-1][:, 1:].mean(dim=1)], dim=-1)  # B × (n + 1)·D
+        patches = outputs[-1][:, getattr(backbone, "num_prefix_tokens", 1):]  # no class token, no registers
+        feats = torch.cat([feats, patches.mean(dim=1)], dim=-1)  # B × (n + 1)·D
     return feats
 
 

@@ -105,7 +105,7 @@ def scene_slot_objects(model: Any, world: SceneWorld, transform: Any, count: int
     for start in range(0, count, 256):
         batch = torch.stack(images[start:start + 256]).to(device)
         _, weights = visual.readout(visual.forward_tokens(batch), return_attn=True)
-        attn.append(weights.float().cpu())
+        attn.append(visual.class_and_patch_attention(weights.float())[0].cpu())  # registers left out
     coverage = patch_coverage(torch.stack(masks), visual.patch_size)
     return slot_object_alignment(torch.cat(attn), coverage, torch.tensor(counts))
 

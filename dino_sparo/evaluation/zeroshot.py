@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dino_sparo.config import DataConfig
-from dino_sparo.data.captions import CaptionTable
+from dino_sparo.data.captions import CaptionTable, clip_labelled_data
 from dino_sparo.data.datasets import build_dataset
 from dino_sparo.data.transforms import clip_eval_transform
 from dino_sparo.errors import UsageError
@@ -354,7 +354,8 @@ def zeroshot_from_checkpoint(
     dataset = dataset or ("fashion_mnist" if cfg.clip.dataset == "fashion_mnist" else "none")
     inputs: dict[str, Any] = {}
     if dataset != "none":
-        path = data_path or (cfg.clip.train_data or cfg.data.path if dataset == "fashion_mnist" else None)
+        labelled = clip_labelled_data(cfg)
+        path = data_path or (labelled.path if dataset == "fashion_mnist" else None)
         test_set = build_dataset(DataConfig(dataset=dataset, path=path, limit=limit), split, transform)
         inputs.update(test_set=test_set, classnames=load_classnames(classnames, test_set.classes),
                       templates=load_templates(templates, cfg.clip.templates, dataset))

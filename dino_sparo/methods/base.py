@@ -11,14 +11,13 @@ from torch.utils.data import Dataset
 
 from dino_sparo import distributed
 from dino_sparo.errors import ConfigError
-from dino_sparo.evaluation.periodic_knn import PeriodicKnn
-from dino_sparo.methods.hooks import LoggedKnn
-from dino_sparo.schedules import Schedules, method_schedules
+from dino_sparo.evaluation.periodic import PeriodicKnn
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm gains and learned queries/tokens are not decayed (DINO, open_clip, SPARO)."""
-    return param.ndim <= 1 or name.endswith((".bias", "cls_token", "pos_embed", "queries", "logit_scale"))
+    """Biases, norm gains and learned queries/tokens are not decayed (DINO, DINOv2, open_clip, SPARO)."""
+    return param.ndim <= 1 or name.endswith((".bias", "cls_token", "reg_token", "mask_token", "pos_embed", "queries",
+                                             "logit_scale"))
 
 
 def param_groups(module: nn.Module, **extra: Any) -> list[dict]:
@@ -65,22 +64,17 @@ class Method:
     def modules_to_optimise(self) -> nn.Module:
         raise NotImplementedError
 
-    def use_schedules(self, schedules: Schedules) -> None:
-        """The run's schedules (:func:`dino_sparo.schedules.build_schedules`), given once the data
-        size is known, before the first step; a method keeps the ones it follows (DINO: the teacher's)."""
-
-    def setup_schedules(self, epochs: int, iters_per_epoch: int) -> None:
-        """Stand-alone use (benchmarks, tests): the schedules of ``epochs`` epochs of ``iters_per_epoch`` steps."""
-        self.use_schedules(method_schedules(self.cfg, iters_per_epoch, epochs))
-
-    def loss(self, batch: Any, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Any, step: int, epoch: int, teacher_temp: Optional[float] = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's loss and metrics. Scheduled values come from the loop
+        (:meth:`dino_sparo.schedules.Schedules.at`); a method never indexes a schedule itself."""
         raise NotImplementedError
 
     def before_optimizer_step(self, step: int, epoch: int) -> None:
         """After backward (gradients unscaled and clipped), before the optimiser step."""
 
-    def after_optimizer_step(self, step: int) -> None:
-        """E.g. the teacher's EMA update."""
+    def after_optimizer_step(self, step: int, momentum: Optional[float] = None) -> None:
+        """E.g. the teacher's EMA update, at the scheduled ``momentum``."""
 
     def batch_size(self, batch: Any) -> int:
         raise NotImplementedError
@@ -96,19 +90,19 @@ class Method:
 
     def epoch_end_hooks(self) -> list:
         """The evaluations the loop runs when an epoch ends, in order (each an
-        :class:`~dino_sparo.methods.hooks.EpochEndHook`); built once, before training starts.
+        :class:`~dino_sparo.evaluation.periodic.EpochEndHook`); built once, before training starts.
         Here: k-NN of :meth:`eval_backbone` when ``eval.knn_every`` > 0."""
         return [self.knn_hook()] if self.cfg.eval.knn_every else []
 
-    def knn_hook(self) -> LoggedKnn:
+    def knn_hook(self) -> PeriodicKnn:
         """k-NN during training of :meth:`eval_backbone` on :meth:`eval_data`."""
         backbone = self.eval_backbone()
         if backbone is None:
             raise ConfigError(f"config key 'eval.knn_every': the {type(self).__name__} method has no image "
                              "backbone to evaluate")
         data_cfg, transform = self.eval_data()
-        return LoggedKnn(PeriodicKnn(self.cfg.eval, backbone, data_cfg, transform, self.cfg.data.batch_size_per_gpu,
-                                     self.cfg.data.num_workers, self.device))
+        return PeriodicKnn(self.cfg.eval, backbone, data_cfg, transform, self.cfg.data.batch_size_per_gpu,
+                           self.cfg.data.num_workers, self.device)
 
     def warnings(self, metrics: dict[str, float]) -> list[str]:
         """Human-readable warnings from logged metrics (e.g. DINO collapse)."""

@@ -13,20 +13,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 from contextlib import nullcontext
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from dino_sparo import distributed
+from dino_sparo.runtime import preserved_rng, resolve_precision
 from dino_sparo.config import DataConfig
-from dino_sparo.data.captions import build_caption_dataset
+from dino_sparo.data.captions import build_caption_dataset, clip_labelled_data
 from dino_sparo.data.transforms import clip_eval_transform, clip_train_transform
 from dino_sparo.errors import ConfigError
 from dino_sparo.losses import ClipLoss
 from dino_sparo.methods.base import Method, param_groups, shard_index_cache
-from dino_sparo.methods.hooks import EveryNEpochs
+from dino_sparo.evaluation.periodic import PeriodicZeroShot
 from dino_sparo.models.clip import baseline_config, build_clip_model, describe_parameters
 from dino_sparo.models.text import Tokenizer
 from dino_sparo.models.vit import count_parameters
@@ -63,12 +65,8 @@ class ClipMethod(Method):
 
     def eval_data(self) -> tuple[Any, Callable]:
         clip = self.cfg.clip
-        transform = clip_eval_transform(self.cfg.model.img_size, clip.image_mean, clip.image_std)
-        if clip.dataset == "fashion_mnist":  # the labels behind the captions
-            return DataConfig(dataset="fashion_mnist", path=clip.train_data or self.cfg.data.path), transform
-        if clip.dataset == "scenes":  # the scenes labelled by data.scenes.label
-            return dataclasses.replace(self.cfg.data, dataset="scenes"), transform
-        return self.cfg.data, transform  # caption data has no labels: data.path names a labelled image folder
+        return clip_labelled_data(self.cfg), clip_eval_transform(self.cfg.model.img_size, clip.image_mean,
+                                                                 clip.image_std)
 
     def param_groups(self) -> list[dict]:
         # CLIP's AdamW betas (0.9, 0.98) and eps 1e-6, carried by the groups themselves
@@ -77,7 +75,8 @@ class ClipMethod(Method):
     def batch_size(self, batch: Any) -> int:
         return batch[0].shape[0]
 
-    def loss(self, batch: Any, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Any, step: int, epoch: int, teacher_temp: Optional[float] = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch[0].to(self.device, non_blocking=True)  # B × 3 × H × W
         tokens = batch[1].to(self.device, non_blocking=True)  # B × context_length
         if self.cfg.clip.accum_steps == 1:
@@ -117,35 +116,22 @@ class ClipMethod(Method):
         return loss, all_images, all_texts, scale
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int, momentum: Optional[float] = None) -> None:
         self.model.clamp_logit_scale()
 
     def epoch_end_hooks(self) -> list:
-        """k-NN of the image tower when configured, then zero-shot every ``clip.zeroshot_every_epochs``."""
-        return super().epoch_end_hooks() + [EveryNEpochs(self.cfg.clip.zeroshot_every_epochs, self.zeroshot)]
-
-    def zeroshot(self, epochs_done: int) -> dict[str, float]:
-        """Zero-shot top-1 and top-5 on the configured data, computed on the main process (the
-        others wait and return ``{}``)."""
-        metrics: dict[str, float] = {}
-        if distributed.is_main_process():
-            from dino_sparo.evaluation.zeroshot import evaluate  # noqa: PLC0415
-
-            name, test_set, classnames, templates = self._zeroshot_inputs()
-            was_training = self.model.training
-            bf16 = self.device.type == "cuda" and self.cfg.precision in ("auto", "bf16")
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                result = evaluate(self.model, self.tokenizer, test_set=test_set, classnames=classnames,
-                                  templates=templates,
-                                  batch_size=self.cfg.data.batch_size_per_gpu,
-                                  num_workers=self.cfg.data.num_workers, device=self.device)
-            self.model.train(was_training)
-            zs = result["zeroshot"]
-            logger.info("after %d epoch(s): zero-shot top-1 %.2f%%, top-5 %.2f%% on %s (%d images)", epochs_done,
-                        100 * zs["top1"], 100 * zs["top5"], name, zs["num_images"])
-            metrics = {"zeroshot_top1": zs["top1"], "zeroshot_top5": zs["top5"]}
-        distributed.barrier()
-        return metrics
+        """k-NN of the image tower when configured, then zero-shot every ``clip.zeroshot_every_epochs``
+        (its test set built here, once, on the main process only)."""
+        hooks = super().epoch_end_hooks()
+        every = self.cfg.clip.zeroshot_every_epochs
+        if every:
+            with preserved_rng(self.device):  # building it draws nothing from the run's random streams
+                name, test_set, classnames, templates = (self._zeroshot_inputs() if distributed.is_main_process()
+                                                         else ("", None, [], []))
+            hooks.append(PeriodicZeroShot(every, self.model, self.tokenizer, name, test_set, classnames, templates,
+                                          self.cfg.data.batch_size_per_gpu, self.cfg.data.num_workers, self.device,
+                                          resolve_precision(self.cfg.precision, self.device)))
+        return hooks
 
     def _zeroshot_inputs(self) -> tuple[str, Dataset, list[str], list[str]]:
         """What zero-shot during training scores: ``(name, test set, class names, prompt templates)``."""
@@ -164,8 +150,8 @@ class ClipMethod(Method):
         else:
             name = clip.zeroshot_data or "fashion_mnist"
             if name == "fashion_mnist":
-                path = (clip.train_data if clip.dataset == "fashion_mnist" and clip.train_data
-                        else self.cfg.data.path)
+                labelled = clip_labelled_data(self.cfg)
+                path = labelled.path if labelled.dataset == "fashion_mnist" else self.cfg.data.path
                 data_cfg, split = DataConfig(dataset="fashion_mnist", path=path), "test"
             else:
                 data_cfg, split = DataConfig(dataset="imagefolder", path=name), "val"

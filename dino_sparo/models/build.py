@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import pickle
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from timm.layers import resample_abs_pos_embed
 
 from dino_sparo.errors import UsageError
 from dino_sparo.models.vit import VisionTransformer, vit
+from dino_sparo.sparo import readout_options
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 def build_backbone(model_cfg: Any) -> VisionTransformer:
     """Backbone from a ``ModelConfig`` (or anything with the same attributes)."""
     sparo = model_cfg.sparo
-    sparo_options = dataclasses.asdict(sparo) if dataclasses.is_dataclass(sparo) else dict(sparo)
-    sparo_options = {k: v for k, v in sparo_options.items() if v is not None}
+    attend_registers = bool(sparo.get("attend_registers") if isinstance(sparo, dict)
+                            else getattr(sparo, "attend_registers", False))
     return vit(
         model_cfg.arch,
         embed_dim=model_cfg.embed_dim,
@@ -34,15 +34,18 @@ def build_backbone(model_cfg: Any) -> VisionTransformer:
         drop_path_rate=model_cfg.drop_path_rate,
         readout=model_cfg.readout,
         reduce_depth=model_cfg.reduce_depth,
-        sparo=sparo_options,
+        sparo=readout_options(sparo),
         attn_backend=model_cfg.attn_backend,
+        num_registers=getattr(model_cfg, "num_registers", 0),
+        sparo_attend_registers=attend_registers,
     )
 
 
 # timm / DINO names that have no place in a backbone that ends in a read-out
 _IGNORED_PREFIXES = ("head.", "fc_norm.", "head_drop.", "mask_token")
 # DINO v1 names its drop path "drop_path"; timm's block has no parameters there, so only renames
-_KEY_MAP = {"module.": "", "backbone.": "", "encoder.": ""}
+# (DINOv2 calls its registers "register_tokens", timm "reg_token", as we do)
+_KEY_MAP = {"module.": "", "backbone.": "", "encoder.": "", "register_tokens": "reg_token"}
 
 
 def _our_names(state_dict: dict) -> dict:
@@ -54,6 +57,22 @@ def _our_names(state_dict: dict) -> dict:
                 key = new + key[len(old):]
         mapped[key] = value
     return mapped
+
+
+def _registers_and_class_position(model: VisionTransformer, mapped: dict) -> None:
+    """timm's register layouts (``vit_*_reg4_*``: ``reg_token``, and position embeddings without a
+    class-token entry, ``no_embed_class``) in ours: the class token's position embedding is zero,
+    which adds to the class token what timm adds (nothing). Registers must match ``model.num_registers``."""
+    registers = mapped.get("reg_token")
+    if registers is not None and (model.reg_token is None or registers.shape != model.reg_token.shape):
+        raise KeyError(f"pretrained weights hold {registers.shape[1]} register tokens, the backbone "
+                       f"{model.num_registers} (set model.num_registers: {registers.shape[1]})")
+    if registers is None and model.reg_token is not None:
+        raise KeyError(f"pretrained weights hold no register tokens ('reg_token'), the backbone "
+                       f"{model.num_registers} (set model.num_registers: 0)")
+    pos = mapped.get("pos_embed")
+    if pos is not None and round(pos.shape[1] ** 0.5) ** 2 == pos.shape[1]:  # P entries, none for the class token
+        mapped["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
 
 
 def load_pretrained_backbone(model: VisionTransformer, state_dict: dict, source: str = "auto") -> list[str]:
@@ -71,6 +90,7 @@ def load_pretrained_backbone(model: VisionTransformer, state_dict: dict, source:
                or (k.startswith("blocks.") and int(k.split(".")[1]) >= kept_blocks)]
     for key in dropped:
         mapped.pop(key)
+    _registers_and_class_position(model, mapped)
     pos = mapped.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape:
         grid = int((model.pos_embed.shape[1] - 1) ** 0.5)

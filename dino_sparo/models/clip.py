@@ -21,6 +21,7 @@ from dino_sparo.errors import ConfigError, UsageError
 from dino_sparo.models.build import build_backbone
 from dino_sparo.models.text import EOT_TOKEN_ID, VOCAB_SIZE, TextTransformer
 from dino_sparo.models.vit import VisionTransformer, count_parameters
+from dino_sparo.sparo import readout_options
 
 
 class CLIPModel(nn.Module):
@@ -112,9 +113,7 @@ def text_readout(cfg: Any) -> str:
 
 def build_text_tower(cfg: Any, vocab_size: int = VOCAB_SIZE, eot_token_id: int = EOT_TOKEN_ID) -> TextTransformer:
     """Text tower from ``cfg.clip``; its SPARO takes ``cfg.model.sparo`` (the image tower's slots)."""
-    sparo = cfg.model.sparo
-    options = dataclasses.asdict(sparo) if dataclasses.is_dataclass(sparo) else dict(sparo)
-    options = {k: v for k, v in options.items() if v is not None}
+    options = readout_options(cfg.model.sparo)
     clip = cfg.clip
     return TextTransformer(
         vocab_size=vocab_size, context_length=clip.context_length, width=clip.text_width, depth=clip.text_depth,

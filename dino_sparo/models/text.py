@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from dino_sparo.errors import ConfigError
-from dino_sparo.models.vit import Block
-from dino_sparo.sparo import SPARO
+from dino_sparo.layers.block import Block
+from dino_sparo.sparo import SPARO, create_readout
 
 logger = logging.getLogger(__name__)
 
@@ -121,14 +121,8 @@ class TextTransformer(nn.Module):
             for _ in range(depth - reduce_depth)
         )
         self.ln_final = nn.LayerNorm(width)
-        if readout == "sparo":
-            options = dict(sparo or {})
-            options.setdefault("attn_dim", width // num_heads)
-            self.sparo: Optional[SPARO] = SPARO(width, **options)
-            self.out_dim = self.sparo.embed_dim
-        else:
-            self.sparo = None
-            self.out_dim = width
+        self.sparo: Optional[SPARO] = create_readout(readout, width, num_heads, sparo)
+        self.out_dim = width if self.sparo is None else self.sparo.embed_dim
         self._init_weights()
 
     def _init_weights(self) -> None:

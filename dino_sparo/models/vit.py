@@ -2,7 +2,7 @@
 
 Parameter names follow timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``) so timm and DINO weights
-load strictly. Our own :class:`Block` (not timm's) passes xformers biases for packed multi-crop
+load strictly. Our own :class:`~dino_sparo.layers.block.Block` (not timm's) passes xformers biases for packed multi-crop
 sequences (:meth:`VisionTransformer.forward_packed`). The read-out sits on top: SPARO
 (``readout="sparo"``) or the class token (``readout="cls"``, the plain DINO baseline).
 """
@@ -13,66 +13,14 @@ from contextlib import nullcontext
 from typing import Any, Optional, Sequence
 
 import torch
-from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
 from dino_sparo.config import ARCHS  # width, depth, heads of the standard sizes; patch and image size are free
-from dino_sparo.layers.attention import Attention
-from dino_sparo.sparo import SPARO
+from dino_sparo.layers.block import Block
+from dino_sparo.sparo import SPARO, create_readout
 
 READOUTS = ("sparo", "cls")
-
-
-def is_packed(attn_bias: Any) -> bool:
-    """True for an xformers block-diagonal bias: the batch dim then holds one sequence of many images."""
-    return attn_bias is not None and not isinstance(attn_bias, torch.Tensor) and hasattr(attn_bias, "q_seqinfo")
-
-
-def drop_path_per_image(y: torch.Tensor, drop_path: nn.Module, seqstarts: Sequence[int]) -> torch.Tensor:
-    """Stochastic depth on a packed ``1 × T × D`` sequence: one keep/drop draw per image (as timm's
-    ``DropPath`` does per batch row), not one for the whole pack. ``seqstarts`` are the images' token
-    offsets; images of one size sit next to each other, so each run of equal lengths is one expand."""
-    if not isinstance(drop_path, DropPath) or not drop_path.training or drop_path.drop_prob == 0.0:
-        return drop_path(y)
-    keep_prob = 1.0 - drop_path.drop_prob
-    lengths = [end - start for start, end in zip(seqstarts[:-1], seqstarts[1:])]
-    keep = y.new_empty(len(lengths)).bernoulli_(keep_prob)  # one draw per image
-    if drop_path.scale_by_keep:
-        keep.div_(keep_prob)
-    scales, first = [], 0
-    while first < len(lengths):  # runs of images with the same number of tokens
-        last = first
-        while last + 1 < len(lengths) and lengths[last + 1] == lengths[first]:
-            last += 1
-        count = last - first + 1
-        scales.append(keep[first:last + 1, None].expand(count, lengths[first]).reshape(-1))  # count·N
-        first = last + 1
-    return y * torch.cat(scales)[None, :, None]  # 1 × T × D
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block (timm names), forwarding an optional attention bias or mask."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, attn_backend: str = "auto") -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, backend=attn_backend)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, attn_bias: Any = None,
-                key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        y, _ = self.attn(self.norm1(x), attn_bias=attn_bias, key_padding_mask=key_padding_mask,
-                         is_causal=is_causal)
-        if is_packed(attn_bias):  # many images in one sequence: drop paths per image
-            starts = attn_bias.q_seqinfo.seqstart_py
-            x = x + drop_path_per_image(y, self.drop_path1, starts)
-            return x + drop_path_per_image(self.mlp(self.norm2(x)), self.drop_path2, starts)
-        x = x + self.drop_path1(y)
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
@@ -98,8 +46,12 @@ class VisionTransformer(nn.Module):
         reduce_depth: Optional[int] = None,
         sparo: Optional[dict] = None,
         attn_backend: str = "auto",
+        num_registers: int = 0,
+        sparo_attend_registers: bool = False,
     ) -> None:
         super().__init__()
+        if num_registers < 0:
+            raise ValueError(f"model.num_registers must be >= 0, got {num_registers}")
         if readout not in READOUTS:
             raise ValueError(f"model.readout must be one of {READOUTS}, got {readout!r}")
         if reduce_depth is None:
@@ -115,6 +67,11 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim, strict_img_size=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # registers (Darcet et al. 2024; DINOv2-reg): tokens after the class token, without position
+        # embedding, that the blocks may use as scratch space and every output drops
+        self.num_registers, self.sparo_attend_registers = num_registers, sparo_attend_registers
+        self.num_prefix_tokens = 1 + num_registers
+        self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         kept = depth - reduce_depth
         rates = torch.linspace(0, drop_path_rate, depth).tolist()  # the schedule of the full depth
@@ -122,14 +79,8 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], attn_backend) for i in range(kept)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        if readout == "sparo":
-            options = dict(sparo or {})
-            options.setdefault("attn_dim", embed_dim // num_heads)
-            self.sparo: Optional[SPARO] = SPARO(embed_dim, **options)
-            self.out_dim = self.sparo.embed_dim
-        else:
-            self.sparo = None
-            self.out_dim = embed_dim
+        self.sparo: Optional[SPARO] = create_readout(readout, embed_dim, num_heads, sparo)
+        self.out_dim = embed_dim if self.sparo is None else self.sparo.embed_dim
         self.attn_backend = attn_backend
         self.grad_checkpointing = False
         self._init_weights()
@@ -137,6 +88,8 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)  # as DINOv2's register tokens
         for name, module in self.named_modules():
             if name.startswith("sparo"):
                 continue  # SPARO initialises itself as its reference does
@@ -153,18 +106,27 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             block.attn.backend = backend
 
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch tokens plus class token, with position embeddings resampled to this grid."""
+    def prepare_tokens(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                       mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class token, registers, patch tokens (``B × (1 + R + P) × D``), position embeddings
+        resampled to this grid (none on the registers). With ``masks`` (``B × P`` bool), the
+        embeddings of the masked patches are replaced by ``mask_token`` (``D``) before their
+        position embedding is added (iBOT, as DINOv2)."""
         b, _, h, w = x.shape
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image size {h}×{w} is not a multiple of the patch size {self.patch_size}")
         tokens = self.patch_embed(x)  # B × P × D
+        if masks is not None:
+            tokens = torch.where(masks.unsqueeze(-1), mask_token.to(tokens.dtype).view(1, 1, -1), tokens)
         grid = (h // self.patch_size, w // self.patch_size)
         pos = self.pos_embed
         if pos.shape[1] - 1 != grid[0] * grid[1]:
             pos = resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=1)
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
-        return tokens + pos.to(tokens.dtype)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1) + pos.to(tokens.dtype)
+        if self.reg_token is None:
+            return tokens
+        registers = self.reg_token.expand(b, -1, -1).to(tokens.dtype)
+        return torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
 
     def run_blocks(self, x: torch.Tensor, attn_bias: Any = None) -> torch.Tensor:
         for block in self.blocks:
@@ -174,37 +136,75 @@ class VisionTransformer(nn.Module):
                 x = block(x, attn_bias=attn_bias)
         return x
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-normed tokens ``B × (1 + P) × D`` (class token first)."""
-        return self.norm(self.run_blocks(self.prepare_tokens(x)))
+    def forward_tokens(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                       mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-normed tokens ``B × (1 + R + P) × D``: class token, R registers, patches."""
+        return self.norm(self.run_blocks(self.prepare_tokens(x, masks, mask_token)))
+
+    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The patches' part (``B × P × D``) of :meth:`forward_tokens`: no class token, no registers.
+        With SPARO these are the tokens of the last block before the read-out (what iBOT trains)."""
+        return tokens[:, self.num_prefix_tokens:]
+
+    def readout_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens SPARO's slots attend over: all, or without the registers
+        (``model.sparo.attend_registers: false``)."""
+        if self.num_registers and not self.sparo_attend_registers:
+            return torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens:]], dim=1)
+        return tokens
+
+    def split_attention(self, attn: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """SPARO's ``B × L × N`` weights as (class token ``B × L``, registers ``B × L × R`` or None
+        when the slots do not see them, patches ``B × L × P``)."""
+        if self.num_registers and self.sparo_attend_registers:
+            return attn[..., 0], attn[..., 1:self.num_prefix_tokens], attn[..., self.num_prefix_tokens:]
+        return attn[..., 0], None, attn[..., 1:]
+
+    def class_and_patch_attention(self, attn: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """SPARO's weights on the class token and the patches (``B × L × (1 + P)``, what pictures and
+        slot measures read), and each slot's total weight on the registers (``B × L``; None when the
+        slots do not see them)."""
+        cls, registers, patches = self.split_attention(attn)
+        return torch.cat([cls.unsqueeze(-1), patches], dim=-1), None if registers is None else registers.sum(-1)
 
     def readout(self, tokens: torch.Tensor, return_attn: bool = False):
-        """Embedding from normed tokens; with ``return_attn`` also SPARO's ``B × L × N`` weights."""
+        """Embedding from normed tokens; with ``return_attn`` also SPARO's ``B × L × N`` weights
+        over :meth:`readout_tokens` (split them with :meth:`split_attention`)."""
         if self.sparo is None:
             return tokens[:, 0], None
-        out = self.sparo(tokens, return_attn=return_attn)
+        out = self.sparo(self.readout_tokens(tokens), return_attn=return_attn)
         return out.embedding, out.attn
+
+    def forward_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                         mask_token: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding (``B × E``) and the normed patch tokens (``B × P × D``) of one forward."""
+        tokens = self.forward_tokens(x, masks, mask_token)
+        return self.readout(tokens)[0], self.patch_tokens(tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         embedding, _ = self.readout(self.forward_tokens(x))
         return embedding
 
-    def forward_packed(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward_packed(self, batches: Sequence[torch.Tensor], masks: Optional[torch.Tensor] = None,
+                       mask_token: Optional[torch.Tensor] = None, return_patches: bool = False):
         """Embeddings of image batches of different sizes from one pass through the blocks.
 
         The tokens of all images are packed into one sequence with an xformers block-diagonal bias,
         so each image attends only to its own tokens (DINOv2's multi-crop packing); the final-normed
         sequence is split back per batch and each batch is read out on its own tokens. Needs the
-        xformers attention backend. Returns one ``B_i × E`` embedding per input batch.
+        xformers attention backend. Returns one ``B_i × E`` embedding per input batch; with
+        ``return_patches`` also the first batch's patch tokens. ``masks`` apply to the first batch.
         """
         from xformers.ops.fmha import BlockDiagonalMask
 
-        tokens = [self.prepare_tokens(x) for x in batches]  # each B_i × N_i × D
+        tokens = [self.prepare_tokens(x, masks if i == 0 else None, mask_token) for i, x in enumerate(batches)]
         device = tokens[0].device
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():  # the bias' offsets go there
             bias, packed = BlockDiagonalMask.from_tensor_list(tokens)  # packed: 1 × Σ B_i·N_i × D
         packed = self.norm(self.run_blocks(packed, attn_bias=bias))
-        return [self.readout(part)[0] for part in bias.split(packed)]  # part: B_i × N_i × D
+        parts = bias.split(packed)  # part: B_i × N_i × D
+        embeddings = [self.readout(part)[0] for part in parts]
+        return (embeddings, self.patch_tokens(parts[0])) if return_patches else embeddings
 
 
 def vit(arch: str = "vit_small", *, embed_dim: Optional[int] = None, depth: Optional[int] = None,
