@@ -299,9 +299,9 @@ BENCH_RUNS = (
      ["--attn-backend", "math"], "bf16", False),
 )
 
-# The two calls that fit the GPU machine's lending (15 minutes a session, machine start included, and
-# time left for a second try): each at most DEFAULT_BUDGET_S. Each installs again: a machine given back
-# between the calls comes back bare, and on a warm one the install takes seconds.
+# The two calls that fit a GPU machine borrowed for 15 minutes (its start included, and time left for a
+# second try): each at most DEFAULT_BUDGET_S. Each installs again: a machine given back between the calls
+# comes back bare, and on a warm one the install takes seconds.
 CALLS = {1: ("install", "pytest", "bench"), 2: ("install", "dino", "clip")}
 
 
