@@ -297,6 +297,20 @@ def test_device_augmentation_is_dino_mode_only():
         load_config(None, ["data.augment_on=gpu"])
 
 
+@pytest.mark.parametrize("override, key", [("crops.color_jitter_strength=0.5", "crops.color_jitter_strength"),
+                                           ("crops.grayscale_prob=0.0", "crops.grayscale_prob"),
+                                           ("model.in_chans=1", "model.in_chans"),
+                                           ("ibot.loss_weight=1.0", "data.augment_on")])
+def test_device_augmentation_refuses_what_its_batched_ops_do_not_follow(override, key):
+    """The batched ops follow DINO's colour recipe on three channels and carry no iBOT masks: a config
+    asking for more is refused at load, naming the key; with the loader it loads."""
+    from dino_sparo.config import ConfigError, load_config
+
+    load_config(None, [override])
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(None, ["data.augment_on=device", override])
+
+
 def test_ops_on_every_image_then_on_some():
     """An op chosen for the whole batch, then one for part of it (the in-place path after the whole-batch one)."""
     torch.manual_seed(5)
