@@ -211,11 +211,17 @@ class _ToNormalisedTensor:
         return f"{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
 
-def _to_tensor_and_normalise(mean: Sequence[float], std: Sequence[float], channels: int = 3) -> _ToNormalisedTensor:
+def _normalisation(mean: Sequence[float], std: Sequence[float], channels: int = 3
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``mean`` and ``std`` per channel (:func:`channel_values`), the std checked positive."""
     mean_c, std_c = channel_values("mean", mean, channels), channel_values("std", std, channels)
     if any(s <= 0 for s in std_c):
         raise ValueError(f"'std' values must be > 0, got {std_c}")
-    return _ToNormalisedTensor(mean_c, std_c, channels)
+    return mean_c, std_c
+
+
+def _to_tensor_and_normalise(mean: Sequence[float], std: Sequence[float], channels: int = 3) -> _ToNormalisedTensor:
+    return _ToNormalisedTensor(*_normalisation(mean, std, channels), channels)
 
 
 def _check_crop_arguments(global_crops_number: int, local_crops_number: int, global_crops_scale: Sequence[float],
@@ -386,9 +392,7 @@ class DeviceMultiCropTransform:
         global_crops_number: int = 2,
     ) -> None:
         _check_crop_arguments(global_crops_number, local_crops_number, global_crops_scale, local_crops_scale)
-        self.mean, self.std = channel_values("mean", mean), channel_values("std", std)
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"'std' values must be > 0, got {self.std}")
+        self.mean, self.std = _normalisation(mean, std)
         self.to_pil = _ToPIL("L" if grayscale_input else "RGB")
         blur_scale = global_crops_size / _BLUR_REFERENCE_SIZE
         self.radius = (0.1 * blur_scale, 2.0 * blur_scale)
