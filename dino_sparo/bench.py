@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 import traceback
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
 

@@ -19,7 +19,6 @@ images/s (the machine's cores, real JPEGs) and the end-to-end training step, in 
 
 from __future__ import annotations
 
-import io
 import math
 import random
 import statistics

@@ -24,7 +24,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 # The check's options: an object with the attributes of its flags (dino_sparo.cli.gpu_check.build_parser)
 Options = Any
@@ -251,7 +251,6 @@ class Context:
     work: Path
     output: Path
     environment: dict[str, Any] = field(default_factory=dict)
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def plan_sizes(smoke: bool) -> dict[str, Any]:

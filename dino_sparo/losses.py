@@ -12,7 +12,6 @@ autocast (fp16 softmax/centring is the commonest source of NaN reports).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.distributed as dist

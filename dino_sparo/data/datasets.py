@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from dino_sparo.errors import ConfigError
 
-from dino_sparo.data.images import (ALPHA_BACKGROUND, CORRUPT_IMAGE_POLICIES, CorruptImageError,  # noqa: F401
+from dino_sparo.data.images import (ALPHA_BACKGROUND, CorruptImageError,  # noqa: F401 (CorruptImageError: re-exported)
                                     UnreadableImages, open_image)
 from dino_sparo.data.samplers import warn_limit_above_size
 

@@ -10,10 +10,8 @@ value zero, so the loop sees one loss and one backward pass, as in any other met
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
