@@ -79,6 +79,9 @@ class ModelConfig:
         None, "backbone weights to start from: a timm or DINO ViT file or a dino_sparo checkpoint; null = random")
     num_registers: int = option(
         0, "register tokens after the class token (DINOv2-reg: 4); dropped from every output's patch tokens")
+    layer_scale_init: Optional[float] = option(
+        None, "LayerScale on each block's branches, started at this value (DINOv2: 1e-5; its weights need it); "
+              "null = none (DINO)")
     sparo: SparoConfig = option(meaning="the SPARO read-out", factory=SparoConfig)
 
 
@@ -507,6 +510,7 @@ def _check_model(c: _Checks, model: ModelConfig) -> None:
              f"> {int(model.readout == 'sparo')} for model.readout {model.readout}")
     need("model.drop_path_rate", 0 <= model.drop_path_rate < 1, "in [0, 1)")
     at_least("model.num_registers", 0)
+    need("model.layer_scale_init", model.layer_scale_init is None or model.layer_scale_init > 0, "> 0, or null for none")
     for key in ("num_slots", "slot_dim"):
         at_least(f"model.sparo.{key}", 1)
     for key in ("attn_dim", "value_dim", "num_heads"):

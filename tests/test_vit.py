@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dino_sparo.config import ModelConfig, SparoConfig
+from dino_sparo.config import ModelConfig, SparoConfig, load_config
+from dino_sparo.errors import ConfigError, UsageError
 from dino_sparo.models.build import build_backbone, load_pretrained_backbone
 from dino_sparo.models.vit import ARCHS, count_parameters, vit
 
@@ -154,3 +155,40 @@ def test_timm_register_layout_loads_and_computes_timms_features():
     again = vit("vit_pico", depth=2, patch_size=4, img_size=28, readout="cls", num_registers=4).eval()
     load_pretrained_backbone(again, state)
     assert torch.equal(again.reg_token, ref.reg_token)
+
+
+def test_layer_scale_loads_dinov2_style_weights_and_computes_timms_features():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    # DINOv2's layout in timm (vit_*_reg4_dinov2): registers and LayerScale on both branches of each block
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=28, patch_size=4, embed_dim=96, depth=2, num_heads=3, num_classes=0, reg_tokens=4,
+        no_embed_class=True, class_token=True, init_values=1e-5).eval()
+    with torch.no_grad():  # trained-looking scales, so a LayerScale left out or misplaced shows
+        for name, param in ref.named_parameters():
+            if name.endswith("gamma"):
+                param.uniform_(0.2, 1.5)
+    ours = vit("vit_pico", depth=2, patch_size=4, img_size=28, readout="cls", num_registers=4,
+               layer_scale_init=1e-5).eval()
+    assert torch.equal(ours.blocks[0].ls1.gamma, torch.full((96,), 1e-5))
+    load_pretrained_backbone(ours, ref.state_dict())
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_tokens(x), ref.forward_features(x), rtol=1e-5, atol=1e-5)
+    # weights and backbone that disagree about LayerScale are refused, naming the key to set
+    plain = vit("vit_pico", depth=2, patch_size=4, img_size=28, readout="cls", num_registers=4)
+    with pytest.raises(UsageError, match="set model.layer_scale_init"):
+        load_pretrained_backbone(plain, ref.state_dict())
+    state = {k: v for k, v in ref.state_dict().items() if "gamma" not in k}
+    with pytest.raises(UsageError, match="model.layer_scale_init: null"):
+        load_pretrained_backbone(ours, state)
+
+
+def test_layer_scale_is_a_config_key_that_reaches_the_blocks():
+    cfg = load_config(None, ["model.arch=vit_pico", "model.depth=3", "model.layer_scale_init=1e-4"])
+    model = build_backbone(cfg.model)
+    assert all(torch.equal(b.ls2.gamma, torch.full((96,), 1e-4)) for b in model.blocks)
+    assert not any(isinstance(b.ls1, torch.nn.Identity) for b in model.blocks)
+    assert all(isinstance(b.ls1, torch.nn.Identity) for b in build_backbone(load_config(None, ["model.arch=vit_pico"]).model).blocks)
+    with pytest.raises(ConfigError, match="model.layer_scale_init"):
+        load_config(None, ["model.layer_scale_init=0"])

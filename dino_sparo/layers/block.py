@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, LayerScale, Mlp
 from torch import nn
 
 from dino_sparo.layers.attention import Attention
@@ -42,16 +42,23 @@ def drop_path_per_image(y: torch.Tensor, drop_path: nn.Module, seqstarts: Sequen
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (timm names), forwarding an optional attention bias or mask."""
+    """Pre-norm transformer block (timm names), forwarding an optional attention bias or mask.
+
+    ``layer_scale_init`` adds LayerScale (CaiT; DINOv2 uses 1e-5): a learned per-channel scale on
+    each branch, started small, so a deep network starts close to the identity (``ls1.gamma``,
+    ``ls2.gamma``, the names of timm and DINOv2, whose weights need it)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, attn_backend: str = "auto") -> None:
+                 drop_path: float = 0.0, attn_backend: str = "auto",
+                 layer_scale_init: Optional[float] = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, backend=attn_backend)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, attn_bias: Any = None,
@@ -60,7 +67,7 @@ class Block(nn.Module):
                          is_causal=is_causal)
         if is_packed(attn_bias):  # many images in one sequence: drop paths per image
             starts = attn_bias.q_seqinfo.seqstart_py
-            x = x + drop_path_per_image(y, self.drop_path1, starts)
-            return x + drop_path_per_image(self.mlp(self.norm2(x)), self.drop_path2, starts)
-        x = x + self.drop_path1(y)
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+            x = x + drop_path_per_image(self.ls1(y), self.drop_path1, starts)
+            return x + drop_path_per_image(self.ls2(self.mlp(self.norm2(x))), self.drop_path2, starts)
+        x = x + self.drop_path1(self.ls1(y))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

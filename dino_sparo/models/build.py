@@ -38,6 +38,7 @@ def build_backbone(model_cfg: Any) -> VisionTransformer:
         attn_backend=model_cfg.attn_backend,
         num_registers=getattr(model_cfg, "num_registers", 0),
         sparo_attend_registers=attend_registers,
+        layer_scale_init=getattr(model_cfg, "layer_scale_init", None),
     )
 
 
@@ -108,6 +109,11 @@ def load_pretrained_backbone(model: VisionTransformer, state_dict: dict, source:
     own = set(model.state_dict()) - readout_keys
     missing = sorted(own - set(mapped))
     unexpected = sorted(set(mapped) - set(model.state_dict()))
+    if any(".ls1." in k for k in unexpected):
+        raise UsageError("pretrained weights have LayerScale (blocks.N.ls1.gamma, as DINOv2's): set "
+                         "model.layer_scale_init (DINOv2: 1.0e-5; the weights' own values replace it)")
+    if any(".ls1." in k for k in missing):
+        raise UsageError("pretrained weights have no LayerScale (blocks.N.ls1.gamma): set model.layer_scale_init: null")
     if missing or unexpected:
         raise UsageError(f"pretrained weights do not match the backbone: missing {missing[:8]}"
                        f"{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"

@@ -48,6 +48,7 @@ class VisionTransformer(nn.Module):
         attn_backend: str = "auto",
         num_registers: int = 0,
         sparo_attend_registers: bool = False,
+        layer_scale_init: Optional[float] = None,
     ) -> None:
         super().__init__()
         if num_registers < 0:
@@ -76,7 +77,8 @@ class VisionTransformer(nn.Module):
         kept = depth - reduce_depth
         rates = torch.linspace(0, drop_path_rate, depth).tolist()  # the schedule of the full depth
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], attn_backend) for i in range(kept)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], attn_backend, layer_scale_init)
+            for i in range(kept)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.sparo: Optional[SPARO] = create_readout(readout, embed_dim, num_heads, sparo)
