@@ -64,13 +64,19 @@ def backbone_weights(checkpoint: str | Path, key: str = "auto", with_readout: bo
     weights = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()
                if with_readout or not k.startswith("sparo.")}
     model = run.cfg.model
+    timm_kwargs = {"img_size": model.img_size, "patch_size": model.patch_size, "in_chans": model.in_chans,
+                   "embed_dim": backbone.embed_dim, "depth": len(backbone.blocks),
+                   "num_heads": backbone.num_heads, "num_classes": 0, "global_pool": "token"}
+    if backbone.num_registers:  # timm's register layout (vit_*_reg4_*): no position embedding before the patches
+        timm_kwargs.update(reg_tokens=backbone.num_registers, no_embed_class=True)
+        weights["cls_token"] = weights["cls_token"] + weights["pos_embed"][:, :1]  # what ours adds to it
+        weights["pos_embed"] = weights["pos_embed"][:, 1:].contiguous()
+    if model.layer_scale_init:
+        timm_kwargs["init_values"] = model.layer_scale_init  # creates ls1/ls2; the file's gammas replace it
     info = {
         "checkpoint": str(Path(checkpoint).absolute()), "key": key, "step": run.state.get("step"),
         "readout": model.readout, "readout_included": bool(with_readout and model.readout == "sparo"),
-        "timm_kwargs": {"img_size": model.img_size, "patch_size": model.patch_size, "in_chans": model.in_chans,
-                        "embed_dim": backbone.embed_dim, "depth": len(backbone.blocks),
-                        "num_heads": backbone.num_heads, "num_classes": 0, "global_pool": "token"},
-        "model_config": to_dict(model),
+        "timm_kwargs": timm_kwargs, "model_config": to_dict(model),
     }
     return weights, info
 

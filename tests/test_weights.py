@@ -156,3 +156,50 @@ def test_linear_on_weights_reads_dino_s_last_blocks_of_the_released_network(tmp_
     result = json.loads(out.read_text())
     assert result["source"] == "weights" and result["weights"] == str(path)
     assert result["feature_spec"]["kind"] == "last_blocks" and result["feature_dim"] == 2 * 96  # both blocks' tokens
+
+
+def dinov2_style_timm_vit(seed: int = 0) -> TimmViT:
+    """timm's layout of DINOv2's register models (vit_*_reg4_dinov2): 4 registers, no position
+    embedding before the patches, LayerScale on both branches (set away from its init, as trained)."""
+    torch.manual_seed(seed)
+    model = TimmViT(img_size=28, patch_size=4, embed_dim=96, depth=2, num_heads=3, num_classes=0, reg_tokens=4,
+                    no_embed_class=True, init_values=1e-5).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):
+                param.uniform_(0.2, 1.5)
+    return model
+
+
+def test_weights_of_dinov2_s_register_layout_give_timm_s_features(tmp_path):
+    model = dinov2_style_timm_vit()
+    torch.save(model.state_dict(), tmp_path / "reg4.pth")
+    source = load_source(weights=tmp_path / "reg4.pth")  # registers and LayerScale read from the file
+    assert source.backbone.num_registers == 4 and hasattr(source.backbone.blocks[0].ls1, "gamma")
+    x = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(source.backbone(x), timm_embedding(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_export_of_a_run_with_registers_and_layer_scale_is_timm_s_register_layout(tmp_path):
+    from dino_sparo.config import from_dict, parse_overrides
+    from dino_sparo.train import train
+    from tiny_checkpoint import TINY_CONFIG
+
+    extra = parse_overrides(["model.num_registers=2", "model.layer_scale_init=0.1", "model.readout=cls"])
+    config = {**TINY_CONFIG, "model": {**TINY_CONFIG["model"], **extra["model"]}, "output_dir": str(tmp_path / "run")}
+    train(from_dict(config))
+    checkpoint = tmp_path / "run" / "checkpoint.pth"
+    export_cli.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "teacher.pth")])
+    info = json.loads((tmp_path / "teacher.json").read_text())
+    assert info["timm_kwargs"]["reg_tokens"] == 2 and info["timm_kwargs"]["init_values"] == 0.1
+    timm_model = TimmViT(**info["timm_kwargs"]).eval()
+    timm_model.load_state_dict(torch.load(tmp_path / "teacher.pth"), strict=True)
+    ours, _ = load_backbone_from_checkpoint(checkpoint, "teacher")
+    assert not torch.equal(ours.blocks[0].ls1.gamma, torch.full((96,), 0.1))  # trained, so the file's values count
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model.forward_features(x), ours.forward_tokens(x), atol=1e-5, rtol=1e-5)
+        # and the file, read back by --weights, is the same network
+        again = load_source(weights=tmp_path / "teacher.pth").backbone
+        torch.testing.assert_close(again(x), ours(x), atol=1e-5, rtol=1e-5)

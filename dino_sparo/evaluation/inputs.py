@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,8 +177,9 @@ def _load_weights(backbone: nn.Module, path: str | os.PathLike, what: str) -> No
 
 
 def architecture_of(weights: dict, arch: Optional[str] = None, patch_size: Optional[int] = None) -> list[str]:
-    """Config overrides of a class-token ViT with every block of a weights file: its width, depth and
-    patch size read from the tensors (``arch`` and ``patch_size``, when given, must agree)."""
+    """Config overrides of a class-token ViT with every block of a weights file: its width, depth,
+    patch size, registers and LayerScale read from the tensors (``arch`` and ``patch_size``, when
+    given, must agree)."""
     keys = {key.split("backbone.")[-1].split("module.")[-1]: value for key, value in weights.items()}
     if "cls_token" not in keys or "patch_embed.proj.weight" not in keys:
         raise UsageError("--weights: the file holds no ViT backbone (no cls_token or patch_embed.proj.weight)")
@@ -191,10 +193,17 @@ def architecture_of(weights: dict, arch: Optional[str] = None, patch_size: Optio
     arch = arch or sizes[0]
     if patch_size is not None and patch_size != patch:
         raise UsageError(f"--patch-size {patch_size}: the file's patch embedding is {patch}×{patch}")
-    grid = int(round((keys["pos_embed"].shape[1] - 1) ** 0.5)) if "pos_embed" in keys else 224 // patch
+    grid = 224 // patch
+    if "pos_embed" in keys:  # with a class-token entry, or without (timm's register layout)
+        entries = keys["pos_embed"].shape[1]
+        grid = math.isqrt(entries) if math.isqrt(entries) ** 2 == entries else math.isqrt(entries - 1)
+    registers = keys.get("reg_token", keys.get("register_tokens"))
+    layer_scale = any(k.endswith("ls1.gamma") for k in keys)  # DINOv2's; the file's values replace the init
     return [f"model.arch={arch}", f"model.embed_dim={width}", f"model.depth={depth}", f"model.patch_size={patch}",
             f"model.img_size={grid * patch}",  # position embeddings stored as trained, resampled per input size
-            "model.readout=cls", "model.reduce_depth=0", "model.drop_path_rate=0.0"]
+            "model.readout=cls", "model.reduce_depth=0", "model.drop_path_rate=0.0",
+            f"model.num_registers={0 if registers is None else registers.shape[1]}",
+            f"model.layer_scale_init={1e-5 if layer_scale else 'null'}"]
 
 
 def load_weights_source(weights: str | os.PathLike, config: Optional[str | os.PathLike] = None,
