@@ -192,3 +192,16 @@ def test_layer_scale_is_a_config_key_that_reaches_the_blocks():
     assert all(isinstance(b.ls1, torch.nn.Identity) for b in build_backbone(load_config(None, ["model.arch=vit_pico"]).model).blocks)
     with pytest.raises(ConfigError, match="model.layer_scale_init"):
         load_config(None, ["model.layer_scale_init=0"])
+
+
+def test_rgb_weights_in_a_one_channel_backbone_see_grey_as_the_rgb_network_sees_r_equal_g_equal_b():
+    torch.manual_seed(0)
+    rgb = vit("vit_pico", depth=2, patch_size=4, img_size=28, readout="cls").eval()
+    grey = vit("vit_pico", depth=2, patch_size=4, img_size=28, readout="cls", in_chans=1).eval()
+    load_pretrained_backbone(grey, rgb.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(grey(x), rgb(x.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-5)
+    # the other way round there is no one answer: refused, naming the key
+    with pytest.raises(UsageError, match="model.in_chans: 1"):
+        load_pretrained_backbone(vit("vit_pico", depth=2, patch_size=4, img_size=28, readout="cls"), grey.state_dict())

@@ -76,6 +76,21 @@ def _registers_and_class_position(model: VisionTransformer, mapped: dict) -> Non
         mapped["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
 
 
+def _adapt_input_channels(model: VisionTransformer, mapped: dict) -> None:
+    """RGB weights in a one-channel backbone (``model.in_chans: 1``): the patch embedding's three
+    input filters summed, so a grey image gives what the RGB network gives that image with r = g = b
+    (timm's ``adapt_input_conv`` does the same)."""
+    weight = mapped.get("patch_embed.proj.weight")
+    want = model.patch_embed.proj.weight.shape[1]
+    if weight is None or weight.shape[1] == want:
+        return
+    if want != 1:
+        raise UsageError(f"pretrained weights take {weight.shape[1]} input channels, the backbone {want} "
+                         f"(set model.in_chans: {weight.shape[1]})")
+    mapped["patch_embed.proj.weight"] = weight.sum(dim=1, keepdim=True)
+    logger.info("pretrained weights: %d input channels summed into the one of model.in_chans: 1", weight.shape[1])
+
+
 def load_pretrained_backbone(model: VisionTransformer, state_dict: dict, source: str = "auto") -> list[str]:
     """Load timm or DINO ViT weights into ``model`` strictly, except for what ours lacks on purpose.
 
@@ -105,6 +120,7 @@ def load_pretrained_backbone(model: VisionTransformer, state_dict: dict, source:
             mapped["pos_embed"] = torch.cat([cls_pos, patch_pos], dim=1)
         else:
             mapped["pos_embed"] = resample_abs_pos_embed(pos, new_size=[grid, grid], num_prefix_tokens=1)
+    _adapt_input_channels(model, mapped)
     readout_keys = {k for k in model.state_dict() if k.startswith("sparo.")}
     own = set(model.state_dict()) - readout_keys
     missing = sorted(own - set(mapped))
