@@ -203,6 +203,55 @@ def format_summary(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_runs(runs: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table with one row per run (arm, then seed): trained, at initialisation, the gain."""
+    def pct(value: Optional[float]) -> str:
+        return "—" if value is None else f"{100 * value:.2f}"
+
+    def gain(value: Optional[float]) -> str:
+        return "—" if value is None else f"{100 * value:+.2f}"
+
+    lines = ["| run | k-NN (k=20) | at init | gain | linear | at init | gain | selected-slot k-NN (slots kept) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (r["arm"], r["seed"])):
+        selected = run.get("selected_knn_top1")
+        lines.append(f"| {run['arm']}, seed {run['seed']} | {pct(run.get('knn_top1'))} | {pct(run.get('init_knn_top1'))} | "
+                     f"{gain(run.get('knn_gain'))} | {pct(run.get('linear_top1'))} | "
+                     f"{pct(run.get('init_linear_top1'))} | {gain(run.get('linear_gain'))} | "
+                     + (f"{pct(selected)} ({run.get('num_selected_slots')}) |" if selected is not None else "— |"))
+    return "\n".join(lines)
+
+
+COMPARED: tuple[str, ...] = ("knn_top1", "knn_gain", "linear_top1", "linear_gain")
+
+
+def compare(summary: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per arm both studies ran, per metric of ``COMPARED``: the difference of the means (this study
+    minus ``other``) and its standard error, sqrt(s1²/n1 + s2²/n2) (each study's seeds independent)."""
+    result: dict[str, dict[str, Any]] = {}
+    for arm in sorted(set(summary) & set(other)):
+        result[arm] = {}
+        for metric in COMPARED:
+            a, b = summary[arm].get(metric), other[arm].get(metric)
+            if a and b:
+                error = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+                result[arm][metric] = {"difference": a["mean"] - b["mean"], "standard_error": error,
+                                       "n": (a["n"], b["n"])}
+    return result
+
+
+def format_comparison(differences: dict[str, dict[str, Any]], other_name: str) -> str:
+    """The differences of :func:`compare` as a Markdown table, in points."""
+    lines = [f"This study minus {other_name} (difference of the means ± its standard error, points):", "",
+             "| read-out | seeds | k-NN | k-NN gain | linear | linear gain |", "|---|---|---|---|---|---|"]
+    for arm, metrics in differences.items():
+        cells = [f"{100 * m['difference']:+.2f} ± {100 * m['standard_error']:.2f}" if (m := metrics.get(k)) else "—"
+                 for k in COMPARED]
+        seeds = next(iter(metrics.values()))["n"] if metrics else ("—", "—")
+        lines.append(f"| {arm} | {seeds[0]} vs {seeds[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_pending(results: Path, seeds: Sequence[int], arms: Sequence[str], run: Callable[[str, int], dict[str, Any]],
                 done: Callable[[dict[str, Any]], None]) -> Optional[dict[str, Any]]:
     """Every arm × seed without its JSON in ``results/runs`` (seed-major, so partial results stay
@@ -227,7 +276,7 @@ def run_pending(results: Path, seeds: Sequence[int], arms: Sequence[str], run: C
 
 def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, results_dir: str | Path,
               output_dir: str | Path, arms: Sequence[str] = tuple(ARMS), device: str = "cpu",
-              baselines: bool = False) -> dict[str, Any]:
+              baselines: bool = False, compare_with: Optional[str | Path] = None) -> dict[str, Any]:
     """Every arm × seed not yet done (seed-major, so partial results stay balanced), then the summary;
     with ``baselines`` also raw pixels and each arm at initialisation (first seed), same protocol.
     A run stopped by a signal ends the study there, with only ``stopped_by`` returned."""
@@ -235,6 +284,8 @@ def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, result
         raise UsageError(f"--budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
     budget = BUDGETS[budget_name]
     results = Path(results_dir) / budget_name
+    if compare_with is not None and not (Path(compare_with) / budget_name / "runs").is_dir():
+        raise UsageError(f"--compare-with {compare_with}: no study of budget {budget_name!r} there")
     (results / "runs").mkdir(parents=True, exist_ok=True)
     check_base_config(config, results)
 
@@ -259,7 +310,7 @@ def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, result
                                  device)
             path.write_text(json.dumps(entry, indent=2))
             logger.info("baseline %s: k-NN %.4f, linear %.4f", name, entry["knn_top1"], entry["linear_top1"])
-    return write_summary(results, budget_name, config)
+    return write_summary(results, budget_name, config, compare_with)
 
 
 def check_base_config(config: str | Path, results: Path) -> Path:
@@ -280,13 +331,25 @@ def check_base_config(config: str | Path, results: Path) -> Path:
     return snapshot
 
 
-def write_summary(results: Path, budget_name: str, config: str | Path) -> dict[str, Any]:
-    """``summary.json`` (and the Markdown table in ``summary.md``) from the per-run JSONs."""
-    summary = aggregate(load_runs(results))
+def write_summary(results: Path, budget_name: str, config: str | Path,
+                  compare_with: Optional[str | Path] = None) -> dict[str, Any]:
+    """``summary.json`` and ``summary.md`` (the mean ± std table, one row per run, and with
+    ``compare_with``, another study's results folder of the same budget, the differences) from the
+    per-run JSONs."""
+    runs = load_runs(results)
+    summary = aggregate(runs)
     budget = BUDGETS.get(budget_name)
     baselines = {p.stem: json.loads(p.read_text()) for p in sorted((results / "baselines").glob("*.json"))}
     payload = {"budget": budget_name, "config": str(config),
                "budget_detail": asdict(budget) if budget else None, "arms": summary, "baselines": baselines}
+    text = [format_summary(summary), "", "One row per run (points):", "", format_runs(runs)]
+    if compare_with is not None:
+        other = Path(compare_with) / budget_name
+        if not (other / "runs").is_dir():
+            raise UsageError(f"--compare-with {compare_with}: no study of budget {budget_name!r} there ({other}/runs)")
+        payload["compared_with"] = {"results": str(compare_with),
+                                    "differences": compare(summary, aggregate(load_runs(other)))}
+        text += ["", format_comparison(payload["compared_with"]["differences"], str(compare_with))]
     (results / "summary.json").write_text(json.dumps(payload, indent=2))
-    (results / "summary.md").write_text(format_summary(summary) + "\n")
+    (results / "summary.md").write_text("\n".join(text) + "\n")
     return payload

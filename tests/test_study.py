@@ -126,3 +126,30 @@ def test_a_signal_during_training_ends_the_study_without_a_result(tmp_path, monk
     assert stop.value.code == 128 + signal.SIGTERM
     assert not (tmp_path / "results" / "smoke" / "runs" / "cls_seed0.json").exists()  # nothing half-trained
     assert not (tmp_path / "out" / "smoke" / "cls_seed0" / "eval_features").exists()  # and nothing evaluated
+
+
+def _write_study(folder, runs):
+    (folder / "runs").mkdir(parents=True)
+    for run in runs:
+        (folder / "runs" / f"{study.run_name(run['arm'], run['seed'])}.json").write_text(json.dumps(run))
+
+
+def test_comparison_with_another_study_is_the_difference_of_means_and_its_standard_error(tmp_path):
+    ours = [dict(_fake_run("cls", s, knn, 0.8), init_knn_top1=0.6, knn_gain=knn - 0.6)
+            for s, knn in enumerate([0.72, 0.74, 0.73])]
+    theirs = [dict(_fake_run("cls", s, knn, 0.7), init_knn_top1=0.6, knn_gain=knn - 0.6)
+              for s, knn in enumerate([0.70, 0.69, 0.71, 0.70])]
+    _write_study(tmp_path / "with" / "recipe", ours)
+    _write_study(tmp_path / "without" / "recipe", theirs)
+    payload = study.write_summary(tmp_path / "with" / "recipe", "recipe", "base.yaml", tmp_path / "without")
+    got = payload["compared_with"]["differences"]["cls"]["knn_top1"]
+    a, b = [0.72, 0.74, 0.73], [0.70, 0.69, 0.71, 0.70]
+    assert got["difference"] == pytest.approx(statistics.mean(a) - statistics.mean(b))
+    assert got["standard_error"] == pytest.approx((statistics.variance(a) / 3 + statistics.variance(b) / 4) ** 0.5)
+    assert payload["compared_with"]["differences"]["cls"]["linear_top1"]["difference"] == pytest.approx(0.1)
+    text = (tmp_path / "with" / "recipe" / "summary.md").read_text()
+    # every run has its row, and the comparison is in the summary
+    assert "| cls, seed 1 | 74.00 | 60.00 | +14.00 | 80.00 |" in text
+    assert f"| cls | 3 vs 4 | {100 * (statistics.mean(a) - statistics.mean(b)):+.2f} ± " in text
+    with pytest.raises(study.UsageError, match="--compare-with"):
+        study.write_summary(tmp_path / "with" / "recipe", "recipe", "base.yaml", tmp_path / "nowhere")

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from dino_sparo.cli.common import run_program
 from dino_sparo.runtime import setup_logging
-from dino_sparo.study import ARMS, BUDGETS, format_summary, run_study, write_summary
+from dino_sparo.study import ARMS, BUDGETS, format_comparison, format_summary, run_study, write_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baselines", action="store_true",
                         help="also evaluate raw pixels and each arm's network at initialisation (same protocol)")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the summary from the run JSONs")
+    parser.add_argument("--compare-with", default=None, metavar="RESULTS_DIR",
+                        help="another study's --results-dir (same budget): the summary adds the difference of "
+                             "each arm's means and its standard error (default: none)")
     return parser
 
 
@@ -43,16 +46,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 def run(args: Any) -> dict[str, Any]:
     """What ``main`` does with parsed options; a stopped run's payload has ``stopped_by`` (no summary)."""
     if args.summary_only:
-        payload = write_summary(Path(args.results_dir) / args.budget, args.budget, args.config)
+        payload = write_summary(Path(args.results_dir) / args.budget, args.budget, args.config, args.compare_with)
     else:
         from dino_sparo.runtime import set_threads  # noqa: PLC0415
 
         set_threads(args.threads)
         payload = run_study(args.config, args.seeds, args.budget, args.results_dir, args.output_dir, args.arms,
-                            args.device, baselines=args.baselines)
+                            args.device, baselines=args.baselines, compare_with=args.compare_with)
         if "stopped_by" in payload:  # no JSON for the stopped run; the exit status says which signal
             return payload
     print(format_summary(payload["arms"]))
+    if "compared_with" in payload:
+        print("\n" + format_comparison(payload["compared_with"]["differences"], payload["compared_with"]["results"]))
     for name, entry in payload["baselines"].items():
         print(f"{name}: k-NN top-1 {100 * entry['knn_top1']:.2f}, linear top-1 {100 * entry['linear_top1']:.2f}")
     return payload
