@@ -284,8 +284,8 @@ def run_study(config: str | Path, seeds: Sequence[int], budget_name: str, result
         raise UsageError(f"--budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
     budget = BUDGETS[budget_name]
     results = Path(results_dir) / budget_name
-    if compare_with is not None and not (Path(compare_with) / budget_name / "runs").is_dir():
-        raise UsageError(f"--compare-with {compare_with}: no study of budget {budget_name!r} there")
+    if compare_with is not None:
+        comparison_folder(compare_with, budget_name)  # checked before hours of training, not after
     (results / "runs").mkdir(parents=True, exist_ok=True)
     check_base_config(config, results)
 
@@ -331,6 +331,14 @@ def check_base_config(config: str | Path, results: Path) -> Path:
     return snapshot
 
 
+def comparison_folder(compare_with: str | Path, budget_name: str) -> Path:
+    """The folder of another study's runs at this budget (``--compare-with``), or a one-line error."""
+    other = Path(compare_with) / budget_name
+    if not (other / "runs").is_dir():
+        raise UsageError(f"--compare-with {compare_with}: no study of budget {budget_name!r} there ({other}/runs)")
+    return other
+
+
 def write_summary(results: Path, budget_name: str, config: str | Path,
                   compare_with: Optional[str | Path] = None) -> dict[str, Any]:
     """``summary.json`` and ``summary.md`` (the mean ± std table, one row per run, and with
@@ -344,9 +352,7 @@ def write_summary(results: Path, budget_name: str, config: str | Path,
                "budget_detail": asdict(budget) if budget else None, "arms": summary, "baselines": baselines}
     text = [format_summary(summary), "", "One row per run (points):", "", format_runs(runs)]
     if compare_with is not None:
-        other = Path(compare_with) / budget_name
-        if not (other / "runs").is_dir():
-            raise UsageError(f"--compare-with {compare_with}: no study of budget {budget_name!r} there ({other}/runs)")
+        other = comparison_folder(compare_with, budget_name)
         payload["compared_with"] = {"results": str(compare_with),
                                     "differences": compare(summary, aggregate(load_runs(other)))}
         text += ["", format_comparison(payload["compared_with"]["differences"], str(compare_with))]

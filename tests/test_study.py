@@ -153,3 +153,11 @@ def test_comparison_with_another_study_is_the_difference_of_means_and_its_standa
     assert f"| cls | 3 vs 4 | {100 * (statistics.mean(a) - statistics.mean(b)):+.2f} ± " in text
     with pytest.raises(study.UsageError, match="--compare-with"):
         study.write_summary(tmp_path / "with" / "recipe", "recipe", "base.yaml", tmp_path / "nowhere")
+
+
+def test_a_missing_comparison_is_refused_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "run_one", lambda *a, **k: pytest.fail("trained before checking --compare-with"))
+    (tmp_path / "base.yaml").write_text("seed: 0\n")
+    with pytest.raises(study.UsageError, match="--compare-with"):
+        study.run_study(tmp_path / "base.yaml", [0], "smoke", tmp_path / "results", tmp_path / "out",
+                        compare_with=tmp_path / "nowhere")
