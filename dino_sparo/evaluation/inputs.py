@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from dino_sparo.models.build import (
     build_backbone,
     load_backbone_from_checkpoint,
     load_pretrained_file,
+    position_grid,
     read_pretrained,
 )
 from dino_sparo.runtime import resolve_device
@@ -193,10 +193,7 @@ def architecture_of(weights: dict, arch: Optional[str] = None, patch_size: Optio
     arch = arch or sizes[0]
     if patch_size is not None and patch_size != patch:
         raise UsageError(f"--patch-size {patch_size}: the file's patch embedding is {patch}×{patch}")
-    grid = 224 // patch
-    if "pos_embed" in keys:  # with a class-token entry, or without (timm's register layout)
-        entries = keys["pos_embed"].shape[1]
-        grid = math.isqrt(entries) if math.isqrt(entries) ** 2 == entries else math.isqrt(entries - 1)
+    grid = position_grid(keys["pos_embed"].shape[1])[0] if "pos_embed" in keys else 224 // patch
     registers = keys.get("reg_token", keys.get("register_tokens"))
     layer_scale = any(k.endswith("ls1.gamma") for k in keys)  # DINOv2's; the file's values replace the init
     return [f"model.arch={arch}", f"model.embed_dim={width}", f"model.depth={depth}", f"model.patch_size={patch}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,14 @@ def _our_names(state_dict: dict) -> dict:
     return mapped
 
 
+def position_grid(entries: int) -> tuple[int, bool]:
+    """The patch grid's side of a position embedding with ``entries`` rows, and whether one row is the
+    class token's (ours, DINO's, timm's default) or not (timm's register layout, ``no_embed_class``):
+    a square number of rows has none, since 1 + g² is never square."""
+    side = math.isqrt(entries)
+    return (side, False) if side * side == entries else (math.isqrt(entries - 1), True)
+
+
 def _registers_and_class_position(model: VisionTransformer, mapped: dict) -> None:
     """timm's register layouts (``vit_*_reg4_*``: ``reg_token``, and position embeddings without a
     class-token entry, ``no_embed_class``) in ours: the class token's position embedding is zero,
@@ -72,7 +81,7 @@ def _registers_and_class_position(model: VisionTransformer, mapped: dict) -> Non
         raise KeyError(f"pretrained weights hold no register tokens ('reg_token'), the backbone "
                        f"{model.num_registers} (set model.num_registers: 0)")
     pos = mapped.get("pos_embed")
-    if pos is not None and round(pos.shape[1] ** 0.5) ** 2 == pos.shape[1]:  # P entries, none for the class token
+    if pos is not None and not position_grid(pos.shape[1])[1]:  # P entries, none for the class token
         mapped["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
 
 
